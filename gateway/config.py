@@ -1,0 +1,269 @@
+"""Typed gateway configuration.
+
+The dataclasses below are the schema: every field has its default and a description next to it, and
+`reference()` renders them as the configuration reference in the README. `parse(text)` validates TOML text apart
+from reading any file, and reports every problem at once, each naming the field and the bad value. The daemon
+fails closed: a config that does not validate stops it before it touches the broker or the data folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _f(default: Any, doc: str, check: Callable[[Any], str | None] | None = None, secret: bool = False) -> Any:
+    meta = {"doc": doc, "check": check, "secret": secret}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(map(repr, choices))}"
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be greater than 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be 0 or more"
+
+
+def _unit_interval(v: Any) -> str | None:
+    return None if 0.0 <= v <= 1.0 else "must be between 0 and 1"
+
+
+def _host_port(v: Any) -> str | None:
+    host, sep, port = str(v).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return "must be HOST:PORT"
+    return None
+
+
+def _http_url(v: Any) -> str | None:
+    return None if str(v).startswith(("http://", "https://")) else "must start with http:// or https://"
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    broker: str = _f("127.0.0.1:1883", "Broker address, HOST:PORT.", _host_port)
+    client_id: str = _f("edge-gateway", "Client id; with a persistent session the broker keeps unacknowledged "
+                        "telemetry for this id while the gateway is down.")
+    protocol: str = _f("auto", "MQTT version: '5', '3.1.1', or 'auto' (5, falling back to 3.1.1).",
+                       _one_of("auto", "5", "3.1.1"))
+    username: str = _f("", "Username, empty for none.")
+    password: str = _f("", "Password.", secret=True)
+    keepalive: int = _f(30, "Keepalive in seconds.", _positive)
+    session_expiry: int = _f(7 * 24 * 3600, "MQTT 5 session expiry in seconds (how long the broker keeps our "
+                             "queued telemetry while we are away).", _non_negative)
+    telemetry_topic: str = _f("devices/+/telemetry", "Subscription for device telemetry; the `+` level is the "
+                              "device id.")
+    follows_topic: str = _f("users/+/follows", "Subscription for live follow/unfollow requests.")
+    max_inflight: int = _f(2000, "Most received messages being appended at once; beyond this the gateway stops "
+                           "acknowledging and the broker holds the rest.", _positive)
+    reconnect_min: float = _f(0.5, "First reconnect delay in seconds (doubles per failure, jittered).", _positive)
+    reconnect_max: float = _f(30.0, "Longest reconnect delay in seconds.", _positive)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    data_dir: str = _f("var/gateway", "Folder for the ingest log, follower graph and outbox (SQLite files).")
+    fsync: str = _f("full", "'full': fsync every group commit (survives power loss); 'normal': survives a crash "
+                    "of the gateway but the last commits may be lost on power loss; 'off': tests only.",
+                    _one_of("full", "normal", "off"))
+    batch_max: int = _f(1000, "Most events in one group commit.", _positive)
+    retention_hours: float = _f(24.0, "Processed events older than this are trimmed from the log. Duplicate "
+                                "detection by (device, seq, ts) covers this window.", _positive)
+    max_log_bytes: int = _f(1 << 30, "Disk budget for the ingest log; when it is reached the gateway stops "
+                            "acknowledging new events.", _positive)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_payload_bytes: int = _f(16_384, "Largest accepted telemetry payload.", _positive)
+    max_fields: int = _f(64, "Most numeric fields in one telemetry message.", _positive)
+    deadletter_per_second: float = _f(20.0, "Dead letters published per second at most (all are counted).",
+                                      _positive)
+
+
+@dataclass(frozen=True)
+class AnomalyConfig:
+    enabled: bool = _f(True, "Run the ONNX anomaly model on telemetry.")
+    model: str = _f("models/anomaly/anomaly.onnx", "Path of the ONNX model (relative to the project).")
+    threshold: float = _f(0.5, "Score at or above which an event is flagged anomalous.", _unit_interval)
+    max_series: int = _f(100_000, "Most (device, field) histories kept; the least recently seen is evicted.",
+                         _positive)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    batch_max: int = _f(1000, "Most events filtered and fanned out as one batch.", _positive)
+    max_unacked_batches: int = _f(4, "Batches published but not yet acknowledged by the broker.", _positive)
+    feed_qos: int = _f(1, "QoS of deliveries to followers' feeds (1: at least once; 0: at most once).",
+                       lambda v: None if v in (0, 1) else "must be 0 or 1")
+
+
+@dataclass(frozen=True)
+class InfluxConfig:
+    api: str = _f("v1", "'v1' (InfluxDB 1.x /write), 'v2' (/api/v2/write through influxdb-client), or 'none'.",
+                  _one_of("v1", "v2", "none"))
+    url: str = _f("http://127.0.0.1:8086", "Database URL.", _http_url)
+    database: str = _f("gateway", "v1 database, or v2 bucket.")
+    org: str = _f("gateway", "v2 organisation.")
+    token: str = _f("", "v2 token (v1: 'user:password' or empty).", secret=True)
+    timeout: float = _f(10.0, "HTTP timeout in seconds.", _positive)
+    outbox_max_bytes: int = _f(256 << 20, "Disk budget for points waiting for the database; when full, the "
+                               "pipeline stops taking new events (nothing is dropped).", _positive)
+    metrics_interval: float = _f(5.0, "Seconds between the gateway's self-metric points.", _positive)
+
+
+@dataclass(frozen=True)
+class Config:
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    influx: InfluxConfig = field(default_factory=InfluxConfig)
+    profiles_dir: str = _f("devices/profiles", "Folder of device profile TOML files.")
+
+    def data_path(self, name: str) -> Path:
+        return Path(self.storage.data_dir) / name
+
+    def model_path(self) -> Path:
+        p = Path(self.anomaly.model)
+        return p if p.is_absolute() else REPO / p
+
+    def profiles_path(self) -> Path:
+        p = Path(self.profiles_dir)
+        return p if p.is_absolute() else REPO / p
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    field: str
+    value: Any
+    message: str
+
+    def __str__(self) -> str:
+        shown = "***" if self.value == "***" else repr(self.value)
+        return f"{self.field} = {shown}: {self.message}"
+
+
+class ConfigError(ValueError):
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        super().__init__("\n".join(map(str, problems)))
+        self.problems = problems
+
+
+def parse(text: str) -> Config:
+    """Validate TOML text into a Config; raise ConfigError listing every problem."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([ConfigProblem("<toml>", None, str(exc))]) from None
+    return from_dict(doc)
+
+
+def from_dict(doc: dict[str, Any]) -> Config:
+    problems: list[ConfigProblem] = []
+    kwargs: dict[str, Any] = {}
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for key, value in doc.items():
+        spec = sections.get(key)
+        if spec is None:
+            problems.append(ConfigProblem(key, value, "unknown setting"))
+        elif spec.default_factory is not dataclasses.MISSING:  # a [section] table
+            if not isinstance(value, dict):
+                problems.append(ConfigProblem(key, value, "must be a table"))
+                continue
+            kwargs[key] = _section(spec.default_factory, key, value, problems)  # type: ignore[arg-type]
+        else:
+            checked = _value(spec, key, value, problems)
+            if checked is not None:
+                kwargs[key] = checked
+    if problems:
+        raise ConfigError(problems)
+    return Config(**kwargs)
+
+
+def _section(cls: type, prefix: str, table: dict[str, Any], problems: list[ConfigProblem]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        spec = fields.get(key)
+        if spec is None:
+            problems.append(ConfigProblem(f"{prefix}.{key}", value, "unknown setting"))
+            continue
+        checked = _value(spec, f"{prefix}.{key}", value, problems)
+        if checked is not None:
+            kwargs[key] = checked
+    return cls(**kwargs)
+
+
+def _value(spec: dataclasses.Field[Any], name: str, value: Any, problems: list[ConfigProblem]) -> Any:
+    default = spec.default
+    shown = "***" if spec.metadata.get("secret") else value
+    expected = type(default)
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        problems.append(ConfigProblem(name, shown, f"must be {expected.__name__}, got {type(value).__name__}"))
+        return None
+    check = spec.metadata.get("check")
+    message = check(value) if check else None
+    if message:
+        problems.append(ConfigProblem(name, shown, message))
+        return None
+    return value
+
+
+def load(path: Path) -> Config:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([ConfigProblem("<file>", str(path), exc.strerror or str(exc))]) from None
+    return parse(text)
+
+
+def override(cfg: Config, **changes: dict[str, Any]) -> Config:
+    """Apply command-line overrides (section -> {field: value}) through the same validation as the file."""
+    doc = as_dict(cfg)
+    for section, values in changes.items():
+        doc[section].update({k: v for k, v in values.items() if v is not None})
+    return from_dict(doc)
+
+
+def as_dict(cfg: Config, redact: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            section = {}
+            for g in dataclasses.fields(value):
+                v = getattr(value, g.name)
+                section[g.name] = "***" if redact and g.metadata.get("secret") and v else v
+            out[f.name] = section
+        else:
+            out[f.name] = value
+    return out
+
+
+def reference() -> str:
+    """The configuration reference (Markdown), generated from the schema."""
+    lines = ["| setting | default | description |", "|---|---|---|"]
+    for f in dataclasses.fields(Config):
+        if f.default_factory is not dataclasses.MISSING:  # a section
+            for g in dataclasses.fields(f.default_factory):  # type: ignore[arg-type]
+                lines.append(f"| `{f.name}.{g.name}` | `{g.default!r}` | {g.metadata['doc']} |")
+        else:
+            lines.append(f"| `{f.name}` | `{f.default!r}` | {f.metadata['doc']} |")
+    return "\n".join(lines)

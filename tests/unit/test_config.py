@@ -1,0 +1,70 @@
+import pytest
+
+from gateway import config
+from gateway.config import Config, ConfigError
+
+
+def test_an_empty_file_gives_working_defaults():
+    cfg = config.parse("")
+    assert cfg == Config()
+    assert cfg.mqtt.broker == "127.0.0.1:1883"
+    assert cfg.storage.fsync == "full"
+
+
+def test_every_error_names_the_field_and_the_value():
+    text = """
+    profiles_dir = 3
+    [mqtt]
+    broker = "localhost"
+    keepalive = 0
+    password = "hunter2"
+    [storage]
+    fsync = "sometimes"
+    [influx]
+    api = "v9"
+    token = 12
+    colour = "blue"
+    [nonsense]
+    """
+    with pytest.raises(ConfigError) as err:
+        config.parse(text)
+    shown = [str(p) for p in err.value.problems]
+    assert "mqtt.broker = 'localhost': must be HOST:PORT" in shown
+    assert "mqtt.keepalive = 0: must be greater than 0" in shown
+    assert any(s.startswith("storage.fsync = 'sometimes': must be one of") for s in shown)
+    assert any(s.startswith("influx.api = 'v9'") for s in shown)
+    assert "influx.colour = 'blue': unknown setting" in shown
+    assert "nonsense = {}: unknown setting" in shown
+    assert "profiles_dir = 3: must be str, got int" in shown
+    # Secrets are never echoed, even when wrong.
+    assert "influx.token = ***: must be str, got int" in shown
+    assert all("hunter2" not in s for s in shown)
+
+
+def test_toml_syntax_errors_are_reported():
+    with pytest.raises(ConfigError, match="<toml>"):
+        config.parse("[mqtt\n")
+
+
+def test_integers_are_accepted_for_float_settings():
+    assert config.parse("[mqtt]\nreconnect_max = 60").mqtt.reconnect_max == 60.0
+
+
+def test_command_line_overrides_go_through_the_same_validation():
+    cfg = config.override(Config(), mqtt={"broker": "127.0.0.1:1999"}, storage={"data_dir": None})
+    assert cfg.mqtt.broker == "127.0.0.1:1999"
+    assert cfg.storage.data_dir == Config().storage.data_dir
+    with pytest.raises(ConfigError, match="mqtt.broker"):
+        config.override(Config(), mqtt={"broker": "nope"})
+
+
+def test_redacted_dump_hides_secrets():
+    cfg = config.parse('[mqtt]\npassword = "hunter2"')
+    assert config.as_dict(cfg, redact=True)["mqtt"]["password"] == "***"
+
+
+def test_the_reference_documents_every_setting():
+    ref = config.reference()
+    for section in ("mqtt", "storage", "limits", "anomaly", "pipeline", "influx"):
+        for name in getattr(Config(), section).__dataclass_fields__:
+            assert f"`{section}.{name}`" in ref

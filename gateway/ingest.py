@@ -1,0 +1,139 @@
+"""Group commit in front of the ingest log.
+
+Sources call `await ingestor.append(item)` (or `dead_letter(...)`) from their message handlers and acknowledge the
+message only when that returns. Items join the open batch; one flusher task writes a whole batch in one SQLite
+transaction on the storage thread, then resolves the batch's single future, which releases every handler waiting on
+it. While one batch is being written the next one fills up, so under load batches grow and the fsync cost per event
+shrinks, and at low load a lone event is written at once.
+
+Backpressure: at most `max_pending` items wait in memory; beyond that `append` waits, handlers do not return, and
+MQTT/serial acknowledgements stop, so the broker and the devices hold the data. A storage failure is retried (the
+items stay pending, nothing is acknowledged) rather than dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from concurrent.futures import Executor
+from typing import Callable
+
+from gateway.event import Ingested
+from gateway.ingest_log import AppendResult, DeadLetter, IngestLog
+from gateway.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class _Batch:
+    __slots__ = ("items", "dead", "future", "sealed")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.sealed = False  # being written: later items must go to the next batch
+        self.items: list[Ingested] = []
+        self.dead: list[DeadLetter] = []
+        self.future: asyncio.Future[None] = loop.create_future()
+
+    def __len__(self) -> int:
+        return len(self.items) + len(self.dead)
+
+
+class Ingestor:
+    def __init__(self, ingest_log: IngestLog, storage: Executor, metrics: Metrics, *, batch_max: int = 1000,
+                 max_pending: int = 5000, on_deadletters: Callable[[list[DeadLetter]], None] | None = None,
+                 over_budget: Callable[[], bool] | None = None) -> None:
+        self._log = ingest_log
+        self._storage = storage
+        self._metrics = metrics
+        self._batch_max = batch_max
+        self._max_pending = max_pending
+        self._on_deadletters = on_deadletters
+        self._over_budget = over_budget or (lambda: False)
+        self._batches: deque[_Batch] = deque()
+        self._pending = 0
+        self._wake = asyncio.Event()
+        self._room: asyncio.Future[None] | None = None
+        self.appended = asyncio.Event()  # set after every commit that logged new events; the pipeline waits on it
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._flusher(), name="ingest-flusher")
+
+    async def append(self, item: Ingested) -> None:
+        batch = await self._join()
+        batch.items.append(item)
+        await batch.future
+
+    async def dead_letter(self, letter: DeadLetter) -> None:
+        self._metrics.inc("deadlettered")
+        self._metrics.deadletter_reasons[letter.reason] += 1
+        batch = await self._join()
+        batch.dead.append(letter)
+        await batch.future
+
+    async def _join(self) -> _Batch:
+        while self._pending >= self._max_pending:
+            self._metrics.inc("backpressure_waits")
+            if self._room is None or self._room.done():
+                self._room = asyncio.get_running_loop().create_future()
+            await self._room
+        self._pending += 1
+        if not self._batches or self._batches[-1].sealed or len(self._batches[-1]) >= self._batch_max:
+            self._batches.append(_Batch(asyncio.get_running_loop()))
+        self._wake.set()
+        return self._batches[-1]
+
+    async def _flusher(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = 0.05
+        while True:
+            if not self._batches:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            # Let handlers already scheduled in this loop iteration join before the batch is taken.
+            await asyncio.sleep(0)
+            while self._over_budget():
+                self._metrics.inc("backpressure_waits")
+                log.error("ingest log disk budget reached: not acknowledging new events until space returns")
+                await asyncio.sleep(1.0)
+            batch = self._batches[0]
+            batch.sealed = True
+            try:
+                result: AppendResult = await loop.run_in_executor(
+                    self._storage, self._log.append, batch.items, batch.dead)
+            except Exception as exc:  # disk full, I/O error: keep the batch, acknowledge nothing, try again
+                self._metrics.inc("storage_errors")
+                log.error("ingest log append failed (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.05
+            self._batches.popleft()
+            self._pending -= len(batch)
+            if result.events:
+                self._metrics.inc("appended", len(result.events))
+                self.appended.set()
+            if result.duplicates:
+                self._metrics.inc("duplicates", result.duplicates)
+            if not batch.future.done():
+                batch.future.set_result(None)
+            if self._room is not None and not self._room.done() and self._pending < self._max_pending:
+                self._room.set_result(None)
+            if batch.dead and self._on_deadletters is not None:
+                self._on_deadletters(batch.dead)
+
+    async def close(self) -> None:
+        """Write everything pending, then stop. Sources must be stopped first."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task

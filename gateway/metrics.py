@@ -1,0 +1,75 @@
+"""The gateway's self-metrics: counters and gauges with stable names.
+
+Names are part of the interface (dashboards and alerts are built on them), so they are listed here once and an
+unknown name is a programming error, not a new series. Counters only go up; gauges are sampled when a snapshot is
+taken. Incrementing is a dict update on the event loop thread: cheap enough for the hot path, and batch-sized
+increments (`inc(name, n)`) keep it to one call per batch where a batch exists.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Callable
+
+COUNTERS = (
+    "received",            # messages taken from sources (MQTT, serial), good or bad
+    "appended",            # events durably logged
+    "duplicates",          # retransmissions recognised and not logged twice
+    "deadlettered",        # bad input rejected with a reason
+    "deadletters_published",
+    "deadletters_suppressed",  # over the publish rate limit (still logged and counted)
+    "filtered",            # events scored by the anomaly model
+    "anomalies",           # events flagged anomalous
+    "delivered",           # publishes to followers' feeds acknowledged by the broker
+    "alerts",              # publishes to alerts/{device}
+    "committed",           # events whose processing finished (progress committed)
+    "points",              # points handed to the InfluxDB outbox
+    "follows",
+    "unfollows",
+    "mqtt_connects",
+    "mqtt_disconnects",
+    "mqtt_connect_failures",
+    "session_lost",
+    "storage_errors",
+    "backpressure_waits",
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter({name: 0 for name in COUNTERS})
+        self._gauges: dict[str, Callable[[], float]] = {}
+        self.deadletter_reasons: Counter[str] = Counter()
+        self.latency_ms: list[float] = []  # recent batch latencies, trimmed on snapshot
+        self.started = time.monotonic()
+
+    def inc(self, name: str, n: int = 1) -> None:
+        if name not in self._counts:
+            raise KeyError(f"unknown metric {name!r}; add it to gateway.metrics.COUNTERS")
+        self._counts[name] += n
+
+    def get(self, name: str) -> int:
+        return self._counts[name]
+
+    def gauge(self, name: str, read: Callable[[], float]) -> None:
+        self._gauges[name] = read
+
+    def observe_latency(self, ms: float) -> None:
+        if len(self.latency_ms) < 10_000:
+            self.latency_ms.append(ms)
+
+    def snapshot(self) -> dict[str, float]:
+        out: dict[str, float] = {name: float(v) for name, v in self._counts.items()}
+        for name, read in self._gauges.items():
+            try:
+                out[name] = float(read())
+            except Exception:  # a broken gauge must not take the metrics down with it
+                out[name] = -1.0
+        lat = sorted(self.latency_ms)
+        self.latency_ms = []
+        if lat:
+            out["latency_p50_ms"] = lat[len(lat) // 2]
+            out["latency_p99_ms"] = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        out["uptime_s"] = time.monotonic() - self.started
+        return out

@@ -1,0 +1,23 @@
+"""The `firmware-sim` command: simulated devices for the edge gateway, one subcommand per transport or mode.
+
+Subcommands are registered explicitly below, one module each (`mqtt_mode.py`, ...); add `serial`, `social` or
+`chaos` the same way. All of them draw their readings from `signals.py`, so a seed means the same fleet everywhere.
+"""
+
+from __future__ import annotations
+
+import click
+
+from firmware_sim.mqtt_mode import mqtt_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Simulated devices for the edge gateway."""
+
+
+main.add_command(mqtt_command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Scale-free features of one sample against its own field's recent history. Shared by training and inference.
+
+The anomaly model never sees a raw value. Every feature compares the newest sample of a series (one field of one
+device) with that series' own recent window: deviations are measured in the series' own noise or spread, repeats
+against the series' own repeat rate, zeros against the series' own level. That is what lets one model score fields
+it never saw in training (a flow in L/min around 350 scores like a temperature around 21 °C).
+
+A window is a row of the last `n` values of a series, oldest first, the sample being scored last, with
+`MIN_HISTORY <= n <= WINDOW`. `window_features` takes many windows of the same length at once (the hot path scores a
+micro-batch as one matrix); `series_features` slides over a whole recorded series the way the detector would have
+seen it sample by sample, which is how the training script builds its data. Changing anything here changes what the
+model means: retrain, and the detector refuses a model whose recorded feature names differ from `FEATURE_NAMES`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+WINDOW = 48  # values per window, the scored one included
+MIN_HISTORY = 12  # a series is scored from its 12th value on ("warming" before that)
+RECENT = 8  # the "recent" part of a window; the rest is the "older" part
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "z_level",  # value vs the window's median, in the window's robust spread (MAD)
+    "z_noise",  # the same deviation in units of the window's sample-to-sample noise
+    "z_step",  # the last step in noise units: spikes and dropouts start with a jump
+    "z_local",  # value vs the median of the recent part, in noise units
+    "roughness",  # spread / noise: how much slow movement (daily cycle, walk) the window has
+    "repeat_run",  # how many samples in a row repeated exactly the current value
+    "repeat_base",  # how often consecutive values are equal elsewhere in the window (quantised sensors repeat)
+    "is_zero",  # the value is exactly 0.0
+    "zero_distance",  # how far the window's median lives from 0, in its spread
+    "zeros_recent",  # share of exact zeros among the recent values
+    "zeros_older",  # share of exact zeros in the older part
+    "burst",  # RMS of the recent steps over the window's noise
+    "outliers_recent",  # share of recent values beyond 3 spreads of the median
+    "slope_t",  # least-squares slope over the last 16 values, as total change in noise units
+    "trend_z",  # mean of the recent part vs median of the older part, in noise units
+    "monotony",  # how consistently the last 16 steps go the same way (drifts do)
+    "burst_short",  # RMS of the last 3 steps over the window's noise
+    "z_line",  # value vs a line through the last 15 values, extrapolated, in noise units
+    "fill",  # how full the window is (n / WINDOW); statistics of short windows are noisier
+)
+
+_SLOPE_SPAN = 16
+_Z_CAP = 1e6  # before the log: keeps a perfectly flat history from producing infinities
+_LOG_CAP = float(np.log1p(_Z_CAP))
+
+
+def _slog(x: np.ndarray) -> np.ndarray:
+    """Signed log1p: keeps the order and sign of a ratio, tames its range (a stuck history divides by ~0)."""
+    x = np.clip(x, -_Z_CAP, _Z_CAP)
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+def window_features(windows: np.ndarray) -> np.ndarray:
+    """Features of the last value of each row. `windows`: (rows, n) float64, oldest first. Returns (rows, F) float32."""
+    w = np.asarray(windows, dtype=np.float64)
+    rows, n = w.shape
+    if not MIN_HISTORY <= n <= WINDOW:
+        raise ValueError(f"window length must be within [{MIN_HISTORY}, {WINDOW}], got {n}")
+    if rows == 0:
+        return np.empty((0, len(FEATURE_NAMES)), dtype=np.float32)
+
+    f: dict[str, np.ndarray] = {}
+    with np.errstate(all="ignore"):
+        v = w[:, -1]
+        hist = w[:, :-1]
+        med = np.median(hist, axis=1)
+        tiny = 1e-9 * (1.0 + np.abs(med))  # a flat history still gets a (tiny) positive scale
+
+        steps = np.diff(w, axis=1)  # (rows, n-1); the last one ends at the scored value
+        hist_steps = np.sort(np.abs(steps[:, :-1]), axis=1)
+        k = hist_steps.shape[1]
+        # Sample-to-sample noise from the history's steps, robust to a burst filling half the window or more: the
+        # lower quartile step and the mean of the lower half (both ~1/3 of the typical step for Gaussian noise).
+        # A quantised sensor whose steps are mostly 0 falls back to a fraction of the mean step.
+        noise = np.maximum(3.0 * hist_steps[:, k // 4], 3.0 * hist_steps[:, : k // 2].mean(axis=1))
+        noise = np.maximum(np.maximum(noise, 0.5 * hist_steps.mean(axis=1)), tiny)
+        # The spread of levels is at least the noise: a quantised history can have a MAD of exactly 0.
+        spread = np.maximum(1.4826 * np.median(np.abs(hist - med[:, None]), axis=1), noise)
+
+        dev = v - med
+        f["z_level"] = _slog(dev / spread)
+        f["z_noise"] = _slog(dev / noise)
+        f["z_step"] = _slog(steps[:, -1] / noise)
+        f["z_local"] = _slog((v - np.median(hist[:, -RECENT:], axis=1)) / noise)
+        f["roughness"] = _slog(spread / noise)
+
+        # How many values right before the scored one equal it exactly (0 = no repeat).
+        run = np.cumprod(hist[:, ::-1] == v[:, None], axis=1).sum(axis=1)
+        f["repeat_run"] = np.log1p(run)
+        zero_steps = (steps == 0.0).sum(axis=1)
+        f["repeat_base"] = (zero_steps - run) / np.maximum(n - 1 - run, 1)
+
+        zero = w == 0.0
+        f["is_zero"] = zero[:, -1].astype(np.float64)
+        f["zero_distance"] = _slog(np.abs(med) / spread)
+        f["zeros_recent"] = zero[:, -RECENT:].mean(axis=1)
+        f["zeros_older"] = zero[:, :-RECENT].mean(axis=1)
+
+        f["burst"] = _slog(np.sqrt((steps[:, -RECENT:] ** 2).mean(axis=1)) / noise)
+        f["outliers_recent"] = (np.abs(w[:, -RECENT:] - med[:, None]) > 3.0 * spread[:, None]).mean(axis=1)
+
+        span = min(_SLOPE_SPAN, n)
+        x = np.arange(span, dtype=np.float64)
+        x -= x.mean()
+        tail = w[:, -span:]
+        slope = (tail - tail.mean(axis=1, keepdims=True)) @ x / (x @ x)
+        f["slope_t"] = _slog(slope * span / noise)
+        f["trend_z"] = _slog((w[:, -RECENT:].mean(axis=1) - np.median(w[:, :-RECENT], axis=1)) / noise)
+        f["monotony"] = np.abs(np.sign(steps[:, -(span - 1):]).mean(axis=1))
+        f["burst_short"] = _slog(np.sqrt((steps[:, -3:] ** 2).mean(axis=1)) / noise)
+
+        # The value against a straight line through the values before it, extrapolated one step: a slow trend
+        # (the daily cycle at long sample intervals) moves the median but not this.
+        prev = hist[:, -(span - 1):]
+        xp = np.arange(span - 1, dtype=np.float64)
+        xp -= xp.mean()
+        prev_mean = prev.mean(axis=1)
+        prev_slope = (prev - prev_mean[:, None]) @ xp / (xp @ xp)
+        f["z_line"] = _slog((v - (prev_mean + prev_slope * (xp[-1] + 1.0))) / noise)
+        f["fill"] = np.full(rows, n / WINDOW)
+
+        out = np.stack([f[name] for name in FEATURE_NAMES], axis=1)
+    # Only absurd inputs (values near the float limits) can get here; they must not poison the model's input.
+    np.nan_to_num(out, copy=False, nan=0.0, posinf=_LOG_CAP, neginf=-_LOG_CAP)
+    return out.astype(np.float32)
+
+
+def series_features(values: np.ndarray) -> np.ndarray:
+    """Features of every scorable sample of one series, as the detector would have computed them one by one.
+
+    Row `i` describes sample `MIN_HISTORY - 1 + i`: its window is the up to `WINDOW` values ending there.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError("a series is one-dimensional")
+    parts = [window_features(x[None, : end + 1]) for end in range(MIN_HISTORY - 1, min(WINDOW - 1, len(x)))]
+    if len(x) >= WINDOW:
+        parts.append(window_features(sliding_window_view(x, WINDOW)))
+    if not parts:
+        return np.empty((0, len(FEATURE_NAMES)), dtype=np.float32)
+    return np.concatenate(parts)

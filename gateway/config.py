@@ -97,7 +97,9 @@ class LimitsConfig:
 class AnomalyConfig:
     enabled: bool = _f(True, "Run the ONNX anomaly model on telemetry.")
     model: str = _f("models/anomaly/anomaly.onnx", "Path of the ONNX model (relative to the project).")
-    threshold: float = _f(0.5, "Score at or above which an event is flagged anomalous.", _unit_interval)
+    threshold: float = _f(0.0, "Score at or above which an event is flagged anomalous; 0 means the threshold "
+                          "chosen at training time and recorded in the model (see models/anomaly/MODEL_CARD.md).",
+                          _unit_interval)
     max_series: int = _f(100_000, "Most (device, field) histories kept; the least recently seen is evicted.",
                          _positive)
 

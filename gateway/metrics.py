@@ -59,13 +59,18 @@ class Metrics:
         if len(self.latency_ms) < 10_000:
             self.latency_ms.append(ms)
 
-    def snapshot(self) -> dict[str, float]:
+    def snapshot_counts(self) -> dict[str, float]:
+        """Counters and gauges, without consuming the latency window (for status pages)."""
         out: dict[str, float] = {name: float(v) for name, v in self._counts.items()}
         for name, read in self._gauges.items():
             try:
                 out[name] = float(read())
             except Exception:  # a broken gauge must not take the metrics down with it
                 out[name] = -1.0
+        return out
+
+    def snapshot(self) -> dict[str, float]:
+        out = self.snapshot_counts()
         lat = sorted(self.latency_ms)
         self.latency_ms = []
         if lat:

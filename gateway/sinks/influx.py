@@ -266,6 +266,8 @@ class InfluxV2Writer:
             error = error_for_status(status, server_message(_as_bytes(exc.body), headers),
                                      headers.get("Retry-After"))
             raise (error or RetryableWriteError(f"unexpected answer {status}", status)) from exc
+        except urllib3.exceptions.NewConnectionError as exc:  # checked first: urllib3 files it under timeouts
+            raise RetryableWriteError(f"cannot reach InfluxDB: {exc}") from exc
         except urllib3.exceptions.TimeoutError as exc:
             raise RetryableWriteError(f"InfluxDB did not answer within {self.timeout}s: {exc}") from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:

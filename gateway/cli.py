@@ -1,0 +1,192 @@
+"""`gateway` command line: run the daemon, check a config, manage the follower graph."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gateway import config as config_mod
+from gateway.config import Config, ConfigError
+
+
+def _load(path: str | None) -> Config:
+    if path is None:
+        return Config()
+    return config_mod.load(Path(path))
+
+
+def _fail(exc: ConfigError, origin: str) -> None:
+    click.echo(f"configuration error in {origin}:", err=True)
+    for problem in exc.problems:
+        click.echo(f"  {problem}", err=True)
+    sys.exit(2)
+
+
+@click.group()
+def main() -> None:
+    """Event-driven IoT edge gateway."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="gateway.toml")
+@click.option("--broker", help="Broker HOST:PORT (overrides mqtt.broker).")
+@click.option("--influx-url", help="InfluxDB URL (overrides influx.url).")
+@click.option("--influx-db", help="v1 database or v2 bucket (overrides influx.database).")
+@click.option("--influx-api", type=click.Choice(["v1", "v2", "none"]), help="Overrides influx.api.")
+@click.option("--data-dir", help="Folder for the log, graph and outbox (overrides storage.data_dir).")
+@click.option("--client-id", help="MQTT client id (overrides mqtt.client_id).")
+@click.option("--log-level", default="INFO", show_default=True)
+def run(config_path: str | None, broker: str | None, influx_url: str | None, influx_db: str | None,
+        influx_api: str | None, data_dir: str | None, client_id: str | None, log_level: str) -> None:
+    """Run the gateway daemon until SIGTERM or SIGINT."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = _load(config_path)
+        cfg = config_mod.override(
+            cfg,
+            mqtt={"broker": broker, "client_id": client_id},
+            influx={"url": influx_url, "database": influx_db, "api": influx_api},
+            storage={"data_dir": data_dir},
+        )
+    except ConfigError as exc:
+        _fail(exc, config_path or "command line")
+        return
+    logging.getLogger(__name__).info("config: %s", config_mod.as_dict(cfg, redact=True))
+    from gateway.runtime import run as run_gateway
+
+    run_gateway(cfg)
+
+
+@main.command("check-config")
+@click.argument("path", type=click.Path(dir_okay=False))
+def check_config(path: str) -> None:
+    """Validate a config file; every error names the field and the bad value."""
+    try:
+        cfg = config_mod.load(Path(path))
+    except ConfigError as exc:
+        _fail(exc, path)
+        return
+    problems = []
+    if cfg.anomaly.enabled and not cfg.model_path().exists():
+        problems.append(f"anomaly.model = {cfg.anomaly.model!r}: file not found")
+    if not cfg.profiles_path().is_dir():
+        problems.append(f"profiles_dir = {cfg.profiles_dir!r}: folder not found")
+    else:
+        from devices.profiles import ProfileError, load_dir
+
+        try:
+            load_dir(cfg.profiles_path())
+        except ProfileError as exc:
+            problems.append(f"profiles_dir: {exc}")
+    if problems:
+        click.echo(f"configuration error in {path}:", err=True)
+        for p in problems:
+            click.echo(f"  {p}", err=True)
+        sys.exit(2)
+    click.echo(f"{path}: OK")
+
+
+@main.command("config-reference")
+def config_reference() -> None:
+    """Print the configuration reference (Markdown), generated from the schema."""
+    click.echo(config_mod.reference())
+
+
+def _graph(config_path: str | None, data_dir: str | None) -> Any:
+    from gateway.graph import FollowerGraph
+
+    cfg = _load(config_path)
+    root = Path(data_dir or cfg.storage.data_dir)
+    return FollowerGraph(root / "graph.db")
+
+
+_graph_options = [
+    click.option("--config", "config_path", type=click.Path(dir_okay=False)),
+    click.option("--data-dir"),
+]
+
+
+def _with_graph_options(f: Any) -> Any:
+    for option in reversed(_graph_options):
+        f = option(f)
+    return f
+
+
+@main.command()
+@click.argument("follower")
+@click.argument("source")
+@_with_graph_options
+def follow(follower: str, source: str, config_path: str | None, data_dir: str | None) -> None:
+    """FOLLOWER starts following SOURCE (devices/ID or users/ID). A running gateway picks it up within a second."""
+    from gateway.graph import GraphError
+
+    try:
+        added = _graph(config_path, data_dir).follow(follower, source)
+    except GraphError as exc:
+        raise click.BadParameter(str(exc)) from None
+    click.echo(f"{follower} follows {source}" + ("" if added else " (already)"))
+
+
+@main.command()
+@click.argument("follower")
+@click.argument("source")
+@_with_graph_options
+def unfollow(follower: str, source: str, config_path: str | None, data_dir: str | None) -> None:
+    """FOLLOWER stops following SOURCE."""
+    from gateway.graph import GraphError
+
+    try:
+        removed = _graph(config_path, data_dir).unfollow(follower, source)
+    except GraphError as exc:
+        raise click.BadParameter(str(exc)) from None
+    click.echo(f"{follower} unfollowed {source}" if removed else f"{follower} was not following {source}")
+
+
+@main.command()
+@click.argument("follower")
+@_with_graph_options
+def following(follower: str, config_path: str | None, data_dir: str | None) -> None:
+    """List what FOLLOWER follows."""
+    for source in _graph(config_path, data_dir).following(follower):
+        click.echo(source)
+
+
+@main.command()
+@click.option("--broker", default="127.0.0.1:1883", show_default=True)
+@click.option("--follower", required=True, help="Whose feed to watch.")
+@click.option("--data-dir", help="Also show the daemon's counters from its status file.")
+@click.option("--seconds", type=float, help="Stop after this long (default: until Ctrl-C).")
+def watch(broker: str, follower: str, data_dir: str | None, seconds: float | None) -> None:
+    """Live view of a follower's feed, alerts and dead letters."""
+    from gateway.watch import watch as run_watch
+
+    run_watch(broker, follower, data_dir, seconds)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False))
+@click.option("--data-dir")
+def status(config_path: str | None, data_dir: str | None) -> None:
+    """Show the running daemon's status (from the status file it rewrites every second)."""
+    import json
+    import time
+
+    root = Path(data_dir or _load(config_path).storage.data_dir)
+    try:
+        doc = json.loads((root / "status.json").read_text())
+    except (OSError, ValueError):
+        click.echo(f"no status in {root}: is the gateway running with this data folder?", err=True)
+        sys.exit(1)
+    age = time.time() - doc["time"]
+    click.echo(json.dumps(doc, indent=2, sort_keys=True))
+    if age > 5:
+        click.echo(f"warning: status is {age:.0f}s old; the gateway may not be running", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

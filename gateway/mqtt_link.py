@@ -1,0 +1,203 @@
+"""The gateway's one MQTT connection (gmqtt): session, status, reconnects, and acknowledged publishing.
+
+- Persistent session (clean start off, long session expiry) so the broker queues telemetry while we are away, and
+  `optimistic_acknowledgement=False` so gmqtt sends PUBACK only when our async handler returns, i.e. after the
+  durable append.
+- Retained `online` on `gateway/status` after every connect, `offline` as the last will and on clean shutdown.
+- Reconnects use gmqtt's own loop; we set its delay before each attempt to a jittered, capped exponential backoff
+  and count connects and disconnects.
+- Publishing at QoS 1 is grouped in batches: `AckTracker` (a gmqtt storage, the place gmqtt keeps in-flight QoS 1
+  packets until PUBACK) tells us when every publish of a batch was acknowledged, with one future per batch instead
+  of one per message, and keeps the in-flight count under the broker's receive maximum.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import gmqtt
+from gmqtt.mqtt.constants import MQTTv50, MQTTv311
+from gmqtt.storage import PersistentStorage
+
+from gateway.config import MqttConfig
+from gateway.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+STATUS_TOPIC = "gateway/status"
+
+
+class SessionLost(Exception):
+    """The broker did not keep our session: publishes awaiting PUBACK will never be acknowledged."""
+
+
+class AckBatch:
+    __slots__ = ("pending", "sealed", "future", "published")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.pending = 0
+        self.published = 0
+        self.sealed = False
+        self.future: asyncio.Future[None] = loop.create_future()
+
+    def _settle(self) -> None:
+        if self.sealed and self.pending == 0 and not self.future.done():
+            self.future.set_result(None)
+
+
+class AckTracker(PersistentStorage):
+    """gmqtt's in-flight store, extended to group publishes into batches that resolve on their last PUBACK."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._batch_of: dict[int, AckBatch] = {}
+        self._current: AckBatch | None = None
+        self._room: asyncio.Future[None] | None = None
+        self.limit = 1000
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._messages)
+
+    def open(self) -> AckBatch:
+        self._current = AckBatch(asyncio.get_running_loop())
+        return self._current
+
+    def seal(self) -> AckBatch:
+        batch = self._current
+        assert batch is not None, "seal() without open()"
+        self._current = None
+        batch.sealed = True
+        batch._settle()
+        return batch
+
+    def push_message(self, mid: int, raw_package: bytes) -> None:
+        super().push_message(mid, raw_package)
+        if self._current is not None and mid not in self._batch_of:
+            self._batch_of[mid] = self._current
+            self._current.pending += 1
+            self._current.published += 1
+
+    def remove_message_by_mid(self, mid: int) -> None:
+        super().remove_message_by_mid(mid)
+        batch = self._batch_of.pop(mid, None)
+        if batch is not None:
+            batch.pending -= 1
+            batch._settle()
+        # Wake a blocked publisher only once half the window is free, not on every PUBACK.
+        if self._room is not None and len(self._messages) <= self.limit // 2 and not self._room.done():
+            self._room.set_result(None)
+
+    def clear(self) -> None:
+        super().clear()
+        batches = set(self._batch_of.values())
+        self._batch_of.clear()
+        for batch in batches:
+            if not batch.future.done():
+                batch.future.set_exception(SessionLost("broker session lost; unacknowledged publishes dropped"))
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
+
+    async def wait_for_room(self) -> None:
+        while len(self._messages) >= self.limit:
+            if self._room is None or self._room.done():
+                self._room = asyncio.get_running_loop().create_future()
+            await self._room
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff with full jitter."""
+
+    base: float
+    cap: float
+    failures: int = 0
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        return random.uniform(self.base / 2, min(self.cap, self.base * 2 ** (self.failures - 1)))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+MessageHandler = Callable[[str, bytes, dict[str, Any]], Awaitable[int]]
+
+
+class MqttLink:
+    def __init__(self, cfg: MqttConfig, metrics: Metrics, on_message: MessageHandler,
+                 subscriptions: list[str]) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.tracker = AckTracker()
+        self.tracker.limit = max(2, cfg.max_inflight)
+        self._handler = on_message
+        self._subscriptions = subscriptions
+        self._backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max)
+        self.connected = asyncio.Event()
+        will = gmqtt.Message(STATUS_TOPIC, b"offline", qos=1, retain=True)
+        props: dict[str, Any] = {}
+        if cfg.protocol != "3.1.1":
+            props["session_expiry_interval"] = cfg.session_expiry
+        self.client = gmqtt.Client(
+            cfg.client_id,
+            clean_session=False,
+            optimistic_acknowledgement=False,
+            will_message=will,
+            persistent_storage=self.tracker,
+            **props,
+        )
+        if cfg.username:
+            self.client.set_auth_credentials(cfg.username, cfg.password or None)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.set_config({"reconnect_retries": -1, "reconnect_delay": cfg.reconnect_min})
+
+    async def connect(self) -> None:
+        host, _, port = self.cfg.broker.rpartition(":")
+        version = MQTTv311 if self.cfg.protocol == "3.1.1" else MQTTv50
+        while True:
+            try:
+                await self.client.connect(host, int(port), keepalive=self.cfg.keepalive, version=version)
+                return
+            except (OSError, gmqtt.mqtt.handler.MQTTConnectError) as exc:
+                delay = self._backoff.next_delay()
+                self.metrics.inc("mqtt_connect_failures")
+                log.warning("cannot connect to %s (%s); retrying in %.1fs", self.cfg.broker, exc, delay)
+                await asyncio.sleep(delay)
+
+    def _on_connect(self, client: gmqtt.Client, flags: int, rc: int, properties: dict[str, Any]) -> None:
+        self._backoff.reset()
+        self.metrics.inc("mqtt_connects")
+        # Stay under the broker's receive maximum: gmqtt raises instead of waiting when it runs out of ids.
+        receive_maximum = (properties or {}).get("receive_maximum", [65535])[0]
+        self.tracker.limit = max(2, min(self.cfg.max_inflight, receive_maximum - 2))
+        for topic in self._subscriptions:
+            client.subscribe(topic, qos=1)
+        client.publish(STATUS_TOPIC, b"online", qos=1, retain=True)
+        self.connected.set()
+        log.info("connected to %s (session present: %s)", self.cfg.broker, bool(flags))
+
+    def _on_disconnect(self, client: gmqtt.Client, packet: Any, exc: Exception | None = None) -> None:
+        self.connected.clear()
+        self.metrics.inc("mqtt_disconnects")
+        delay = self._backoff.next_delay()
+        client.reconnect_delay = delay
+        log.warning("disconnected from %s; reconnecting in %.1fs", self.cfg.broker, delay)
+
+    async def _on_message(self, client: gmqtt.Client, topic: str, payload: bytes, qos: int,
+                          properties: dict[str, Any]) -> int:
+        return await self._handler(topic, payload, properties)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    async def close(self) -> None:
+        if self.client.is_connected:
+            self.client.publish(STATUS_TOPIC, b"offline", qos=1, retain=True)
+            await self.client.disconnect()

@@ -1,0 +1,218 @@
+"""The processing stage: log -> filters -> follower lookup -> fan-out -> metrics outbox -> progress.
+
+    ingest log ──read batch──▶ anomaly model (one ONNX run per batch)
+                                   │
+                                   ▼
+              follower graph ──▶ publish envelopes (QoS 1) to feeds/{follower}/..., alerts/{device}
+                                   │
+                     commit queue (bounded: max_unacked_batches)
+                                   │
+              all PUBACKs of the batch ──▶ points into the outbox ──▶ progress committed in the log
+
+Two tasks: the reader/processor runs ahead publishing the next batches while the committer waits for the broker's
+acknowledgements of earlier ones, in order. Progress moves only when a batch was fully delivered and its points are
+in the outbox, so after a crash the gateway re-processes from the last committed offset: followers may see an event
+twice (same `id`), never miss one. If the broker lost our session (unacknowledged publishes are gone), the processor
+rewinds to the committed offset and publishes again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+from gateway.config import Config
+from gateway.event import KIND_TELEMETRY, Event, Verdict
+from gateway.fanout import alert_topic, envelope, feed_topic
+from gateway.graph import FollowerGraph
+from gateway.ingest import Ingestor
+from gateway.ingest_log import IngestLog
+from gateway.metrics import Metrics
+from gateway.mqtt_link import AckBatch, MqttLink, SessionLost
+from gateway.outbox import Outbox
+from gateway.sinks.lineprotocol import Point, encode
+
+log = logging.getLogger(__name__)
+
+
+class Detector(Protocol):
+    def score(self, items: Sequence[tuple[str, dict[str, float]]]) -> list[Verdict]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessedBatch:
+    generation: int
+    first_offset: int
+    last_offset: int
+    events: int
+    deliveries: int
+    alerts: int
+    acks: AckBatch
+    lines: bytes
+    points: int
+    started: float
+
+
+def measurements(payload: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in payload.items() if k != "seq" and k != "ts"}
+
+
+def telemetry_point(event: Event, verdict: Verdict | None) -> Point:
+    """One point per reading. The timestamp is the reading's millisecond plus the log offset as nanoseconds, so
+    two readings of one device in the same millisecond stay two points, and re-writing the same event after a
+    crash produces the identical point (InfluxDB overwrites it: idempotent)."""
+    fields: list[tuple[str, float | int | bool | str]] = list(measurements(event.payload).items())
+    seq = event.payload.get("seq")
+    if seq is not None:
+        fields.append(("seq", int(seq)))
+    anomalous = "false"
+    if verdict is not None:
+        fields.append(("anomaly_score", verdict.score))
+        if verdict.flagged:
+            anomalous = "true"
+    return Point(
+        "telemetry",
+        (("anomaly", anomalous), ("device", event.source_id)),
+        tuple(fields),
+        event.ts_ms * 1_000_000 + event.offset % 1_000_000,
+    )
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, ingest_log: IngestLog, storage: Executor, outbox: Outbox,
+                 outbox_storage: Executor, graph: FollowerGraph, link: MqttLink, detector: Detector | None,
+                 ingestor: Ingestor, metrics: Metrics) -> None:
+        self._cfg = cfg
+        self._log = ingest_log
+        self._storage = storage
+        self._outbox = outbox
+        self._outbox_storage = outbox_storage
+        self._graph = graph
+        self._link = link
+        self._detector = detector
+        self._ingestor = ingestor
+        self._metrics = metrics
+        self._queue: asyncio.Queue[ProcessedBatch] = asyncio.Queue(cfg.pipeline.max_unacked_batches)
+        self._generation = 0
+        self._rewind_to: int | None = None
+        self._draining = False
+        self._wake = asyncio.Event()
+        self.cursor = 0  # last offset handed to fan-out
+        self.committed = 0  # last offset whose processing finished
+        metrics.gauge("commit_queue", self._queue.qsize)
+        metrics.gauge("log_lag", lambda: self.cursor - self.committed)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.committed = self.cursor = await loop.run_in_executor(self._storage, self._log.committed)
+        log.info("pipeline resumes after offset %d", self.cursor)
+        committer = asyncio.create_task(self._commit_loop(), name="pipeline-committer")
+        try:
+            await self._process_loop(loop)
+            await self._queue.join()
+        finally:
+            committer.cancel()
+
+    def drain(self) -> None:
+        """Finish what is in the log, then return from run()."""
+        self._draining = True
+        self._wake.set()
+        self._ingestor.appended.set()
+
+    async def _process_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        appended = self._ingestor.appended
+        while True:
+            if self._rewind_to is not None:
+                self.cursor, self._rewind_to = self._rewind_to, None
+            appended.clear()
+            events = await loop.run_in_executor(self._storage, self._log.read, self.cursor,
+                                                self._cfg.pipeline.batch_max)
+            if not events:
+                if self._draining and self._ingestor.pending == 0:
+                    return
+                await appended.wait()
+                continue
+            batch = await self._process(events)
+            await self._queue.put(batch)
+            self.cursor = batch.last_offset
+
+    async def _process(self, events: list[Event]) -> ProcessedBatch:
+        started = time.perf_counter()
+        telemetry = [e for e in events if e.kind == KIND_TELEMETRY]
+        verdicts: dict[int, Verdict] = {}
+        if self._detector is not None and telemetry:
+            scored = self._detector.score([(e.source, measurements(e.payload)) for e in telemetry])
+            verdicts = {e.offset: v for e, v in zip(telemetry, scored)}
+            self._metrics.inc("filtered", len(telemetry))
+
+        await self._link.connected.wait()
+        tracker = self._link.tracker
+        qos = self._cfg.pipeline.feed_qos
+        generation = self._generation
+        deliveries = alerts = 0
+        points: list[Point] = []
+        acks = tracker.open()
+        try:
+            for event in events:
+                verdict = verdicts.get(event.offset)
+                body = envelope(event, (verdict,) if verdict is not None else ())
+                for follower in self._graph.followers(event.source):
+                    if tracker.in_flight >= tracker.limit:
+                        await tracker.wait_for_room()
+                    self._link.publish(feed_topic(follower, event), body, qos=qos)
+                    deliveries += 1
+                if verdict is not None and verdict.flagged:
+                    if tracker.in_flight >= tracker.limit:
+                        await tracker.wait_for_room()
+                    self._link.publish(alert_topic(event), body, qos=1)
+                    alerts += 1
+                if event.kind == KIND_TELEMETRY:
+                    points.append(telemetry_point(event, verdict))
+        finally:
+            tracker.seal()
+        if alerts:
+            self._metrics.inc("anomalies", alerts)
+        return ProcessedBatch(generation, events[0].offset, events[-1].offset, len(events), deliveries, alerts,
+                              acks, encode(points), len(points), started)
+
+    async def _commit_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._queue.get()
+            try:
+                if batch.generation != self._generation:
+                    continue  # published before a rewind; it will be processed again
+                try:
+                    await batch.acks.future
+                except SessionLost:
+                    self._metrics.inc("session_lost")
+                    log.warning("broker lost our session; re-publishing from offset %d", self.committed)
+                    self._generation += 1
+                    self._rewind_to = self.committed
+                    self._ingestor.appended.set()
+                    continue
+                self._metrics.inc("delivered", batch.deliveries)
+                self._metrics.inc("alerts", batch.alerts)
+                await self._wait_for_outbox_room()
+                if batch.points:
+                    await loop.run_in_executor(self._outbox_storage, self._outbox.put, batch.lines, batch.points)
+                    self._metrics.inc("points", batch.points)
+                await loop.run_in_executor(self._storage, self._log.commit, batch.last_offset)
+                self.committed = batch.last_offset
+                self._metrics.inc("committed", batch.events)
+                self._metrics.observe_latency((time.perf_counter() - batch.started) * 1000)
+            finally:
+                self._queue.task_done()
+
+    async def _wait_for_outbox_room(self) -> None:
+        warned = False
+        while self._outbox.over_budget():
+            if not warned:
+                log.error("InfluxDB outbox is over its disk budget: holding the pipeline (nothing is dropped)")
+                warned = True
+            self._metrics.inc("backpressure_waits")
+            await asyncio.sleep(0.5)

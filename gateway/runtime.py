@@ -1,0 +1,218 @@
+"""The supervisor: builds the stages, starts them in order, and shuts them down in order under a deadline.
+
+    MQTT source ─▶ Ingestor (group commit) ─▶ ingest log ─▶ Pipeline ─▶ feeds / alerts (MQTT)
+                                                                  └──▶ outbox ─▶ Drainer thread ─▶ InfluxDB
+
+Start: storage, graph, model, outbox drainer, pipeline, then the MQTT connection (sources last, so nothing is
+acknowledged before the stages behind it run). Stop (SIGTERM/SIGINT): stop taking messages (disconnect from the
+broker: unacknowledged messages stay queued there for our session), flush the ingestor, let the pipeline finish
+what is in the log, flush the outbox to the database briefly, close files. If the deadline passes, the rest is
+cancelled; everything acknowledged is already in the log, so the next start resumes it (followers may then see
+some events twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from devices.profiles import ProfileIndex, load_dir
+from gateway.config import Config, InfluxConfig
+from gateway.fanout import DEADLETTER_TOPIC
+from gateway.graph import FollowerGraph
+from gateway.ingest import Ingestor
+from gateway.ingest_log import DeadLetter, IngestLog
+from gateway.metrics import Metrics
+from gateway.mqtt_link import MqttLink
+from gateway.outbox import Drainer, Outbox
+from gateway.pipeline import Detector, Pipeline
+from gateway.sinks.influx import InfluxV1Writer, InfluxV2Writer, Writer
+from gateway.sinks.lineprotocol import Point, encode
+from gateway.sources.mqtt import MqttSource
+
+log = logging.getLogger(__name__)
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst, self.tokens, self.at = rate, burst, burst, time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+def make_writer(cfg: InfluxConfig) -> Writer:
+    if cfg.api == "v2":
+        return InfluxV2Writer(cfg.url, cfg.org, cfg.database, cfg.token, cfg.timeout)
+    user, _, password = cfg.token.partition(":")
+    return InfluxV1Writer(cfg.url, cfg.database, cfg.timeout, username=user or None, password=password or None)
+
+
+def load_detector(cfg: Config) -> Detector | None:
+    if not cfg.anomaly.enabled:
+        return None
+    from gateway.filters.anomaly import AnomalyDetector
+
+    return AnomalyDetector(cfg.model_path(), threshold=cfg.anomaly.threshold or None,
+                           max_series=cfg.anomaly.max_series)
+
+
+class Gateway:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        data = Path(cfg.storage.data_dir)
+        data.mkdir(parents=True, exist_ok=True)
+        # One thread owns the ingest log (appends, reads, commits); one the outbox writes; the drainer has its own.
+        self.storage = ThreadPoolExecutor(1, thread_name_prefix="ingest-log")
+        self.outbox_storage = ThreadPoolExecutor(1, thread_name_prefix="outbox")
+        self.log = IngestLog(data / "log.db", cfg.storage.fsync)
+        self.graph = FollowerGraph(data / "graph.db")
+        self.outbox = Outbox(data / "outbox.db", cfg.influx.outbox_max_bytes,
+                             synchronous="normal" if cfg.storage.fsync == "normal" else "full")
+        self.drainer: Drainer | None = None
+        if cfg.influx.api != "none":
+            self.drainer = Drainer(self.outbox, make_writer(cfg.influx))
+        self.profiles = ProfileIndex(load_dir(cfg.profiles_path()))
+        self.detector = load_detector(cfg)
+        self._deadletter_bucket = TokenBucket(cfg.limits.deadletter_per_second, cfg.limits.deadletter_per_second)
+        self._log_bytes = 0
+        self.ingestor: Ingestor
+        self.link: MqttLink
+        self.pipeline: Pipeline
+
+    def _log_over_budget(self) -> bool:
+        return self._log_bytes >= self.cfg.storage.max_log_bytes
+
+    def _publish_deadletters(self, letters: list[DeadLetter]) -> None:
+        for letter in letters:
+            if self.link.connected.is_set() and self._deadletter_bucket.take():
+                self.link.publish(DEADLETTER_TOPIC, json.dumps(letter.as_dict()).encode(), qos=0)
+                self.metrics.inc("deadletters_published")
+            else:
+                self.metrics.inc("deadletters_suppressed")
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        self.ingestor = Ingestor(self.log, self.storage, self.metrics, batch_max=cfg.storage.batch_max,
+                                 max_pending=cfg.mqtt.max_inflight, on_deadletters=self._publish_deadletters,
+                                 over_budget=self._log_over_budget)
+        source = MqttSource(self.ingestor, self.graph, self.storage, self.profiles, cfg.limits, self.metrics)
+        self.link = MqttLink(cfg.mqtt, self.metrics, source.handle,
+                             [cfg.mqtt.telemetry_topic, cfg.mqtt.follows_topic])
+        self.pipeline = Pipeline(cfg, self.log, self.storage, self.outbox, self.outbox_storage, self.graph,
+                                 self.link, self.detector, self.ingestor, self.metrics)
+        m = self.metrics
+        m.gauge("ingest_pending", lambda: self.ingestor.pending)
+        m.gauge("mqtt_in_flight", lambda: self.link.tracker.in_flight)
+        m.gauge("mqtt_connected", lambda: float(self.link.connected.is_set()))
+        m.gauge("outbox_points", lambda: self.outbox.backlog()[1])
+        m.gauge("outbox_bytes", lambda: self.outbox.backlog()[2])
+        m.gauge("log_bytes", lambda: self._log_bytes)
+        m.gauge("graph_edges", self.graph.edges)
+        if self.drainer is not None:
+            drainer = self.drainer
+            m.gauge("written", lambda: drainer.stats().written_points)
+            m.gauge("retried", lambda: drainer.stats().retried)
+            m.gauge("write_dropped", lambda: drainer.stats().dead_points)
+
+    async def run(self, stop: asyncio.Event, deadline: float = 20.0) -> None:
+        loop = asyncio.get_running_loop()
+        self._build()
+        self.ingestor.start()
+        if self.drainer is not None:
+            self.drainer.start()
+        pipeline = asyncio.create_task(self.pipeline.run(), name="pipeline")
+        housekeeping = asyncio.create_task(self._housekeeping(), name="housekeeping")
+        await self.link.connect()
+        log.info("gateway running: broker %s, data %s, influx %s", self.cfg.mqtt.broker,
+                 self.cfg.storage.data_dir, self.cfg.influx.api)
+        await stop.wait()
+        log.info("shutting down (deadline %.0fs)", deadline)
+        try:
+            await asyncio.wait_for(self._shutdown(pipeline), deadline * 0.8)
+        except (asyncio.TimeoutError, TimeoutError):
+            log.error("shutdown deadline passed; cancelling. Everything acknowledged is in the log; events after "
+                      "offset %d will be processed again on the next start (duplicates are possible)",
+                      self.pipeline.committed)
+            pipeline.cancel()
+        housekeeping.cancel()
+        await self._write_metrics_point(loop)
+        if self.drainer is not None:
+            await loop.run_in_executor(None, self.drainer.stop, max(1.0, deadline * 0.15))
+        self.storage.submit(self.log.close).result()
+        self.outbox_storage.submit(self.outbox.close).result()
+        self.graph.close()
+        self.storage.shutdown()
+        self.outbox_storage.shutdown()
+
+    async def _shutdown(self, pipeline: asyncio.Task[None]) -> None:
+        await self.link.close()  # no new messages; the broker keeps unacknowledged ones for our session
+        await self.ingestor.close()
+        self.pipeline.drain()
+        await pipeline
+
+    async def _housekeeping(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_metrics = last_trim = time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            self._log_bytes = await loop.run_in_executor(self.storage, self.log.size_bytes)
+            self._write_status()
+            await loop.run_in_executor(self.storage, self.graph.refresh_if_changed)
+            if now - last_metrics >= self.cfg.influx.metrics_interval:
+                last_metrics = now
+                await self._write_metrics_point(loop)
+            if now - last_trim >= 60:
+                last_trim = now
+                cutoff = int(time.time() * 1000 - self.cfg.storage.retention_hours * 3_600_000)
+                await loop.run_in_executor(self.storage, self.log.trim, cutoff)
+
+    def status(self) -> dict[str, object]:
+        return {
+            "pid": os.getpid(),
+            "time": time.time(),
+            "broker": self.cfg.mqtt.broker,
+            "mqtt_connected": self.link.connected.is_set(),
+            "committed_offset": self.pipeline.committed,
+            "metrics": self.metrics.snapshot_counts(),
+            "deadletter_reasons": dict(self.metrics.deadletter_reasons),
+        }
+
+    def _write_status(self) -> None:
+        """`status.json` in the data folder, replaced atomically every second: what `gateway status` shows."""
+        path = Path(self.cfg.storage.data_dir) / "status.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.status(), indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+    async def _write_metrics_point(self, loop: asyncio.AbstractEventLoop) -> None:
+        snap = self.metrics.snapshot()
+        point = Point("gateway", (("gateway", self.cfg.mqtt.client_id),), tuple(sorted(snap.items())),
+                      time.time_ns())
+        await loop.run_in_executor(self.outbox_storage, self.outbox.put, encode([point]), 1)
+        log.debug("metrics %s", snap)
+
+
+def run(cfg: Config) -> None:
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Gateway(cfg).run(stop)
+
+    asyncio.run(main())

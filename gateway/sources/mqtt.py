@@ -1,0 +1,104 @@
+"""MQTT source: turns received messages into log appends, graph changes or dead letters.
+
+The handler returns only when the message is durably handled, and gmqtt (made with
+`optimistic_acknowledgement=False`) sends the PUBACK only then. Handled means one of: the event is in the ingest log,
+the follow/unfollow is in the graph file, or the bad input is in the dead-letter table. Nothing raises out of
+here: a failure to store keeps the handler waiting (the ingestor retries), so the message stays unacknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import Executor
+from typing import Any
+
+from devices.profiles import ProfileIndex
+from devices.telemetry import TelemetryError, decode
+from gateway.config import LimitsConfig
+from gateway.event import KIND_TELEMETRY, Ingested, new_event_id
+from gateway.graph import ID, FollowerGraph, GraphError, check_source
+from gateway.ingest import Ingestor
+from gateway.ingest_log import DeadLetter
+from gateway.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+MAX_CONTROL_BYTES = 1024
+
+
+class MqttSource:
+    def __init__(self, ingestor: Ingestor, graph: FollowerGraph, storage: Executor, profiles: ProfileIndex,
+                 limits: LimitsConfig, metrics: Metrics) -> None:
+        self._ingestor = ingestor
+        self._graph = graph
+        self._storage = storage
+        self._profiles = profiles
+        self._limits = limits
+        self._metrics = metrics
+
+    async def handle(self, topic: str, payload: bytes, properties: dict[str, Any]) -> int:
+        self._metrics.inc("received")
+        parts = topic.split("/") if isinstance(topic, str) else []
+        if len(parts) == 3 and parts[0] == "devices" and parts[2] == "telemetry":
+            await self._telemetry(topic, parts[1], payload)
+        elif len(parts) == 3 and parts[0] == "users" and parts[2] == "follows":
+            await self._follows(topic, parts[1], payload)
+        else:
+            await self._reject(str(topic), "unknown_topic", "no handler for this topic", payload)
+        return 0  # PUBACK reason code: success (the message is handled, even when it was dead-lettered)
+
+    async def _telemetry(self, topic: str, device_id: str, payload: bytes) -> None:
+        if not ID.match(device_id):
+            await self._reject(topic, "bad_device_id", f"device id {device_id[:80]!r} is not a valid id", payload)
+            return
+        try:
+            t = decode(payload, max_bytes=self._limits.max_payload_bytes, max_fields=self._limits.max_fields)
+            profile = self._profiles.get(device_id) if len(self._profiles) else None
+            if profile is not None:
+                profile.check(t)
+        except TelemetryError as exc:
+            await self._reject(topic, exc.reason, exc.message, payload)
+            return
+        now_ms = int(time.time() * 1000)
+        # A retransmission repeats seq and ts; a rebooted device that restarts seq at 0 sends a new ts.
+        dedup = None if t.seq is None else (f"{t.seq}@{t.ts_ms}" if t.ts_ms is not None else str(t.seq))
+        await self._ingestor.append(Ingested(
+            id=new_event_id(now_ms),
+            source=f"devices/{device_id}",
+            kind=KIND_TELEMETRY,
+            ts_ms=t.ts_ms if t.ts_ms is not None else now_ms,
+            payload=t.as_payload(),
+            dedup_key=dedup,
+        ))
+
+    async def _follows(self, topic: str, follower: str, payload: bytes) -> None:
+        try:
+            if not ID.match(follower):
+                raise GraphError(f"follower id {follower[:80]!r} is not a valid id")
+            if len(payload) > MAX_CONTROL_BYTES:
+                raise GraphError(f"follow request is {len(payload)} bytes, the limit is {MAX_CONTROL_BYTES}")
+            try:
+                doc = json.loads(payload)
+            except (ValueError, RecursionError):
+                raise GraphError("follow request is not JSON") from None
+            if not isinstance(doc, dict) or len(doc) != 1 or not doc.keys() <= {"follow", "unfollow"}:
+                raise GraphError('follow request must be {"follow": SOURCE} or {"unfollow": SOURCE}')
+            (action, source), = doc.items()
+            check_source(source)
+        except GraphError as exc:
+            await self._reject(topic, "bad_follow", str(exc), payload)
+            return
+        loop = asyncio.get_running_loop()
+        if action == "follow":
+            await loop.run_in_executor(self._storage, self._graph.follow, follower, source)
+            self._metrics.inc("follows")
+        else:
+            await loop.run_in_executor(self._storage, self._graph.unfollow, follower, source)
+            self._metrics.inc("unfollows")
+
+    async def _reject(self, origin: str, reason: str, message: str, payload: bytes) -> None:
+        await self._ingestor.dead_letter(DeadLetter(origin, reason, message, bytes(payload),
+                                                    int(time.time() * 1000)))

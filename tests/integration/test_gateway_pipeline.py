@@ -1,0 +1,202 @@
+"""The telemetry pipeline end to end: a real mosquitto, the real gateway process, the real ONNX model."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from collections import Counter
+
+import pytest
+
+from tests.gateway_process import GatewayProcess
+from tests.mqtt_helpers import Collector, publish_all
+
+pytestmark = pytest.mark.integration
+
+BASE_TS = 1_764_322_800_000
+
+
+def reading(seq: int, value: float = 21.0, ts: int | None = None) -> bytes:
+    return json.dumps({"seq": seq, "ts": ts or BASE_TS + seq * 1000, "temperature": value,
+                       "humidity": 40.0 + seq % 3}).encode()
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def gateway(mosquitto, tmp_path):
+    gw = GatewayProcess(tmp_path / "gw", mosquitto.address, "--influx-api", "none", client_id=uid("gw"))
+    yield gw
+    gw.kill()
+
+
+def test_every_event_reaches_every_follower_with_its_envelope(mosquitto, gateway):
+    devices = [uid("dev") for _ in range(3)]
+    for follower in ("alice", "bob"):
+        for device in devices:
+            assert gateway.run_cli("follow", follower, f"devices/{device}").returncode == 0
+    gateway.start()
+    alice = Collector(mosquitto.address, "feeds/alice/#")
+    bob = Collector(mosquitto.address, f"feeds/bob/devices/{devices[0]}/#")
+    n = 200
+    publish_all(mosquitto.address, [(f"devices/{d}/telemetry", reading(s)) for s in range(n) for d in devices])
+
+    assert alice.wait_count(n * 3), f"alice got {len(alice.messages)} of {n * 3}"
+    assert bob.wait_count(n)
+    got = Counter((m["source"], m["payload"]["seq"]) for m in alice.json())
+    assert got == Counter({(f"devices/{d}", s): 1 for d in devices for s in range(n)})
+    topic, payload, _ = alice.messages[0]
+    envelope = json.loads(payload)
+    assert topic == f"{envelope['source'].replace('devices/', 'feeds/alice/devices/')}/telemetry"
+    assert envelope["kind"] == "telemetry"
+    assert envelope["ts"] == envelope["payload"]["ts"]
+    assert len(envelope["id"]) == 28 and envelope["offset"] > 0
+    verdict = envelope["verdicts"][0]
+    assert verdict["model"] == "sensor-anomaly" and verdict["version"]
+    assert 0.0 <= verdict["score"] <= 1.0
+    ids = [m["id"] for m in alice.json()]
+    assert len(set(ids)) == len(ids)
+    status = gateway.wait_status(lambda s: s["metrics"]["committed"] >= n * 3)
+    assert status["metrics"]["appended"] == n * 3
+    alice.close()
+    bob.close()
+
+
+def test_the_gateway_announces_itself_with_a_retained_status_and_a_last_will(mosquitto, gateway):
+    gateway.start()
+    watcher = Collector(mosquitto.address, "gateway/status")
+    assert watcher.wait_for(lambda m: m and m[-1][1] == b"online")
+    gateway.kill()  # no DISCONNECT: the broker publishes the will
+    assert watcher.wait_for(lambda m: m[-1][1] == b"offline", timeout=40)
+    late = Collector(mosquitto.address, "gateway/status")
+    assert late.wait_for(lambda m: m and m[-1][1] == b"offline" and m[-1][2])  # retained
+    watcher.close()
+    late.close()
+
+
+def test_a_message_is_acknowledged_only_after_it_is_in_the_log(mosquitto, gateway):
+    """Hold the log's write lock so appends cannot finish, kill -9 the gateway while it holds received messages,
+    and start it again: the broker redelivers them because no PUBACK was sent, and nothing is lost."""
+    device = uid("dev")
+    gateway.run_cli("follow", "carol", f"devices/{device}")
+    gateway.start()
+    feed = Collector(mosquitto.address, "feeds/carol/#")
+    locker = sqlite3.connect(gateway.data_dir / "log.db", isolation_level=None, timeout=5)
+    locker.execute("BEGIN IMMEDIATE")
+    publish_all(mosquitto.address, [(f"devices/{device}/telemetry", reading(s)) for s in range(50)])
+    gateway.wait_status(lambda s: s["metrics"]["received"] >= 50)
+    assert gateway.metric("appended") == 0
+    gateway.kill()
+    locker.execute("ROLLBACK")
+    locker.close()
+    assert feed.messages == []
+
+    gateway.start()
+    assert feed.wait_count(50), f"got {len(feed.messages)} of 50 after restart"
+    assert sorted(m["payload"]["seq"] for m in feed.json()) == list(range(50))
+    feed.close()
+
+
+def test_after_sigterm_and_after_kill_the_gateway_resumes_where_it_stopped(mosquitto, gateway):
+    device = uid("dev")
+    gateway.run_cli("follow", "dora", f"devices/{device}")
+    feed = Collector(mosquitto.address, "feeds/dora/#")
+    gateway.start()
+    publish_all(mosquitto.address, [(f"devices/{device}/telemetry", reading(s)) for s in range(100)])
+    assert gateway.terminate() == 0
+    # Published while the gateway is down: the broker queues them for its persistent session.
+    publish_all(mosquitto.address, [(f"devices/{device}/telemetry", reading(s)) for s in range(100, 200)])
+    gateway.start()
+    publish_all(mosquitto.address, [(f"devices/{device}/telemetry", reading(s)) for s in range(200, 300)])
+    gateway.kill()
+    publish_all(mosquitto.address, [(f"devices/{device}/telemetry", reading(s)) for s in range(300, 400)])
+    gateway.start()
+    assert feed.wait_for(lambda m: {json.loads(p)["payload"]["seq"] for _, p, _ in m} == set(range(400)))
+    seqs = Counter(m["payload"]["seq"] for m in feed.json())
+    # At least once: a kill -9 may repeat the batch in flight, never more than that.
+    assert sum(seqs.values()) - 400 <= 1000
+    log = sqlite3.connect(gateway.data_dir / "log.db")
+    assert log.execute("SELECT COUNT(*) FROM events WHERE source = ?", (f"devices/{device}",)).fetchone()[0] == 400
+    feed.close()
+
+
+def test_bad_telemetry_is_dead_lettered_with_a_reason_while_good_events_flow(mosquitto, gateway):
+    device = uid("dev")
+    gateway.run_cli("follow", "erin", f"devices/{device}")
+    gateway.start()
+    feed = Collector(mosquitto.address, "feeds/erin/#")
+    dead = Collector(mosquitto.address, "gateway/deadletter")
+    topic = f"devices/{device}/telemetry"
+    bad = [
+        (topic, b"{not json"),
+        (topic, b'{"temperature": "warm"}'),
+        (topic, b'{"temperature": NaN}'),
+        (topic, b'{"temperature": 1' + b"0" * 20_000 + b"}"),
+        (topic, b"\xff\xfe\x00garbage"),
+        (topic, b"[]"),
+        ("devices/dev!x/telemetry", reading(1)),
+        ("devices/" + "d" * 65 + "/telemetry", reading(1)),
+    ]
+    good = [(topic, reading(s)) for s in range(20)]
+    publish_all(mosquitto.address, good[:10] + bad + good[10:])
+
+    assert feed.wait_count(20)
+    assert sorted(m["payload"]["seq"] for m in feed.json()) == list(range(20))
+    assert dead.wait_count(len(bad))
+    reasons = Counter(m["reason"] for m in dead.json())
+    assert reasons == Counter({"malformed_json": 1, "wrong_type": 1, "non_finite": 1, "oversize": 1,
+                               "invalid_utf8": 1, "not_an_object": 1, "bad_device_id": 2})
+    assert all(m["message"] and m["origin"] for m in dead.json())
+    status = gateway.wait_status(lambda s: s["metrics"]["deadlettered"] >= len(bad))
+    assert status["deadletter_reasons"]["malformed_json"] == 1
+    feed.close()
+    dead.close()
+
+
+def test_followers_can_follow_and_unfollow_live_over_mqtt(mosquitto, gateway):
+    device = uid("dev")
+    gateway.start()
+    feed = Collector(mosquitto.address, "feeds/frank/#")
+    publish_all(mosquitto.address, [("users/frank/follows", json.dumps({"follow": f"devices/{device}"}).encode())])
+    publish_all(mosquitto.address, [(f"devices/{device}/telemetry", reading(s)) for s in range(5)])
+    assert feed.wait_count(5)
+    publish_all(mosquitto.address, [("users/frank/follows", json.dumps({"unfollow": f"devices/{device}"}).encode())])
+    publish_all(mosquitto.address, [(f"devices/{device}/telemetry", reading(s)) for s in range(5, 10)])
+    gateway.wait_status(lambda s: s["metrics"]["committed"] >= 10)
+    assert sorted(m["payload"]["seq"] for m in feed.json()) == list(range(5))
+    assert gateway.run_cli("following", "frank").stdout == ""
+    feed.close()
+
+
+def test_a_follow_added_with_the_cli_reaches_a_running_gateway(mosquitto, gateway):
+    device = uid("dev")
+    gateway.start()
+    feed = Collector(mosquitto.address, "feeds/gina/#")
+    assert "gina follows" in gateway.run_cli("follow", "gina", f"devices/{device}").stdout
+    gateway.wait_status(lambda s: s["metrics"]["graph_edges"] >= 1)
+    publish_all(mosquitto.address, [(f"devices/{device}/telemetry", reading(s)) for s in range(3)])
+    assert feed.wait_count(3)
+    feed.close()
+
+
+def test_anomalous_readings_are_flagged_delivered_and_alerted(mosquitto, gateway):
+    device = uid("dev")
+    gateway.run_cli("follow", "hank", f"devices/{device}")
+    gateway.start()
+    feed = Collector(mosquitto.address, "feeds/hank/#")
+    alerts = Collector(mosquitto.address, f"alerts/{device}")
+    # A steady, slightly noisy signal, then one reading far outside its own history.
+    values = [20.0 + 0.1 * ((s * 7919) % 11 - 5) for s in range(60)] + [95.0] + [20.0] * 3
+    publish_all(mosquitto.address, [(f"devices/{device}/telemetry", reading(s, v)) for s, v in enumerate(values)])
+    assert feed.wait_count(len(values))
+    assert alerts.wait_count(1)
+    spike = next(m for m in feed.json() if m["payload"]["seq"] == 60)
+    assert spike["verdicts"][0]["flagged"] is True
+    assert json.loads(alerts.messages[0][1])["payload"]["seq"] == 60
+    calm = [m for m in feed.json() if 20 <= m["payload"]["seq"] < 60]
+    assert sum(m["verdicts"][0]["flagged"] for m in calm) <= 2
+    feed.close()
+    alerts.close()

@@ -6,6 +6,8 @@ by name. Readiness is polled (a TCP connect or an HTTP probe) instead of sleepin
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
 import shutil
@@ -13,8 +15,11 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -107,3 +112,185 @@ def mosquitto(base: Path) -> Server:
     conf = data / "mosquitto.conf"
     conf.write_text(mosquitto_conf_for_test(port, data))
     return Server("mosquitto", [exe, "-c", str(conf)], port, data, data / "mosquitto.log", env=dict(os.environ))
+
+
+# Loopback only: never route a probe through a proxy named in the environment.
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+# --- time-series databases -------------------------------------------------------------------------------------
+
+
+@dataclass(repr=False)
+class HttpServer(Server):
+    """A server that is ready when an HTTP health endpoint answers, not merely when its port accepts.
+
+    InfluxDB opens its port before the meta store is loaded and answers 5xx or drops connections until then;
+    polling `/ping` (InfluxDB, 204) or `/health` (victoria-metrics, 200) avoids a first test that races it.
+    """
+
+    health_path: str = "/ping"
+
+    def __repr__(self) -> str:  # short: it shows up in every failing test's arguments
+        return f"<{self.name} at {self.url}, data in {self.data_dir}>"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        super().start(timeout)
+        wait_for_http(f"{self.url}{self.health_path}", timeout, self.proc)
+
+
+def wait_for_http(url: str, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            with _LOCAL.open(url, timeout=1.0) as resp:
+                if 200 <= resp.status < 300:
+                    return
+                last = resp.status
+        except (OSError, http.client.HTTPException) as exc:  # URLError and HTTPError are OSErrors
+            last = exc
+        time.sleep(0.02)
+    raise TimeoutError(f"{url} not healthy after {timeout}s (last: {last})")
+
+
+def influxdb_conf_for_test(http_port: int, rpc_port: int, data_dir: Path) -> str:
+    """An InfluxDB 1.x config with every listener on loopback and every file under `data_dir`.
+
+    Only HTTP and the backup/restore RPC listen at all (graphite, collectd, opentsdb and udp are off by default);
+    the never-enabled ifql listener still gets a free loopback port so nothing in the file points at a shared
+    default. Debian's influxd spells the phone-home switch `reporting-enabled` (upstream: reporting-disabled).
+    Self-monitoring, continuous queries and request logging are off: they only add writes and noise to a test.
+    """
+    ifql_port = free_port()
+    return f"""\
+reporting-enabled = false
+bind-address = "127.0.0.1:{rpc_port}"
+
+[meta]
+  dir = "{data_dir}/meta"
+  logging-enabled = false
+
+[data]
+  dir = "{data_dir}/data"
+  wal-dir = "{data_dir}/wal"
+  index-version = "inmem"
+  wal-fsync-delay = "0s"
+  query-log-enabled = false
+
+[monitor]
+  store-enabled = false
+
+[continuous_queries]
+  enabled = false
+
+[subscriber]
+  enabled = false
+
+[http]
+  enabled = true
+  bind-address = "127.0.0.1:{http_port}"
+  auth-enabled = false
+  log-enabled = false
+  pprof-enabled = false
+  unix-socket-enabled = false
+
+[ifql]
+  enabled = false
+  bind-address = "127.0.0.1:{ifql_port}"
+
+[logging]
+  level = "warn"
+  suppress-logo = true
+"""
+
+
+def influxdb(base: Path) -> HttpServer:
+    exe = shutil.which("influxd") or "/usr/bin/influxd"
+    port, rpc_port = free_port(), free_port()
+    data = base / "influxdb"
+    data.mkdir(parents=True, exist_ok=True)
+    conf = data / "influxdb.conf"
+    conf.write_text(influxdb_conf_for_test(port, rpc_port, data))
+    env = dict(os.environ)
+    env.pop("INFLUXDB_CONFIG_PATH", None)  # the file we pass is the only configuration
+    return HttpServer("influxdb", [exe, "run", "-config", str(conf)], port, data, data / "influxdb.log", env=env,
+                      health_path="/ping")
+
+
+def victoria_metrics(base: Path) -> HttpServer:
+    """victoria-metrics for the InfluxDB v2 write path (`/api/v2/write`), read back through `/api/v1/export`.
+
+    -retentionPeriod=100y: with the default of one month, samples older than that are dropped silently (the write
+    still answers 204). -search.latencyOffset=0s and -search.disableCache: return raw samples as soon as they are
+    searchable instead of hiding the last 30s or serving a cached answer. No -dedup.minScrapeInterval, so the
+    tests can see a duplicated sample.
+    """
+    exe = shutil.which("victoria-metrics") or "/usr/bin/victoria-metrics"
+    port = free_port()
+    data = base / "victoria-metrics"
+    data.mkdir(parents=True, exist_ok=True)
+    argv = [exe, f"-httpListenAddr=127.0.0.1:{port}", f"-storageDataPath={data}/storage", "-retentionPeriod=100y",
+            "-search.latencyOffset=0s", "-search.disableCache", "-loggerLevel=WARN"]
+    return HttpServer("victoria-metrics", argv, port, data, data / "victoria-metrics.log", env=dict(os.environ),
+                      health_path="/health")
+
+
+# --- reading back what a test wrote ----------------------------------------------------------------------------
+
+
+def influxql(server: Server, db: str, q: str) -> dict[str, Any]:
+    """Run an InfluxQL statement over HTTP (`/query`, epoch=ns) and return the first result, raising on errors."""
+    params = urllib.parse.urlencode({"db": db, "q": q, "epoch": "ns"})
+    req = urllib.request.Request(f"http://{server.address}/query?{params}", method="POST")
+    with _LOCAL.open(req, timeout=10) as resp:
+        body = json.load(resp)
+    result = body["results"][0]
+    if "error" in result:
+        raise RuntimeError(f"InfluxQL {q!r}: {result['error']}")
+    return dict(result)
+
+
+def influx_rows(server: Server, db: str, measurement: str, where: str = "") -> list[dict[str, Any]]:
+    """Every point of a measurement as a dict of column -> value (time in ns), oldest first."""
+    q = f'SELECT * FROM "{measurement}"' + (f" WHERE {where}" if where else "")
+    rows: list[dict[str, Any]] = []
+    for series in influxql(server, db, q).get("series", []):
+        cols = series["columns"]
+        rows.extend(dict(zip(cols, values)) for values in series["values"])
+    return sorted(rows, key=lambda r: r["time"])
+
+
+def vm_export(server: Server, match: str) -> list[dict[str, Any]]:
+    """Raw samples from victoria-metrics' `/api/v1/export` for a series selector, one dict per series.
+
+    A line written as `m,t=a x=1` is the series `m_x{t="a"}` (measurement, "_", field). Timestamps come back in
+    milliseconds: VictoriaMetrics keeps no finer precision.
+    """
+    params = urllib.parse.urlencode({"match[]": match, "start": "0"})
+    with _LOCAL.open(f"http://{server.address}/api/v1/export?{params}", timeout=10) as resp:
+        return [json.loads(line) for line in resp.read().splitlines() if line.strip()]
+
+
+def vm_samples(server: Server, match: str, expect: int,
+               timeout: float = 10.0) -> list[tuple[dict[str, str], int, float]]:
+    """Poll until at least `expect` samples match, then return (labels, ts_ms, value), sorted.
+
+    victoria-metrics buffers new rows for about a second before they become searchable, so a read right after a
+    204 can come back empty; `/internal/force_flush` shortens that but does not remove it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        with _LOCAL.open(f"http://{server.address}/internal/force_flush", timeout=5):
+            pass
+        samples = [(s["metric"], ts, v) for s in vm_export(server, match)
+                   for ts, v in zip(s["timestamps"], s["values"])]
+        if len(samples) >= expect or time.monotonic() > deadline:
+            return sorted(samples, key=lambda s: (sorted(s[0].items()), s[1], s[2]))
+        time.sleep(0.1)

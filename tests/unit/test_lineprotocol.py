@@ -158,16 +158,21 @@ def parse(body: bytes, mode: str) -> list[tuple[str, dict[str, str], dict[str, o
 # --- what a point should read back as --------------------------------------------------------------------------
 
 
+def _utf8(text: str) -> str:
+    """What survives encoding: a lone surrogate becomes "?"."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def expected(p: Point) -> tuple[str, dict[str, str], dict[str, object], int] | None:
-    measurement = sanitize_name(p.measurement, kind="measurement")
+    measurement = _utf8(sanitize_name(p.measurement, kind="measurement"))
     tags = {}
     for k, v in p.tags:
-        k, v = sanitize_name(k), sanitize_name(v)
+        k, v = _utf8(sanitize_name(k)), _utf8(sanitize_name(v))
         if k and v:
             tags[k] = v
     fields: dict[str, object] = {}
     for k, value in p.fields:
-        k = sanitize_name(k, kind="field")
+        k = _utf8(sanitize_name(k, kind="field"))
         if not k:
             continue
         if isinstance(value, float) and not math.isfinite(value):
@@ -175,7 +180,7 @@ def expected(p: Point) -> tuple[str, dict[str, str], dict[str, object], int] | N
         if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
             continue
         if isinstance(value, str):
-            value = value.replace("\n", " ").replace("\r", " ")
+            value = _utf8(value.replace("\n", " ").replace("\r", " "))
         fields[k] = value
     if not measurement or not fields:
         return None

@@ -21,6 +21,8 @@ could not be reached at the start, 2 for usage errors.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import sys
 import threading
@@ -68,6 +70,7 @@ class MqttRun:
     kinds: tuple[str, ...] = ("env", "machine", "water")
     drain_timeout: float = 15.0
     progress: bool = True
+    stamp_field: str | None = None  # adds the publish time (µs since the epoch) as this numeric field
 
     @property
     def connection_count(self) -> int:
@@ -284,7 +287,14 @@ def _publish_all(cfg: MqttRun, signals: list[DeviceSignal], topics: list[str], c
             while sent < due:
                 i = sent % n_dev
                 reading = signals[i].next()
-                conns[i % n_conn].publish(topics[i], telemetry_payload(reading))
+                if cfg.stamp_field is None:
+                    payload = telemetry_payload(reading)
+                else:
+                    # Stamped at the moment of publishing, not the reading's schedule, so a subscriber's
+                    # receive time minus it is the end-to-end latency (same machine, same clock).
+                    payload = telemetry_payload(dataclasses.replace(
+                        reading, fields={**reading.fields, cfg.stamp_field: float(time.time_ns() // 1000)}))
+                conns[i % n_conn].publish(topics[i], payload)
                 if reading.anomalous:
                     anomalous += 1
                 if labels_out is not None:
@@ -355,9 +365,11 @@ def _parse_broker(value: str) -> tuple[str, int]:
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=15.0, show_default=True,
               help="Seconds to wait for outstanding acknowledgements after the last publish.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress line on stderr.")
+@click.option("--stamp-field", default=None, metavar="NAME",
+              help="Add the publish time (µs since the epoch) as numeric field NAME, for latency measurements.")
 def mqtt_command(broker: str, devices: int, events: int | None, rate: float, duration: float | None, seed: int,
                  anomaly_rate: float, labels: Path | None, device_prefix: str, qos: int, connections: int | None,
-                 kinds: str, drain_timeout: float, progress: bool) -> None:
+                 kinds: str, drain_timeout: float, progress: bool, stamp_field: str | None) -> None:
     """Publish simulated telemetry to devices/{id}/telemetry and print a JSON summary on stdout."""
     host, port = _parse_broker(broker)
     if events is None and duration is None:
@@ -368,7 +380,7 @@ def mqtt_command(broker: str, devices: int, events: int | None, rate: float, dur
         raise click.BadParameter(f"unknown kinds {unknown or kinds!r}; known: {', '.join(KINDS)}",
                                  param_hint="--kinds")
     cfg = MqttRun(host, port, devices, events, rate, duration, seed, anomaly_rate, labels, device_prefix, qos,
-                  connections, kind_list, drain_timeout, progress)
+                  connections, kind_list, drain_timeout, progress, stamp_field)
     summary = run(cfg)
     click.echo(json.dumps(summary.as_dict()))
     if qos > 0 and summary.acknowledged < summary.sent:

@@ -1,0 +1,200 @@
+"""End-to-end benchmark of the telemetry pipeline (not a test): prints JSON.
+
+Starts the project's mosquitto, InfluxDB 1.x (when installed) and the gateway (durability on, ONNX on, v1 writes),
+drives load with `firmware-sim mqtt`, and measures at a follower (a paho subscriber in its own process):
+
+- throughput: the simulator publishes as fast as the broker acknowledges; events/s = events received by the one
+  follower / time from its first to its last receipt (QoS 1 all the way);
+- latency at a fixed rate (default 2,000 events/s): the simulator stamps each payload with its publish time
+  (`--stamp-field`), the follower subtracts it from its receive time; p50/p99 over the run after a warm-up;
+- the gateway's peak RSS (VmHWM) over the whole run.
+
+Each variant runs `--runs` times on fresh servers and data; medians are reported, every run is kept in `runs`.
+Variants: `full` (fsync full, ONNX on), `no-onnx`, `fsync-normal`; all in one invocation so they share the noise.
+
+    python benchmarks/pipeline.py --runs 3 --events 60000 --latency-seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests import servers  # noqa: E402  (the one place that knows how to start the servers)
+from tests.gateway_process import GatewayProcess  # noqa: E402
+
+STAMP = "t_pub_us"
+VARIANTS: dict[str, str] = {
+    "full": "",
+    "no-onnx": "[anomaly]\nenabled = false\n",
+    "fsync-normal": '[storage]\nfsync = "normal"\n',
+}
+
+
+def follower(address: str, follower_id: str, ready: Any, out: Any, expect: int, timeout: float) -> None:
+    """Runs in its own process so the subscriber does not share a GIL with anything else."""
+    import paho.mqtt.client as mqtt
+
+    host, _, port = address.rpartition(":")
+    latencies: list[float] = []
+    first = last = 0.0
+    count = 0
+
+    def on_message(client: Any, userdata: Any, msg: Any) -> None:
+        nonlocal first, last, count
+        now = time.time()
+        if count == 0:
+            first = now
+        last = now
+        count += 1
+        stamp = json.loads(msg.payload)["payload"].get(STAMP)
+        if stamp is not None:
+            latencies.append(now * 1e6 - stamp)
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{follower_id}", protocol=mqtt.MQTTv5)
+    client.on_message = on_message
+    client.on_connect = lambda c, *a: c.subscribe(f"feeds/{follower_id}/#", qos=1)
+    client.on_subscribe = lambda *a: ready.set()
+    client.connect(host, int(port))
+    client.loop_start()
+    deadline = time.monotonic() + timeout
+    while count < expect and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    client.disconnect()
+    client.loop_stop()
+    out.put({"count": count, "first": first, "last": last, "latencies_us": latencies})
+
+
+def rss_peak_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def simulator(address: str, events: int, rate: float, devices: int, prefix: str, stamp: bool) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "firmware_sim.cli", "mqtt", "--broker", address, "--devices", str(devices),
+            "--events", str(events), "--rate", str(rate), "--device-prefix", prefix, "--no-progress",
+            "--drain-timeout", "60"]
+    if stamp:
+        argv += ["--stamp-field", STAMP]
+    return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def one_run(variant: str, args: argparse.Namespace, base: Path) -> dict[str, Any]:
+    broker = servers.mosquitto(base)
+    broker.start()
+    influx = None
+    extra = ["--influx-api", "none"]
+    if shutil.which("influxd") and not args.no_influx:
+        influx = servers.influxdb(base)
+        influx.start()
+        extra = ["--influx-api", "v1", "--influx-url", influx.url, "--influx-db", "bench"]
+    config = base / "gateway.toml"
+    config.write_text(VARIANTS[variant])
+    gw = GatewayProcess(base / "gw", broker.address, *extra, "--log-level", "WARNING", client_id="bench-gw",
+                        config=config)
+    ctx = mp.get_context("spawn")
+    result: dict[str, Any] = {"variant": variant}
+    try:
+        prefix = "bench-"
+        for i in range(args.devices):
+            gw.run_cli("follow", "bench", f"devices/{prefix}{i + 1:04d}")
+        gw.start()
+        assert gw.proc is not None
+
+        # Throughput: publish as fast as acknowledgements allow.
+        ready, out = ctx.Event(), ctx.Queue()
+        sub = ctx.Process(target=follower, args=(broker.address, "bench", ready, out, args.events, 300))
+        sub.start()
+        ready.wait(10)
+        t0 = time.time()
+        sim = simulator(broker.address, args.events, 1e6, args.devices, prefix, stamp=False)
+        sim_out, _ = sim.communicate(timeout=600)
+        got = out.get(timeout=400)
+        sub.join()
+        span = got["last"] - got["first"]
+        result["throughput_events_per_s"] = round(got["count"] / span, 1) if span > 0 else None
+        result["throughput_received"] = got["count"]
+        result["throughput_sent"] = json.loads(sim_out)["sent"] if sim_out.strip() else None
+        result["simulator_publish_rate"] = json.loads(sim_out)["achieved_rate"] if sim_out.strip() else None
+        result["throughput_wall_s"] = round(time.time() - t0, 2)
+
+        # Latency at a fixed rate, measured on a fresh follower (the graph already holds the devices).
+        n = int(args.latency_rate * args.latency_seconds)
+        ready, out = ctx.Event(), ctx.Queue()
+        sub = ctx.Process(target=follower, args=(broker.address, "bench", ready, out, n, 120))
+        sub.start()
+        ready.wait(10)
+        sim = simulator(broker.address, n, args.latency_rate, args.devices, prefix, stamp=True)
+        sim.communicate(timeout=300)
+        got = out.get(timeout=200)
+        sub.join()
+        lat = sorted(got["latencies_us"][int(len(got["latencies_us"]) * 0.1):])  # drop the warm-up tenth
+        result["latency_events"] = got["count"]
+        if lat:
+            result["latency_p50_ms"] = round(lat[len(lat) // 2] / 1000, 3)
+            result["latency_p99_ms"] = round(lat[int(len(lat) * 0.99)] / 1000, 3)
+            result["latency_max_ms"] = round(lat[-1] / 1000, 3)
+        result["gateway_rss_peak_mb"] = round(rss_peak_mb(gw.proc.pid), 1)
+        status = gw.status() or {}
+        result["gateway_counters"] = {k: status.get("metrics", {}).get(k) for k in
+                                      ("received", "appended", "committed", "delivered", "points", "written")}
+    finally:
+        gw.kill()
+        if influx is not None:
+            influx.stop()
+        broker.stop()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--events", type=int, default=60_000)
+    parser.add_argument("--devices", type=int, default=50)
+    parser.add_argument("--latency-rate", type=float, default=2000.0)
+    parser.add_argument("--latency-seconds", type=float, default=20.0)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--no-influx", action="store_true")
+    args = parser.parse_args()
+
+    runs: list[dict[str, Any]] = []
+    variants = args.variants.split(",")
+    for i in range(args.runs):
+        for variant in variants:  # interleaved, so slow phases of the shared machine hit every variant alike
+            with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp:
+                run = one_run(variant, args, Path(tmp))
+                run["run"] = i
+                runs.append(run)
+                print(json.dumps(run), file=sys.stderr)
+
+    summary: dict[str, Any] = {}
+    for variant in variants:
+        mine = [r for r in runs if r["variant"] == variant]
+        summary[variant] = {
+            key: statistics.median(r[key] for r in mine if r.get(key) is not None)
+            for key in ("throughput_events_per_s", "latency_p50_ms", "latency_p99_ms", "gateway_rss_peak_mb",
+                        "simulator_publish_rate")
+            if any(r.get(key) is not None for r in mine)
+        }
+    print(json.dumps({"machine": {"cpus": os.cpu_count()}, "params": vars(args), "median": summary, "runs": runs},
+                     indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -125,6 +125,7 @@ class Pipeline:
 
     async def _process_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         appended = self._ingestor.appended
+        linger = self._cfg.pipeline.linger_ms / 1000
         while True:
             if self._rewind_to is not None:
                 self.cursor, self._rewind_to = self._rewind_to, None
@@ -135,6 +136,8 @@ class Pipeline:
                 if self._draining and self._ingestor.pending == 0:
                     return
                 await appended.wait()
+                if linger:
+                    await asyncio.sleep(linger)
                 continue
             batch = await self._process(events)
             await self._queue.put(batch)

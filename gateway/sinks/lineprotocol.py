@@ -23,6 +23,7 @@ non-finite float (InfluxDB rejects NaN and infinities) and an integer outside in
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import re
@@ -67,10 +68,14 @@ def sanitize_name(name: str, *, kind: str = "tag") -> str:
     return name
 
 
+# Names repeat on every line (the same measurements, field keys and device ids), and sanitising is two regex
+# passes: cache the escaped forms. Bounded, so a flood of new names cannot grow memory.
+@functools.lru_cache(maxsize=65_536)
 def _measurement(name: str) -> str:
     return sanitize_name(name, kind="measurement").translate(_MEASUREMENT_ESCAPES)
 
 
+@functools.lru_cache(maxsize=65_536)
 def _key(name: str, kind: str) -> str:
     return sanitize_name(name, kind=kind).translate(_KEY_ESCAPES)
 

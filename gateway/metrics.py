@@ -33,6 +33,13 @@ COUNTERS = (
     "session_lost",
     "storage_errors",
     "backpressure_waits",
+    "serial_connects",     # serial ports opened (first open and every reopen after an unplug)
+    "serial_disconnects",  # serial ports that went away (EOF, EIO, HUP)
+    "serial_frames",       # frames with a valid CRC read from serial ports
+    "serial_crc_errors",   # frames that failed their CRC
+    "serial_resyncs",      # bytes discarded up to the next delimiter (every frame that did not decode)
+    "serial_oversize",     # runs of bytes longer than a frame without a delimiter
+    "serial_nacks",        # NACKs sent (damaged frame still naming its seq, or HELLO required)
 )
 
 

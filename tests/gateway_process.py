@@ -18,6 +18,7 @@ class GatewayProcess:
     def __init__(self, data_dir: Path, broker: str, *extra: str, client_id: str = "gw-test",
                  config: Path | None = None) -> None:
         self.data_dir = data_dir
+        self.client_id = client_id
         self.argv = [sys.executable, "-m", "gateway.cli", "run", "--broker", broker, "--data-dir", str(data_dir),
                      "--client-id", client_id, *extra]
         if config is not None:

@@ -200,3 +200,24 @@ def test_anomalous_readings_are_flagged_delivered_and_alerted(mosquitto, gateway
     assert sum(m["verdicts"][0]["flagged"] for m in calm) <= 2
     feed.close()
     alerts.close()
+
+
+def test_the_gateway_also_speaks_mqtt_3_1_1(mosquitto, tmp_path):
+    config = tmp_path / "gateway.toml"
+    config.write_text('[mqtt]\nprotocol = "3.1.1"\n')
+    gw = GatewayProcess(tmp_path / "gw311", mosquitto.address, "--influx-api", "none", client_id=uid("gw311"),
+                        config=config)
+    device = uid("dev")
+    gw.run_cli("follow", "ivan", f"devices/{device}")
+    try:
+        gw.start()
+        feed = Collector(mosquitto.address, "feeds/ivan/#")
+        publish_all(mosquitto.address, [(f"devices/{device}/telemetry", reading(s)) for s in range(10)])
+        assert feed.wait_count(10)
+        feed.close()
+        # mosquitto logs each connection's protocol: p2 is MQTT 3.1.1, p5 is MQTT 5.
+        connects = [line for line in mosquitto.log_path.read_text().splitlines() if gw.client_id in line
+                    and "New client connected" in line]
+        assert connects and all("(p2," in line for line in connects), connects
+    finally:
+        gw.kill()

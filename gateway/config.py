@@ -128,6 +128,28 @@ class InfluxConfig:
     metrics_interval: float = _f(5.0, "Seconds between the gateway's self-metric points.", _positive)
 
 
+def _paths(v: Any) -> str | None:
+    return None if all(isinstance(p, str) and p for p in v) else "must be a list of non-empty paths or globs"
+
+
+@dataclass(frozen=True)
+class SerialConfig:
+    ports: list[str] = _f([], "Serial ports of devices speaking docs/serial-protocol.md: paths (kept open, reopened "
+                     "after an unplug) or globs such as '/dev/ttyUSB*' (rescanned for new adapters). Empty: none.",
+                     _paths)
+    baud: int = _f(115200, "Baud rate of every serial port.", _positive)
+    profile: str = _f("", "Profile of devices that did not announce one in HELLO; empty: the profile whose "
+                      "`match` fits the device id.")
+    rescan_interval: float = _f(2.0, "Seconds between rescans of the port globs.", _positive)
+    reopen_min: float = _f(0.2, "First delay before reopening a port that went away (doubles per failure, "
+                           "jittered).", _positive)
+    reopen_max: float = _f(5.0, "Longest delay between attempts to reopen a port.", _positive)
+    max_queued_frames: int = _f(512, "Frames read ahead of the log per port; beyond this the port is not read "
+                                "and the device's writes stop (backpressure).", _positive)
+    noise_deadletters_per_second: float = _f(1.0, "Undecodable frames stored as dead letters per second and port "
+                                             "(all are counted).", _positive)
+
+
 @dataclass(frozen=True)
 class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -136,6 +158,7 @@ class Config:
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     influx: InfluxConfig = field(default_factory=InfluxConfig)
+    serial: SerialConfig = field(default_factory=SerialConfig)
     profiles_dir: str = _f("devices/profiles", "Folder of device profile TOML files.")
 
     def data_path(self, name: str) -> Path:
@@ -212,8 +235,15 @@ def _section(cls: type, prefix: str, table: dict[str, Any], problems: list[Confi
     return cls(**kwargs)
 
 
+def _default(spec: dataclasses.Field[Any]) -> Any:
+    if spec.default is dataclasses.MISSING and spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    return spec.default
+
+
 def _value(spec: dataclasses.Field[Any], name: str, value: Any, problems: list[ConfigProblem]) -> Any:
-    default = spec.default
+    # A list setting has a default_factory (a mutable default must not be shared), not a default.
+    default = _default(spec)
     shown = "***" if spec.metadata.get("secret") else value
     expected = type(default)
     ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
@@ -267,7 +297,7 @@ def reference() -> str:
     for f in dataclasses.fields(Config):
         if f.default_factory is not dataclasses.MISSING:  # a section
             for g in dataclasses.fields(f.default_factory):  # type: ignore[arg-type]
-                lines.append(f"| `{f.name}.{g.name}` | `{g.default!r}` | {g.metadata['doc']} |")
+                lines.append(f"| `{f.name}.{g.name}` | `{_default(g)!r}` | {g.metadata['doc']} |")
         else:
             lines.append(f"| `{f.name}` | `{f.default!r}` | {f.metadata['doc']} |")
     return "\n".join(lines)

@@ -35,6 +35,7 @@ from gateway.pipeline import Detector, Pipeline
 from gateway.sinks.influx import InfluxV1Writer, InfluxV2Writer, Writer
 from gateway.sinks.lineprotocol import Point, encode
 from gateway.sources.mqtt import MqttSource
+from gateway.sources.serial import SerialSettings, SerialSources
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class Gateway:
         self.ingestor: Ingestor
         self.link: MqttLink
         self.pipeline: Pipeline
+        self.serial: SerialSources | None = None
 
     def _log_over_budget(self) -> bool:
         return self._log_bytes >= self.cfg.storage.max_log_bytes
@@ -122,6 +124,15 @@ class Gateway:
         m.gauge("outbox_bytes", lambda: self.outbox.backlog()[2])
         m.gauge("log_bytes", lambda: self._log_bytes)
         m.gauge("graph_edges", self.graph.edges)
+        if cfg.serial.ports:
+            sc = cfg.serial
+            self.serial = SerialSources(
+                sc.ports, self.ingestor, load_dir(cfg.profiles_path()),
+                SerialSettings(sc.baud, sc.profile, sc.reopen_min, sc.reopen_max, sc.rescan_interval,
+                               sc.max_queued_frames, cfg.limits.max_fields, sc.noise_deadletters_per_second),
+                self.metrics)
+            serial = self.serial
+            m.gauge("serial_connected", lambda: serial.connected())
         if self.drainer is not None:
             drainer = self.drainer
             m.gauge("written", lambda: drainer.stats().written_points)
@@ -137,6 +148,8 @@ class Gateway:
         pipeline = asyncio.create_task(self.pipeline.run(), name="pipeline")
         housekeeping = asyncio.create_task(self._housekeeping(), name="housekeeping")
         await self.link.connect()
+        if self.serial is not None:  # after the MQTT link, like the MQTT source: the stages behind it are running
+            self.serial.start()
         log.info("gateway running: broker %s, data %s, influx %s", self.cfg.mqtt.broker,
                  self.cfg.storage.data_dir, self.cfg.influx.api)
         await stop.wait()
@@ -159,6 +172,8 @@ class Gateway:
         self.outbox_storage.shutdown()
 
     async def _shutdown(self, pipeline: asyncio.Task[None]) -> None:
+        if self.serial is not None:
+            await self.serial.close()  # first: no new frames; what is not yet ACKed, the devices resend
         await self.link.close()  # no new messages; the broker keeps unacknowledged ones for our session
         await self.ingestor.close()
         self.pipeline.drain()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from firmware_sim.mqtt_mode import mqtt_command
+from firmware_sim.serial_mode import serial_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,6 +18,7 @@ def main() -> None:
 
 
 main.add_command(mqtt_command)
+main.add_command(serial_command)
 
 
 if __name__ == "__main__":

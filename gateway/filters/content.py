@@ -1,0 +1,156 @@
+"""The sensitive-content filter: one ONNX text classifier scoring micro-batches of posts.
+
+    texts ──> normalise() (pure, per text) ──> ONE session.run on a string tensor ──> P(unwanted) ──> Verdicts
+              cut, unescape, lower-case,        (word + char n-gram TF-IDF and a
+              placeholders, strip controls       logistic regression, all in the graph)
+
+The model (models/content/content.onnx, trained by models/content/train.py) takes raw strings: skl2onnx expresses the
+TF-IDF tokenising and weighting in the graph, so the gateway needs onnxruntime only. What the graph cannot express
+(HTML entities, regular-expression replacement) is done by `normalise`, the one function the training script also
+applies to every text before fitting, so training and serving see identical strings. The training script checks
+that the exported graph and scikit-learn agree on every test text and fails if they do not.
+
+A text's label comes from two thresholds on the score, both recorded in the model's metadata and overridable:
+score >= block_threshold is "blocked", score >= mark_threshold is "sensitive", anything else "clean".
+
+Not thread-safe beyond what onnxruntime offers: one caller at a time (the gateway's filter stage owns one).
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from gateway.event import Verdict
+
+CLEAN = "clean"
+SENSITIVE = "sensitive"
+BLOCKED = "blocked"
+
+# Texts are cut to this many characters (code points) before and after normalising. Posts are short; the longest
+# training comments (Jigsaw) reach 5,000 characters, their 95th percentile is about 1,300. Cutting first bounds the
+# work a hostile 1 MB post can cause; cutting again bounds what reaches the model (normalising can lengthen a text
+# slightly, "@a" becomes "xxuser").
+MAX_CHARS = 2000
+
+# Bumped whenever normalise() changes what it returns: the model records the version it was trained with and the
+# classifier refuses a model trained on differently normalised text.
+NORMALISER_VERSION = "1"
+
+# Placeholders are plain lower-case words, so the word tokenizer ([a-z0-9]{2,}) keeps them whole.
+_URL = re.compile(r"(?:https?://|www\.)\S+")
+_HANDLE = re.compile(r"@\w+")
+_IPV4 = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}\b")
+# "RT @someone:" is Twitter's retweet marker, metadata rather than content.
+_RETWEET = re.compile(r"\brt\s+(?=xxuser)")
+# Control (Cc) and format (Cf) characters, and lone surrogates. A fixed list rather than unicodedata lookups, so the
+# normalisation does not drift with the Python's Unicode version between training and serving. Whitespace controls
+# (\t \n \v \f \r \x1c-\x1f \x85) are not here: str.split() below turns them into single spaces. Format characters
+# (zero-width spaces and joiners, bidirectional marks, soft hyphens, tags) are how "f\u200buck" hides a word.
+_INVISIBLE = re.compile(
+    "[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064"
+    "\u2066-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff\U000e0000-\U000e007f]"
+)
+
+
+def normalise(text: Any) -> str:
+    """The text as the model sees it; total (never raises) and pure. Shared with models/content/train.py.
+
+    In order: non-strings become "" (bytes are decoded as UTF-8, bad bytes replaced); cut to 4 * MAX_CHARS; HTML
+    entities unescaped (`&amp;` -> `&`, `&#128514;` -> the emoji); lower-cased; URLs -> " xxurl ", @handles ->
+    " xxuser ", IPv4 addresses -> " xxip ", a retweet marker "rt" before a handle dropped; control, format and
+    surrogate characters removed; every run of whitespace -> one space, ends stripped; cut to MAX_CHARS.
+
+    The result has no newline and no two consecutive spaces, which is what makes scikit-learn's character n-grams
+    (which collapse whitespace runs) and the ONNX tokenizer (whose "." does not match a newline) agree.
+    """
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8", "replace")
+    elif not isinstance(text, str):
+        return ""
+    text = text[: 4 * MAX_CHARS]
+    text = html.unescape(text).lower()
+    text = _URL.sub(" xxurl ", text)
+    text = _HANDLE.sub(" xxuser ", text)
+    text = _IPV4.sub(" xxip ", text)
+    text = _RETWEET.sub("", text)
+    text = _INVISIBLE.sub("", text)
+    return " ".join(text.split())[:MAX_CHARS].rstrip()
+
+
+class ModelMetadataError(ValueError):
+    """The .onnx file lacks the metadata the classifier relies on, or was trained on differently normalised text."""
+
+
+class ContentClassifier:
+    """Scores micro-batches of post texts against the committed sensitive-content model.
+
+    `mark_threshold` and `block_threshold` default to the ones the training script chose and recorded in the
+    model's metadata. `session` is the onnxruntime session; it may be wrapped (to count runs) but must keep `run`.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        mark_threshold: float | None = None,
+        block_threshold: float | None = None,
+        intra_op_threads: int = 1,
+    ) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session: Any = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.name, self.version, default_mark, default_block = _read_metadata(meta, model_path)
+        self.mark_threshold = default_mark if mark_threshold is None else float(mark_threshold)
+        self.block_threshold = default_block if block_threshold is None else float(block_threshold)
+        for field, value in (("mark_threshold", self.mark_threshold), ("block_threshold", self.block_threshold)):
+            if not 0.0 < value <= 1.0:  # also rejects NaN
+                raise ValueError(f"{field} must be within (0, 1], got {value}")
+        if self.mark_threshold > self.block_threshold:
+            raise ValueError(f"mark_threshold {self.mark_threshold} is above block_threshold {self.block_threshold}")
+        self._input = self.session.get_inputs()[0].name
+        if "probabilities" not in [o.name for o in self.session.get_outputs()]:
+            raise ModelMetadataError(f"{model_path}: no 'probabilities' output (export with zipmap disabled)")
+
+    def label(self, score: float) -> str:
+        if score >= self.block_threshold:
+            return BLOCKED
+        if score >= self.mark_threshold:
+            return SENSITIVE
+        return CLEAN
+
+    def scores(self, texts: Sequence[Any]) -> np.ndarray:
+        """P(unwanted) per text, from one session run (none for an empty sequence)."""
+        if len(texts) == 0:
+            return np.zeros(0, dtype=np.float64)
+        batch = np.array([normalise(t) for t in texts], dtype=object)
+        proba = self.session.run(["probabilities"], {self._input: batch})[0]
+        return np.asarray(proba, dtype=np.float64)[:, 1]
+
+    def score(self, texts: Sequence[Any]) -> list[Verdict]:
+        """One verdict per text, in order."""
+        out: list[Verdict] = []
+        for s in self.scores(texts).tolist():
+            label = self.label(s)
+            out.append(Verdict(self.name, self.version, s, label, label != CLEAN))
+        return out
+
+
+def _read_metadata(meta: Mapping[str, str], path: str | Path) -> tuple[str, str, float, float]:
+    missing = [k for k in ("name", "version", "mark_threshold", "block_threshold", "normaliser", "max_chars")
+               if k not in meta]
+    if missing:
+        raise ModelMetadataError(f"{path}: metadata_props lacks {', '.join(missing)}")
+    if meta["normaliser"] != NORMALISER_VERSION or int(meta["max_chars"]) != MAX_CHARS:
+        raise ModelMetadataError(
+            f"{path}: trained with normaliser {meta['normaliser']} / max_chars {meta['max_chars']}, this gateway uses "
+            f"{NORMALISER_VERSION} / {MAX_CHARS}; retrain with models/content/train.py")
+    return meta["name"], meta["version"], float(meta["mark_threshold"]), float(meta["block_threshold"])

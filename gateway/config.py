@@ -104,6 +104,36 @@ class AnomalyConfig:
                          _positive)
 
 
+def _cpm_table(v: Any) -> str | None:
+    for key, value in v.items():
+        if type(value) not in (int, float) or value < 0:
+            return f"CPM of {key!r} must be a number of 0 or more"
+    return None
+
+
+@dataclass(frozen=True)
+class ContentConfig:
+    enabled: bool = _f(True, "Run the ONNX sensitive-content model on posts.")
+    model: str = _f("models/content/content.onnx", "Path of the ONNX model (relative to the project).")
+    mark_threshold: float = _f(0.0, "Score at or above which a post is delivered marked `sensitive`; 0 means the "
+                               "model's own (models/content/MODEL_CARD.md).", _unit_interval)
+    block_threshold: float = _f(0.0, "Score at or above which a post is not delivered but quarantined; 0 means "
+                                "the model's own.", _unit_interval)
+
+
+@dataclass(frozen=True)
+class SocialConfig:
+    max_post_bytes: int = _f(16_384, "Largest accepted post payload.", _positive)
+    stats_interval_ms: float = _f(100.0, "Changed counts are published to events/{id}/stats and written to "
+                                  "InfluxDB at most this often (coalesced).", _positive)
+    cpm: dict = _f({}, "Revenue per 1,000 impressions of a sponsored post, by advertiser id: "
+                   "{ acme = 2.5 }.", _cpm_table)
+    default_cpm: float = _f(0.0, "CPM for advertisers not in `cpm`.", _non_negative)
+
+    def micros_per_impression(self, sponsor: str) -> int:
+        return round(float(self.cpm.get(sponsor, self.default_cpm)) * 1000)
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     batch_max: int = _f(1000, "Most events filtered and fanned out as one batch.", _positive)
@@ -157,6 +187,8 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    content: ContentConfig = field(default_factory=ContentConfig)
+    social: SocialConfig = field(default_factory=SocialConfig)
     influx: InfluxConfig = field(default_factory=InfluxConfig)
     serial: SerialConfig = field(default_factory=SerialConfig)
     profiles_dir: str = _f("devices/profiles", "Folder of device profile TOML files.")
@@ -166,6 +198,10 @@ class Config:
 
     def model_path(self) -> Path:
         p = Path(self.anomaly.model)
+        return p if p.is_absolute() else REPO / p
+
+    def content_model_path(self) -> Path:
+        p = Path(self.content.model)
         return p if p.is_absolute() else REPO / p
 
     def profiles_path(self) -> Path:

@@ -2,8 +2,12 @@
 
 Topics (one level per id, ids validated at ingest, so no id can add or wildcard a level):
 
-    feeds/{follower_id}/{source_kind}/{source_id}/{event_kind}   e.g. feeds/alice/devices/dev-0001/telemetry
+    feeds/{follower_id}/{source_kind}/{source_id}/{event_kind}   e.g. feeds/alice/devices/dev-0001/telemetry,
+                                                                 feeds/alice/users/bob/post
+    feeds/{user_id}/notices                                      the gateway telling a user about their own posts
     alerts/{device_id}                                           anomalous telemetry, for operators
+    quarantine/{user_id}                                         posts blocked by the content policy, for moderators
+    events/{event_id}/stats                                      live counts of a post (retained)
     gateway/deadletter                                           rejected input, with the reason
 
 A follower subscribes to `feeds/{own id}/#` and filters further by source if it wants. The envelope is the same for
@@ -27,6 +31,24 @@ def feed_topic(follower: str, event: Event) -> str:
 
 def alert_topic(event: Event) -> str:
     return ALERTS.format(event.source_id)
+
+
+def quarantine_topic(user_id: str) -> str:
+    return f"quarantine/{user_id}"
+
+
+def notice_topic(user_id: str) -> str:
+    return f"feeds/{user_id}/notices"
+
+
+def stats_topic(event_id: str) -> str:
+    return f"events/{event_id}/stats"
+
+
+def notice(event: Event, verdict: Verdict) -> bytes:
+    """Tells an author that their post was not delivered, and why."""
+    return json.dumps({"kind": "notice", "notice": "post_blocked", "event_id": event.id, "ts": event.ts_ms,
+                       "verdicts": [verdict.as_dict()]}, separators=(",", ":")).encode()
 
 
 def envelope(event: Event, verdicts: Sequence[Verdict]) -> bytes:

@@ -57,6 +57,7 @@ class Ingestor:
         self.appended = asyncio.Event()  # set after every commit that logged new events; the pipeline waits on it
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._accepting = True
 
     @property
     def pending(self) -> int:
@@ -78,6 +79,10 @@ class Ingestor:
         await batch.future
 
     async def _join(self) -> _Batch:
+        if not self._accepting:
+            # Shutting down: this message is not logged, so it must not be acknowledged. Its handler never
+            # returns; the broker (or the device) keeps the message and redelivers it after the restart.
+            await asyncio.get_running_loop().create_future()
         while self._pending >= self._max_pending:
             self._metrics.inc("backpressure_waits")
             if self._room is None or self._room.done():
@@ -131,8 +136,13 @@ class Ingestor:
             if batch.dead and self._on_deadletters is not None:
                 self._on_deadletters(batch.dead)
 
+    def stop_accepting(self) -> None:
+        """From now on new items wait forever (unacknowledged); what is already pending is still written."""
+        self._accepting = False
+
     async def close(self) -> None:
-        """Write everything pending, then stop. Sources must be stopped first."""
+        """Write everything pending, then stop."""
+        self._accepting = False
         self._closing = True
         self._wake.set()
         if self._task is not None:

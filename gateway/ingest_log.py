@@ -19,7 +19,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from gateway.event import Event, Ingested
 
@@ -154,12 +154,28 @@ class IngestLog:
         row = self._db.execute("SELECT offset FROM progress WHERE consumer = ?", (consumer,)).fetchone()
         return int(row[0]) if row else 0
 
-    def commit(self, offset: int, consumer: str = "pipeline") -> None:
-        self._db.execute(
-            "INSERT INTO progress (consumer, offset) VALUES (?, ?)"
-            " ON CONFLICT (consumer) DO UPDATE SET offset = excluded.offset WHERE excluded.offset > progress.offset",
-            (consumer, offset),
-        )
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """For state that must commit atomically with progress (engagement counts); same thread only."""
+        return self._db
+
+    def commit(self, offset: int, consumer: str = "pipeline",
+               also: Callable[[sqlite3.Connection], None] | None = None) -> None:
+        """Move a consumer's progress; `also` writes what must be counted exactly once in the same transaction."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if also is not None:
+                also(db)
+            db.execute(
+                "INSERT INTO progress (consumer, offset) VALUES (?, ?) ON CONFLICT (consumer)"
+                " DO UPDATE SET offset = excluded.offset WHERE excluded.offset > progress.offset",
+                (consumer, offset),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def last_offset(self) -> int:
         row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()

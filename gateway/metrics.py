@@ -25,6 +25,9 @@ COUNTERS = (
     "alerts",              # publishes to alerts/{device}
     "committed",           # events whose processing finished (progress committed)
     "points",              # points handed to the InfluxDB outbox
+    "quarantined",         # posts blocked by the content policy
+    "interactions_ignored",  # likes/reposts of unknown or blocked events
+    "stats_published",     # events/{id}/stats updates (coalesced)
     "follows",
     "unfollows",
     "mqtt_connects",

@@ -19,15 +19,17 @@ rewinds to the committed offset and publishes again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from gateway.config import Config
 from gateway.event import KIND_TELEMETRY, Event, Verdict
-from gateway.fanout import alert_topic, envelope, feed_topic
+from gateway.engagement import Engagement, Plan
+from gateway.fanout import alert_topic, envelope, feed_topic, notice, notice_topic, quarantine_topic
 from gateway.graph import FollowerGraph
 from gateway.ingest import Ingestor
 from gateway.ingest_log import IngestLog
@@ -35,12 +37,19 @@ from gateway.metrics import Metrics
 from gateway.mqtt_link import AckBatch, MqttLink, SessionLost
 from gateway.outbox import Outbox
 from gateway.sinks.lineprotocol import Point, encode
+from gateway.user_events import KIND_INTERACTION, KIND_POST
+
+BLOCKED = "blocked"  # the content policy's label for posts that are quarantined instead of delivered
 
 log = logging.getLogger(__name__)
 
 
 class Detector(Protocol):
     def score(self, items: Sequence[tuple[str, dict[str, float]]]) -> list[Verdict]: ...
+
+
+class TextScorer(Protocol):
+    def score(self, texts: Sequence[str]) -> list[Verdict]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +64,9 @@ class ProcessedBatch:
     lines: bytes
     points: int
     started: float
+    impressions: dict[str, int]  # event id -> deliveries of it to feeds in this batch
+    revenue_micros: dict[str, int]
+    changed: set[str]  # event ids whose live stats changed
 
 
 def measurements(payload: dict[str, Any]) -> dict[str, float]:
@@ -85,7 +97,9 @@ def telemetry_point(event: Event, verdict: Verdict | None) -> Point:
 class Pipeline:
     def __init__(self, cfg: Config, ingest_log: IngestLog, storage: Executor, outbox: Outbox,
                  outbox_storage: Executor, graph: FollowerGraph, link: MqttLink, detector: Detector | None,
-                 ingestor: Ingestor, metrics: Metrics) -> None:
+                 ingestor: Ingestor, metrics: Metrics, content: TextScorer | None = None,
+                 engagement: Engagement | None = None,
+                 on_changed: Callable[[set[str]], None] | None = None) -> None:
         self._cfg = cfg
         self._log = ingest_log
         self._storage = storage
@@ -94,6 +108,9 @@ class Pipeline:
         self._graph = graph
         self._link = link
         self._detector = detector
+        self._content = content
+        self._engagement = engagement
+        self._on_changed = on_changed
         self._ingestor = ingestor
         self._metrics = metrics
         self._queue: asyncio.Queue[ProcessedBatch] = asyncio.Queue(cfg.pipeline.max_unacked_batches)
@@ -145,42 +162,104 @@ class Pipeline:
 
     async def _process(self, events: list[Event]) -> ProcessedBatch:
         started = time.perf_counter()
-        telemetry = [e for e in events if e.kind == KIND_TELEMETRY]
-        verdicts: dict[int, Verdict] = {}
-        if self._detector is not None and telemetry:
-            scored = self._detector.score([(e.source, measurements(e.payload)) for e in telemetry])
-            verdicts = {e.offset: v for e, v in zip(telemetry, scored)}
-            self._metrics.inc("filtered", len(telemetry))
+        loop = asyncio.get_running_loop()
+        verdicts = self._score(events)
+        blocked = {o for o, v in verdicts.items() if v.label == BLOCKED}
+        envelopes = {e.offset: envelope(e, (verdicts[e.offset],) if e.offset in verdicts else ())
+                     for e in events if e.kind != KIND_INTERACTION}
+        social = [e for e in events if e.kind in (KIND_POST, KIND_INTERACTION)]
+        plan = Plan()
+        if social and self._engagement is not None:
+            plan = await loop.run_in_executor(
+                self._storage, self._engagement.apply, social,
+                {e.offset: envelopes[e.offset] for e in social if e.kind == KIND_POST}, blocked,
+                self._graph.followers)
+            if plan.ignored:
+                self._metrics.inc("interactions_ignored", plan.ignored)
 
         await self._link.connected.wait()
         tracker = self._link.tracker
         qos = self._cfg.pipeline.feed_qos
         generation = self._generation
         deliveries = alerts = 0
+        impressions: dict[str, int] = {}
+        revenue: dict[str, int] = {}
         points: list[Point] = []
+        followers = self._graph.followers
         acks = tracker.open()
         try:
             for event in events:
-                verdict = verdicts.get(event.offset)
-                body = envelope(event, (verdict,) if verdict is not None else ())
-                for follower in self._graph.followers(event.source):
-                    if tracker.in_flight >= tracker.limit:
-                        await tracker.wait_for_room()
-                    self._link.publish(feed_topic(follower, event), body, qos=qos)
-                    deliveries += 1
-                if verdict is not None and verdict.flagged:
-                    if tracker.in_flight >= tracker.limit:
-                        await tracker.wait_for_room()
-                    self._link.publish(alert_topic(event), body, qos=1)
-                    alerts += 1
-                if event.kind == KIND_TELEMETRY:
+                kind = event.kind
+                if kind == KIND_TELEMETRY:
+                    verdict = verdicts.get(event.offset)
+                    body = envelopes[event.offset]
+                    for follower in followers(event.source):
+                        if tracker.in_flight >= tracker.limit:
+                            await tracker.wait_for_room()
+                        self._link.publish(feed_topic(follower, event), body, qos=qos)
+                    deliveries += len(followers(event.source))
+                    if verdict is not None and verdict.flagged:
+                        if tracker.in_flight >= tracker.limit:
+                            await tracker.wait_for_room()
+                        self._link.publish(alert_topic(event), body, qos=1)
+                        alerts += 1
                     points.append(telemetry_point(event, verdict))
+                    continue
+                if kind == KIND_POST:
+                    author = event.source_id
+                    body = envelopes[event.offset]
+                    if event.offset in blocked:
+                        self._link.publish(quarantine_topic(author), body, qos=1)
+                        self._link.publish(notice_topic(author), notice(event, verdicts[event.offset]), qos=1)
+                        self._metrics.inc("quarantined")
+                        continue
+                    to = set(followers(event.source))
+                    reply_author = plan.reply_authors.get(event.offset)
+                    if reply_author is not None:
+                        to.add(reply_author)
+                    to.discard(author)
+                    topic_tail = f"{event.source}/{kind}"
+                    sponsor = event.payload.get("sponsor")
+                elif event.offset in plan.reposts:  # a repost: the original goes to the reposter's followers
+                    original, to_list = plan.reposts[event.offset]
+                    to, body, event_id = set(to_list), original.envelope, original.event_id
+                    topic_tail = f"users/{original.author}/{KIND_POST}"
+                    sponsor = original.sponsor
+                else:
+                    continue  # likes and unlikes are counted, not delivered
+                for follower in to:
+                    if tracker.in_flight >= tracker.limit:
+                        await tracker.wait_for_room()
+                    self._link.publish(f"feeds/{follower}/{topic_tail}", body, qos=qos)
+                if to:
+                    counted = event.id if kind == KIND_POST else event_id
+                    impressions[counted] = impressions.get(counted, 0) + len(to)
+                    if sponsor is not None:
+                        revenue[counted] = revenue.get(counted, 0) + len(to) * self._cfg.social.micros_per_impression(
+                            sponsor)
+                    deliveries += len(to)
         finally:
             tracker.seal()
         if alerts:
             self._metrics.inc("anomalies", alerts)
         return ProcessedBatch(generation, events[0].offset, events[-1].offset, len(events), deliveries, alerts,
-                              acks, encode(points), len(points), started)
+                              acks, encode(points), len(points), started, impressions, revenue,
+                              plan.changed | impressions.keys())
+
+    def _score(self, events: list[Event]) -> dict[int, Verdict]:
+        """One model run per model per batch."""
+        verdicts: dict[int, Verdict] = {}
+        telemetry = [e for e in events if e.kind == KIND_TELEMETRY]
+        if self._detector is not None and telemetry:
+            scored = self._detector.score([(e.source, measurements(e.payload)) for e in telemetry])
+            verdicts.update((e.offset, v) for e, v in zip(telemetry, scored))
+            self._metrics.inc("filtered", len(telemetry))
+        posts = [e for e in events if e.kind == KIND_POST]
+        if self._content is not None and posts:
+            scored = self._content.score([e.payload["text"] for e in posts])
+            verdicts.update((e.offset, v) for e, v in zip(posts, scored))
+            self._metrics.inc("filtered", len(posts))
+        return verdicts
 
     async def _commit_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -204,7 +283,14 @@ class Pipeline:
                 if batch.points:
                     await loop.run_in_executor(self._outbox_storage, self._outbox.put, batch.lines, batch.points)
                     self._metrics.inc("points", batch.points)
-                await loop.run_in_executor(self._storage, self._log.commit, batch.last_offset)
+                also = None
+                if batch.impressions:
+                    also = functools.partial(Engagement.add_impressions, impressions=batch.impressions,
+                                             revenue_micros=batch.revenue_micros)
+                await loop.run_in_executor(self._storage, functools.partial(
+                    self._log.commit, batch.last_offset, also=also))
+                if batch.changed and self._on_changed is not None:
+                    self._on_changed(batch.changed)
                 self.committed = batch.last_offset
                 self._metrics.inc("committed", batch.events)
                 self._metrics.observe_latency((time.perf_counter() - batch.started) * 1000)

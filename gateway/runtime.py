@@ -31,7 +31,9 @@ from gateway.ingest_log import DeadLetter, IngestLog
 from gateway.metrics import Metrics
 from gateway.mqtt_link import MqttLink
 from gateway.outbox import Drainer, Outbox
-from gateway.pipeline import Detector, Pipeline
+from gateway.engagement import Engagement
+from gateway.pipeline import Detector, Pipeline, TextScorer
+from gateway.stats import StatsPublisher
 from gateway.sinks.influx import InfluxV1Writer, InfluxV2Writer, Writer
 from gateway.sinks.lineprotocol import Point, encode
 from gateway.sources.mqtt import MqttSource
@@ -70,6 +72,15 @@ def load_detector(cfg: Config) -> Detector | None:
                            max_series=cfg.anomaly.max_series)
 
 
+def load_content_filter(cfg: Config) -> TextScorer | None:
+    if not cfg.content.enabled:
+        return None
+    from gateway.filters.content import ContentClassifier
+
+    return ContentClassifier(cfg.content_model_path(), mark_threshold=cfg.content.mark_threshold or None,
+                             block_threshold=cfg.content.block_threshold or None)
+
+
 class Gateway:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -88,6 +99,8 @@ class Gateway:
             self.drainer = Drainer(self.outbox, make_writer(cfg.influx))
         self.profiles = ProfileIndex(load_dir(cfg.profiles_path()))
         self.detector = load_detector(cfg)
+        self.content = load_content_filter(cfg)
+        self.engagement = Engagement(self.log.connection)
         self._deadletter_bucket = TokenBucket(cfg.limits.deadletter_per_second, cfg.limits.deadletter_per_second)
         self._log_bytes = 0
         self.ingestor: Ingestor
@@ -111,11 +124,19 @@ class Gateway:
         self.ingestor = Ingestor(self.log, self.storage, self.metrics, batch_max=cfg.storage.batch_max,
                                  max_pending=cfg.mqtt.max_inflight, on_deadletters=self._publish_deadletters,
                                  over_budget=self._log_over_budget)
-        source = MqttSource(self.ingestor, self.graph, self.storage, self.profiles, cfg.limits, self.metrics)
+        source = MqttSource(self.ingestor, self.graph, self.storage, self.profiles, cfg.limits, self.metrics,
+                            cfg.social)
         self.link = MqttLink(cfg.mqtt, self.metrics, source.handle,
-                             [cfg.mqtt.telemetry_topic, cfg.mqtt.follows_topic])
+                             [cfg.mqtt.telemetry_topic, cfg.mqtt.follows_topic, "users/+/posts",
+                              "users/+/interactions"])
+        link = self.link
+        self.stats = StatsPublisher(self.engagement, self.storage,
+                                    lambda topic, body: link.publish(topic, body, qos=1, retain=True),
+                                    self.outbox.put, self.outbox_storage, cfg.social.stats_interval_ms / 1000,
+                                    self.metrics)
         self.pipeline = Pipeline(cfg, self.log, self.storage, self.outbox, self.outbox_storage, self.graph,
-                                 self.link, self.detector, self.ingestor, self.metrics)
+                                 self.link, self.detector, self.ingestor, self.metrics, content=self.content,
+                                 engagement=self.engagement, on_changed=self.stats.mark)
         m = self.metrics
         m.gauge("ingest_pending", lambda: self.ingestor.pending)
         m.gauge("mqtt_in_flight", lambda: self.link.tracker.in_flight)
@@ -147,6 +168,7 @@ class Gateway:
             self.drainer.start()
         pipeline = asyncio.create_task(self.pipeline.run(), name="pipeline")
         housekeeping = asyncio.create_task(self._housekeeping(), name="housekeeping")
+        stats = asyncio.create_task(self.stats.run(), name="stats")
         await self.link.connect()
         if self.serial is not None:  # after the MQTT link, like the MQTT source: the stages behind it are running
             self.serial.start()
@@ -162,6 +184,9 @@ class Gateway:
                       self.pipeline.committed)
             pipeline.cancel()
         housekeeping.cancel()
+        stats.cancel()
+        if self.link.client.is_connected:  # the deadline passed before the orderly disconnect
+            await self.link.close()
         await self._write_metrics_point(loop)
         if self.drainer is not None:
             await loop.run_in_executor(None, self.drainer.stop, max(1.0, deadline * 0.15))
@@ -174,10 +199,14 @@ class Gateway:
     async def _shutdown(self, pipeline: asyncio.Task[None]) -> None:
         if self.serial is not None:
             await self.serial.close()  # first: no new frames; what is not yet ACKed, the devices resend
-        await self.link.close()  # no new messages; the broker keeps unacknowledged ones for our session
+        # Stop logging new MQTT messages but stay connected: what is logged still has to be delivered, and the
+        # broker keeps every message we have not acknowledged for our session.
+        self.ingestor.stop_accepting()
         await self.ingestor.close()
         self.pipeline.drain()
         await pipeline
+        await self.stats.flush(asyncio.get_running_loop())
+        await self.link.close()
 
     async def _housekeeping(self) -> None:
         loop = asyncio.get_running_loop()
@@ -222,6 +251,12 @@ class Gateway:
         log.debug("metrics %s", snap)
 
 
+def _quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        return
+    loop.default_exception_handler(context)
+
+
 def run(cfg: Config) -> None:
     async def main() -> None:
         stop = asyncio.Event()
@@ -229,5 +264,8 @@ def run(cfg: Config) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await Gateway(cfg).run(stop)
+        # Handlers of messages that arrived during shutdown never returned (so were never acknowledged); the
+        # loop cancels them on exit and gmqtt's done-callback would report each cancellation as an error.
+        loop.set_exception_handler(_quiet_cancellations)
 
     asyncio.run(main())

@@ -17,12 +17,14 @@ from typing import Any
 
 from devices.profiles import ProfileIndex
 from devices.telemetry import TelemetryError, decode
-from gateway.config import LimitsConfig
+from gateway.config import LimitsConfig, SocialConfig
 from gateway.event import KIND_TELEMETRY, Ingested, new_event_id
 from gateway.graph import ID, FollowerGraph, GraphError, check_source
 from gateway.ingest import Ingestor
 from gateway.ingest_log import DeadLetter
 from gateway.metrics import Metrics
+from gateway.user_events import (KIND_INTERACTION, KIND_POST, Interaction, Post, UserEventError, decode_interaction,
+                                 decode_post)
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +33,13 @@ MAX_CONTROL_BYTES = 1024
 
 class MqttSource:
     def __init__(self, ingestor: Ingestor, graph: FollowerGraph, storage: Executor, profiles: ProfileIndex,
-                 limits: LimitsConfig, metrics: Metrics) -> None:
+                 limits: LimitsConfig, metrics: Metrics, social: SocialConfig | None = None) -> None:
         self._ingestor = ingestor
         self._graph = graph
         self._storage = storage
         self._profiles = profiles
         self._limits = limits
+        self._social = social or SocialConfig()
         self._metrics = metrics
 
     async def handle(self, topic: str, payload: bytes, properties: dict[str, Any]) -> int:
@@ -46,6 +49,8 @@ class MqttSource:
             await self._telemetry(topic, parts[1], payload)
         elif len(parts) == 3 and parts[0] == "users" and parts[2] == "follows":
             await self._follows(topic, parts[1], payload)
+        elif len(parts) == 3 and parts[0] == "users" and parts[2] in ("posts", "interactions"):
+            await self._user_event(topic, parts[1], parts[2], payload)
         else:
             await self._reject(str(topic), "unknown_topic", "no handler for this topic", payload)
         return 0  # PUBACK reason code: success (the message is handled, even when it was dead-lettered)
@@ -73,6 +78,27 @@ class MqttSource:
             payload=t.as_payload(),
             dedup_key=dedup,
         ))
+
+    async def _user_event(self, topic: str, user_id: str, what: str, payload: bytes) -> None:
+        if not ID.match(user_id):
+            await self._reject(topic, "bad_user_id", f"user id {user_id[:80]!r} is not a valid id", payload)
+            return
+        item: Post | Interaction
+        try:
+            if what == "posts":
+                item = decode_post(payload, max_bytes=self._social.max_post_bytes)
+                kind, dedup = KIND_POST, item.dedup_key(payload)
+            else:
+                item = decode_interaction(payload)
+                # Interactions are set changes (like, unlike, repost), idempotent by themselves; deduplicating
+                # them by content would wrongly swallow a second like after an unlike.
+                kind, dedup = KIND_INTERACTION, None
+        except UserEventError as exc:
+            await self._reject(topic, exc.reason, exc.message, payload)
+            return
+        now_ms = int(time.time() * 1000)
+        await self._ingestor.append(Ingested(new_event_id(now_ms), f"users/{user_id}", kind, now_ms,
+                                             item.as_payload(), dedup))
 
     async def _follows(self, topic: str, follower: str, payload: bytes) -> None:
         try:

@@ -188,6 +188,7 @@ class Gateway:
         if self.link.client.is_connected:  # the deadline passed before the orderly disconnect
             await self.link.close()
         await self._write_metrics_point(loop)
+        self._write_status()  # the final word: what was appended and committed when we stopped
         if self.drainer is not None:
             await loop.run_in_executor(None, self.drainer.stop, max(1.0, deadline * 0.15))
         self.storage.submit(self.log.close).result()

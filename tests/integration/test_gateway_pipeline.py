@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
+import time
 import uuid
 from collections import Counter
 
@@ -221,3 +223,25 @@ def test_the_gateway_also_speaks_mqtt_3_1_1(mosquitto, tmp_path):
         assert connects and all("(p2," in line for line in connects), connects
     finally:
         gw.kill()
+
+
+def test_sigterm_under_load_shuts_down_in_order_and_loses_nothing(mosquitto, gateway):
+    device = uid("dev")
+    gateway.run_cli("follow", "judy", f"devices/{device}")
+    feed = Collector(mosquitto.address, "feeds/judy/#")
+    gateway.start()
+    publisher = threading.Thread(target=publish_all, args=(
+        mosquitto.address, [(f"devices/{device}/telemetry", reading(s)) for s in range(3000)]))
+    publisher.start()
+    gateway.wait_status(lambda s: s["metrics"]["received"] >= 300)
+    t0 = time.monotonic()
+    assert gateway.terminate(timeout=30) == 0
+    assert time.monotonic() - t0 < 16  # the shutdown deadline is 20 s; cancelling starts at 16 s
+    assert "deadline passed" not in gateway.output()
+    publisher.join()
+    status = gateway.status()
+    assert status is not None and status["metrics"]["committed"] == status["metrics"]["appended"]
+    gateway.start()
+    assert feed.wait_for(lambda m: {json.loads(p)["payload"]["seq"] for _, p, _ in m} == set(range(3000)),
+                         timeout=60)
+    feed.close()

@@ -85,6 +85,22 @@ ODD_TEXTS = ["", " ", "\x00\x00", "a", "😀😀 👍🏽 👨\u200d👩\u200d�
              "f\u200bu\u200bck", "tab\there\r\nnew\x85line", "&amp;&lt;&#128514;&#xD800;", "x" * 5000,
              "Ünïcödé ÇÀSÉ", "\U0001F600" * 600, "@someone http://example.com 10.0.0.1 RT @x: hi"]
 
+# Sentences written for this card (none from the data sets), scored by the committed model: a few plain ones, and
+# probes of the known biases (identity terms, friendly profanity, casual tweet style).
+SPOT_CHECKS = [
+    "Could you send me the meeting notes before tomorrow afternoon?",
+    "Thanks for the update, the sensor readings look normal again.",
+    "Happy birthday! Hope you have a wonderful day with your family.",
+    "lol that game last night was crazy",
+    "I am a gay man and proud of my family.",
+    "My Muslim neighbours invited us for dinner.",
+    "Black history month starts next week.",
+    "holy shit this concert was amazing",
+    "This edit is wrong, please read the sources before reverting.",
+    "you are a worthless stupid idiot and everyone hates you",
+    "go kill yourself you piece of shit",
+]
+
 
 @dataclass
 class Split:
@@ -285,8 +301,12 @@ def write_card(path: Path, r: dict) -> None:  # noqa: C901 (a long but linear do
     add(f"- **mark = {th['mark']:.2f}** (high recall): the largest threshold at which the validation recall is at "
         f"least {pct(MARK_RECALL)} on each set.")
     add(f"- **block = {th['block']:.2f}** (high precision): the smallest threshold at which the validation "
-        f"precision is at least {pct(BLOCK_PRECISION)} on each set. The Jigsaw split decides it: on the Davidson "
-        "tweets 83 % of the texts are unwanted, so almost any threshold is precise there.")
+        f"precision is at least {pct(BLOCK_PRECISION)} on each set.")
+    add("")
+    add("Per set, the threshold each rule would pick on its own: " + "; ".join(
+        f"{TITLES[n]}: mark {r['per_set_thresholds'][n]['mark']:.2f}, block {r['per_set_thresholds'][n]['block']:.2f}"
+        for n in SETS) + ". On the Davidson tweets 83 % of the texts are unwanted, so almost any threshold is "
+        "precise there; the stricter set decides.")
     add("")
     add("Precision depends on the share of unwanted texts, which is far higher in both sets than in ordinary "
         "traffic (see Known limits): on a real feed the same thresholds give lower precision. Recalibrate them on "
@@ -334,9 +354,20 @@ def write_card(path: Path, r: dict) -> None:  # noqa: C901 (a long but linear do
                 f"{m['auc']:.3f} | {r['single_thresholds'][train_on]:.2f} | {pct(m['own']['precision'])} | "
                 f"{pct(m['own']['recall'])} | {pct(m['own']['false_positive_rate'])} |")
     add("")
-    add("A set transfers badly to the other: Davidson's lexicon-sampled tweets teach slurs and profanity, not "
-        "rudeness without swear words, and Jigsaw's raters saw few tweets. Training on both is what the combined "
-        "model adds.")
+    add("Each set loses ROC-AUC on the other: Davidson's lexicon-sampled tweets teach slurs and profanity, not "
+        "rudeness without swear words, and Jigsaw's comments hold few tweets, handles or tweet slang. A threshold "
+        "chosen on one set also misfits the other (see P, R and FPR). Training on both is what the combined model "
+        "adds.")
+    add("")
+    add("### Spot checks")
+    add("")
+    add("Sentences written for this card (none from either data set), scored by the committed model through "
+        "`ContentClassifier`. Not a benchmark: they show the known biases below on concrete text.")
+    add("")
+    add("| text | score | label |")
+    add("|---|---|---|")
+    for text, score, label in r["spot_checks"]:
+        add(f"| {text} | {score:.3f} | {label} |")
     add("")
     add("### Latency")
     add("")
@@ -415,11 +446,14 @@ def write_card(path: Path, r: dict) -> None:  # noqa: C901 (a long but linear do
         "lexicon; Jigsaw about 10 %, oversampled from blocked users). The precision figures above overstate "
         "what a feed with 1 % unwanted posts would see; the false-positive rates carry over better.")
     add("- **Bag of n-grams.** No understanding of negation, sarcasm, quotation or context; spelling games beyond "
-        "what character n-grams catch, other languages and non-Latin scripts score near the clean prior. Words "
+        "what character n-grams catch are missed; other languages and non-Latin scripts were not evaluated (English "
+        "training data only: expect misses there). Words "
         "beyond the "
         f"first {MAX_CHARS} characters (after normalising) are not seen.")
     add("- **Vocabulary.** The n-gram vocabulary, stored in the .onnx file, includes slurs and fragments of "
         "training texts (CC BY-SA 3.0 text from Wikipedia contributors; MIT-licensed tweet data).")
+    add("- **Casual style.** Davidson's clean class is small (17 %) and its tweets were found through slurs, so "
+        "short, informal, tweet-like texts lean towards `sensitive` even without a bad word (see the spot checks).")
     add("- **Age of data.** Tweets of 2017 and Wikipedia comments of 2004-2015: newer slang and slurs are missing.")
     add("")
     add("## How to retrain")
@@ -431,8 +465,10 @@ def write_card(path: Path, r: dict) -> None:  # noqa: C901 (a long but linear do
     add("```")
     add("")
     add("Change `normalise()` only together with `NORMALISER_VERSION` in `gateway/filters/content.py`, then retrain "
-        "and bump `MODEL_VERSION` in the script. The run takes a few minutes on two cores and is deterministic for "
-        f"fixed library versions; this card was produced with Python {platform.python_version()}, scikit-learn "
+        "and bump `MODEL_VERSION` in the script. The run takes a few minutes on two cores; the model file is "
+        "deterministic for fixed library versions (latency and run time in this card vary from run to run); this "
+        "card "
+        f"was produced with Python {platform.python_version()}, scikit-learn "
         f"{sklearn.__version__}, skl2onnx {skl2onnx.__version__}, onnx {onnx.__version__}, onnxruntime "
         f"{ort.__version__}, numpy {np.__version__}, in {r['seconds']:.0f} s.")
     path.write_text("\n".join(lines) + "\n")
@@ -530,6 +566,10 @@ def main(argv: list[str] | None = None) -> int:
                                        splits[other]["test"].y, {"own": t_own["mark"]}) for other in SETS}
         log(f"single-set model {name}: " + ", ".join(f"{o} AUC {single[name][o]['auc']:.3f}" for o in SETS))
 
+    clf = ContentClassifier(model_path)
+    spot = [(t, v.score, v.label) for t, v in zip(SPOT_CHECKS, clf.score(SPOT_CHECKS))]
+    per_set_thresholds = {n: choose_thresholds({n: val_scores[n]})[0] for n in SETS}
+
     lat_texts = [t for pair in zip(*(splits[n]["test"].texts for n in SETS)) for t in pair]
     lat = latency(model_path, lat_texts)
     log(f"latency {lat}")
@@ -542,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         "single": single,
         "single_thresholds": single_thresholds,
         "latency": lat,
+        "spot_checks": spot,
+        "per_set_thresholds": per_set_thresholds,
         "cpu": cpu_name(),
         "cores": len(__import__("os").sched_getaffinity(0)),
         "parity": {"texts": n_parity, "max_diff": max_diff},

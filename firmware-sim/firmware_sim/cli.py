@@ -10,6 +10,7 @@ import click
 
 from firmware_sim.mqtt_mode import mqtt_command
 from firmware_sim.serial_mode import serial_command
+from firmware_sim.social_mode import social_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,6 +20,7 @@ def main() -> None:
 
 main.add_command(mqtt_command)
 main.add_command(serial_command)
+main.add_command(social_command)
 
 
 if __name__ == "__main__":

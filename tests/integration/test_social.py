@@ -166,3 +166,39 @@ def test_bad_user_events_are_dead_lettered_with_reasons(mosquitto, social):
     assert sorted(m["reason"] for m in dead.json()) == sorted(
         ["wrong_type", "unknown_field", "empty_text", "bad_interaction", "bad_event_id", "invalid_utf8"])
     dead.close()
+
+
+def test_the_social_simulator_drives_the_gateway_to_exact_counts(mosquitto, social, tmp_path):
+    """Power-law graph set up through the gateway, posts, likes (some sent twice, some taken back), reposts and
+    replies: the gateway's retained stats match what the simulated users did, post by post."""
+    import subprocess
+    import sys
+
+    social.start()
+    prefix = uid("s")
+    expect = tmp_path / "expect.jsonl"
+    sim = subprocess.run(
+        [sys.executable, "-m", "firmware_sim.cli", "social", "--broker", mosquitto.address, "--users", "40",
+         "--posts", "30", "--rate", "50", "--user-prefix", prefix, "--expect", str(expect), "--no-progress",
+         "--p-like", "0.5", "--p-duplicate", "0.5", "--p-unlike", "0.2", "--settle", "3"],
+        capture_output=True, text=True, timeout=120)
+    assert sim.returncode == 0, sim.stderr
+    summary = json.loads(sim.stdout)
+    assert summary["sent"]["posts"] == 30 and summary["follow_edges"] >= 40
+    assert summary["sent"].get("duplicate_likes", 0) > 0
+    expected = [json.loads(line) for line in expect.read_text().splitlines()]
+    assert expected
+    stats = Collector(mosquitto.address, "events/+/stats")
+    wanted = {e["event_id"]: e for e in expected}
+
+    def matches(messages):
+        latest = {json.loads(p)["event_id"]: json.loads(p) for _, p, _ in messages}
+        return all(e in latest and all(latest[e][k] == want[k] for k in ("likes", "reposts", "replies"))
+                   for e, want in wanted.items())
+
+    if not stats.wait_for(matches, timeout=30):
+        latest = {json.loads(p)["event_id"]: json.loads(p) for _, p, _ in stats.messages}
+        diff = [(want, latest.get(e)) for e, want in wanted.items()
+                if e not in latest or any(latest[e][k] != want[k] for k in ("likes", "reposts", "replies"))]
+        raise AssertionError(f"{len(diff)} of {len(wanted)} posts differ, e.g. {diff[:3]}")
+    stats.close()

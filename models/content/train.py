@@ -194,6 +194,12 @@ def export(pipe: Pipeline, thresholds: dict[str, float]) -> onnx.ModelProto:
             for attr in node.attribute:
                 if attr.name == "pad_value":
                     attr.s = PAD.encode()
+    # skl2onnx lists the opsets in set order, which varies with the string hash seed: sort them, so a rerun gives
+    # the same bytes.
+    opsets = sorted(((o.domain, o.version) for o in model.opset_import))
+    del model.opset_import[:]
+    for domain, version in opsets:
+        model.opset_import.add(domain=domain, version=version)
     model.doc_string = "Sensitive-content classifier over normalised text (see MODEL_CARD.md)."
     onnx.helper.set_model_props(model, {
         "name": MODEL_NAME,

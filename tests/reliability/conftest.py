@@ -1,0 +1,36 @@
+"""Fixtures of the fault-injection suite: a gateway factory whose processes are all killed at the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from tests.gateway_process import GatewayProcess
+from tests.reliability.harness import uid, write_config
+
+MakeGateway = Callable[..., GatewayProcess]
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path) -> Iterator[MakeGateway]:
+    """`make_gateway(broker, influx_url=None, db=None, config=None)` -> a GatewayProcess, not yet started.
+
+    `config` is a {"section": {"key": value}} dict written to a TOML file; with no InfluxDB URL the gateway writes
+    nothing (`--influx-api none`). Every gateway made here is killed (by its PID) when the test ends.
+    """
+    made: list[GatewayProcess] = []
+
+    def make(broker: str, influx_url: str | None = None, db: str | None = None,
+             config: dict[str, dict[str, object]] | None = None, name: str = "gw") -> GatewayProcess:
+        extra = ["--influx-api", "none"] if influx_url is None else [
+            "--influx-api", "v1", "--influx-url", influx_url, "--influx-db", db or "gateway"]
+        path = write_config(tmp_path / f"{name}.toml", config) if config else None
+        gw = GatewayProcess(tmp_path / name, broker, *extra, client_id=uid("gw-"), config=path)
+        made.append(gw)
+        return gw
+
+    yield make
+    for gw in made:
+        gw.kill()

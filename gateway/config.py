@@ -139,7 +139,8 @@ class PipelineConfig:
     batch_max: int = _f(1000, "Most events filtered and fanned out as one batch.", _positive)
     linger_ms: float = _f(2.0, "After new events are logged, wait this long for more before processing, so "
                           "the model and the publisher work on batches instead of single events.", _non_negative)
-    max_unacked_batches: int = _f(4, "Batches published but not yet acknowledged by the broker.", _positive)
+    max_unacked_batches: int = _f(32, "Batches published but not yet committed (waiting for the broker's "
+                                  "acknowledgements, the outbox and the progress commit).", _positive)
     feed_qos: int = _f(1, "QoS of deliveries to followers' feeds (1: at least once; 0: at most once).",
                        lambda v: None if v in (0, 1) else "must be 0 or 1")
 

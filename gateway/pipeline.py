@@ -262,40 +262,61 @@ class Pipeline:
         return verdicts
 
     async def _commit_loop(self) -> None:
+        """Commit batches in order. Whatever is queued when the committer comes round is committed together:
+        one wait for acknowledgements, one outbox write, one progress commit, however many batches that is."""
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._queue.get()
+            group = [await self._queue.get()]
+            while not self._queue.empty():
+                group.append(self._queue.get_nowait())
             try:
-                if batch.generation != self._generation:
-                    continue  # published before a rewind; it will be processed again
-                try:
-                    await batch.acks.future
-                except SessionLost:
-                    self._metrics.inc("session_lost")
-                    log.warning("broker lost our session; re-publishing from offset %d", self.committed)
-                    self._generation += 1
-                    self._rewind_to = self.committed
-                    self._ingestor.appended.set()
-                    continue
-                self._metrics.inc("delivered", batch.deliveries)
-                self._metrics.inc("alerts", batch.alerts)
-                await self._wait_for_outbox_room()
-                if batch.points:
-                    await loop.run_in_executor(self._outbox_storage, self._outbox.put, batch.lines, batch.points)
-                    self._metrics.inc("points", batch.points)
-                also = None
-                if batch.impressions:
-                    also = functools.partial(Engagement.add_impressions, impressions=batch.impressions,
-                                             revenue_micros=batch.revenue_micros)
-                await loop.run_in_executor(self._storage, functools.partial(
-                    self._log.commit, batch.last_offset, also=also))
-                if batch.changed and self._on_changed is not None:
-                    self._on_changed(batch.changed)
-                self.committed = batch.last_offset
-                self._metrics.inc("committed", batch.events)
-                self._metrics.observe_latency((time.perf_counter() - batch.started) * 1000)
+                await self._commit_group(loop, [b for b in group if b.generation == self._generation])
             finally:
-                self._queue.task_done()
+                for _ in group:
+                    self._queue.task_done()
+
+    async def _commit_group(self, loop: asyncio.AbstractEventLoop, group: list[ProcessedBatch]) -> None:
+        if not group:
+            return  # published before a rewind; they will be processed again
+        try:
+            for batch in group:
+                await batch.acks.future
+        except SessionLost:
+            self._metrics.inc("session_lost")
+            log.warning("broker lost our session; re-publishing from offset %d", self.committed)
+            self._generation += 1
+            self._rewind_to = self.committed
+            self._ingestor.appended.set()
+            return
+        impressions: dict[str, int] = {}
+        revenue: dict[str, int] = {}
+        changed: set[str] = set()
+        for batch in group:
+            for key, n in batch.impressions.items():
+                impressions[key] = impressions.get(key, 0) + n
+            for key, n in batch.revenue_micros.items():
+                revenue[key] = revenue.get(key, 0) + n
+            changed |= batch.changed
+            self._metrics.inc("delivered", batch.deliveries)
+            self._metrics.inc("alerts", batch.alerts)
+        await self._wait_for_outbox_room()
+        points = sum(b.points for b in group)
+        if points:
+            lines = b"".join(b.lines for b in group)
+            await loop.run_in_executor(self._outbox_storage, self._outbox.put, lines, points)
+            self._metrics.inc("points", points)
+        also = None
+        if impressions:
+            also = functools.partial(Engagement.add_impressions, impressions=impressions, revenue_micros=revenue)
+        last = group[-1].last_offset
+        await loop.run_in_executor(self._storage, functools.partial(self._log.commit, last, also=also))
+        self.committed = last
+        if changed and self._on_changed is not None:
+            self._on_changed(changed)
+        now = time.perf_counter()
+        for batch in group:
+            self._metrics.inc("committed", batch.events)
+            self._metrics.observe_latency((now - batch.started) * 1000)
 
     async def _wait_for_outbox_room(self) -> None:
         warned = False

@@ -67,6 +67,10 @@ class AnomalyDetector:
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # onnxruntime's CPU arena keeps tens of MB per session for a model this small (measured: 44 MB with the
+        # arena, 8 MB without, same speed); on a Raspberry Pi that memory matters more.
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
         self.session: Any = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
         self.name, self.version, self.classes, default_threshold = _read_metadata(meta, model_path)

@@ -68,3 +68,8 @@ def test_the_reference_documents_every_setting():
     for section in ("mqtt", "storage", "limits", "anomaly", "pipeline", "influx"):
         for name in getattr(Config(), section).__dataclass_fields__:
             assert f"`{section}.{name}`" in ref
+
+
+def test_the_readme_carries_the_current_configuration_reference():
+    readme = (config.REPO / "README.md").read_text()
+    assert config.reference() in readme, "regenerate the README's table with `gateway config-reference`"

@@ -7,6 +7,7 @@ Everything here is immutable so a record can be shared between stages without co
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -58,6 +59,14 @@ class Verdict:
     label: str
     flagged: bool
     detail: Mapping[str, Any] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Verdict":
+        d = json.loads(text)
+        return cls(d["model"], d["version"], d["score"], d["label"], d["flagged"], d.get("detail"))
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -37,6 +37,10 @@ CREATE TABLE IF NOT EXISTS events (
 -- A retransmission (same source, same dedup key) is recognised and not logged twice.
 CREATE UNIQUE INDEX IF NOT EXISTS events_dedup ON events (source, dedup) WHERE dedup IS NOT NULL;
 CREATE TABLE IF NOT EXISTS progress (consumer TEXT PRIMARY KEY, offset INTEGER NOT NULL);
+-- The models' verdicts, kept from the first time an event was processed: a replay after a crash must deliver and
+-- write exactly what it did before (the anomaly model's history starts empty after a restart, and its verdict
+-- is part of the InfluxDB series key, so a new verdict would make a second point).
+CREATE TABLE IF NOT EXISTS verdicts (offset INTEGER PRIMARY KEY, verdict TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS deadletters (
     n        INTEGER PRIMARY KEY AUTOINCREMENT,
     ts_ms    INTEGER NOT NULL,
@@ -192,11 +196,30 @@ class IngestLog:
         row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
         return int(row[0]) if row else 0
 
+    def save_verdicts(self, rows: list[tuple[int, str]]) -> None:
+        """Keep the verdicts of a batch before it is published (first time only: a replay keeps the old ones).
+        Not fsynced: it only has to survive a crash of the process, which it does once written to the WAL."""
+        db = self._db
+        if self._sync != "OFF":
+            db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany("INSERT OR IGNORE INTO verdicts (offset, verdict) VALUES (?, ?)", rows)
+            db.execute("COMMIT")
+        finally:
+            if self._sync != "OFF":
+                db.execute(f"PRAGMA synchronous={self._sync}")
+
+    def saved_verdicts(self, first: int, last: int) -> dict[int, str]:
+        return dict(self._db.execute("SELECT offset, verdict FROM verdicts WHERE offset BETWEEN ? AND ?",
+                                     (first, last)))
+
     def trim(self, older_than_ms: int, consumer: str = "pipeline") -> int:
         """Delete processed events logged before `older_than_ms`. Unprocessed events are never trimmed."""
-        cur = self._db.execute(
-            "DELETE FROM events WHERE offset <= ? AND logged_ms < ?", (self.committed(consumer), older_than_ms)
-        )
+        committed = self.committed(consumer)
+        cur = self._db.execute("DELETE FROM events WHERE offset <= ? AND logged_ms < ?", (committed, older_than_ms))
+        self._db.execute("DELETE FROM verdicts WHERE offset < (SELECT COALESCE(MIN(offset), ?) FROM events)",
+                         (committed + 1,))
         return cur.rowcount
 
     def size_bytes(self) -> int:

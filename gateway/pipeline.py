@@ -118,6 +118,7 @@ class Pipeline:
         self._rewind_to: int | None = None
         self._draining = False
         self._wake = asyncio.Event()
+        self._verdicts_saved_upto = 0  # events up to here may have verdicts from before a restart
         self.cursor = 0  # last offset handed to fan-out
         self.committed = 0  # last offset whose processing finished
         metrics.gauge("commit_queue", self._queue.qsize)
@@ -126,6 +127,7 @@ class Pipeline:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self.committed = self.cursor = await loop.run_in_executor(self._storage, self._log.committed)
+        self._verdicts_saved_upto = await loop.run_in_executor(self._storage, self._log.last_offset)
         log.info("pipeline resumes after offset %d", self.cursor)
         committer = asyncio.create_task(self._commit_loop(), name="pipeline-committer")
         try:
@@ -163,7 +165,7 @@ class Pipeline:
     async def _process(self, events: list[Event]) -> ProcessedBatch:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        verdicts = self._score(events)
+        verdicts = await self._verdicts(loop, events)
         blocked = {o for o, v in verdicts.items() if v.label == BLOCKED}
         envelopes = {e.offset: envelope(e, (verdicts[e.offset],) if e.offset in verdicts else ())
                      for e in events if e.kind != KIND_INTERACTION}
@@ -245,6 +247,24 @@ class Pipeline:
         return ProcessedBatch(generation, events[0].offset, events[-1].offset, len(events), deliveries, alerts,
                               acks, encode(points), len(points), started, impressions, revenue,
                               plan.changed | impressions.keys())
+
+    async def _verdicts(self, loop: asyncio.AbstractEventLoop, events: list[Event]) -> dict[int, Verdict]:
+        """The models' verdicts for a batch: computed once, stored before anything is published, and reused when
+        the batch is replayed after a crash, so followers and InfluxDB see the same verdict both times."""
+        saved: dict[int, str] = {}
+        if events[0].offset <= self._verdicts_saved_upto:
+            saved = await loop.run_in_executor(self._storage, self._log.saved_verdicts, events[0].offset,
+                                               events[-1].offset)
+        fresh = [e for e in events if e.offset not in saved]
+        verdicts = {o: Verdict.from_json(v) for o, v in saved.items()}
+        if fresh:
+            new = self._score(fresh)
+            if new:
+                await loop.run_in_executor(self._storage, self._log.save_verdicts,
+                                           [(o, v.to_json()) for o, v in new.items()])
+                self._verdicts_saved_upto = max(self._verdicts_saved_upto, max(new))
+            verdicts.update(new)
+        return verdicts
 
     def _score(self, events: list[Event]) -> dict[int, Verdict]:
         """One model run per model per batch."""

@@ -99,3 +99,14 @@ def test_a_torn_wal_tail_is_recovered_on_open(tmp_path):
     reopened = IngestLog(crashed / "log.db")
     assert [e.payload["seq"] for e in reopened.read(0, 10)] == [1, 2]
     assert sqlite3.connect(crashed / "log.db").execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_verdicts_are_kept_from_the_first_processing_and_trimmed_with_their_events(tmp_path):
+    log = IngestLog(tmp_path / "log.db")
+    log.append([item(i) for i in range(3)])
+    log.save_verdicts([(1, '{"v": "first"}'), (2, '{"v": "first"}')])
+    log.save_verdicts([(2, '{"v": "replayed"}'), (3, '{"v": "first"}')])  # a replay does not overwrite
+    assert log.saved_verdicts(1, 3) == {1: '{"v": "first"}', 2: '{"v": "first"}', 3: '{"v": "first"}'}
+    log.commit(2)
+    log.trim(older_than_ms=2**62)
+    assert log.saved_verdicts(1, 3) == {3: '{"v": "first"}'}

@@ -27,11 +27,12 @@ log = logging.getLogger(__name__)
 
 
 class _Batch:
-    __slots__ = ("items", "dead", "future", "sealed")
+    __slots__ = ("items", "dead", "future", "sealed", "tokens")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.sealed = False  # being written: later items must go to the next batch
         self.items: list[Ingested] = []
+        self.tokens: list[object] = []  # acknowledgements to send once the batch is committed (hot path)
         self.dead: list[DeadLetter] = []
         self.future: asyncio.Future[None] = loop.create_future()
 
@@ -42,7 +43,8 @@ class _Batch:
 class Ingestor:
     def __init__(self, ingest_log: IngestLog, storage: Executor, metrics: Metrics, *, batch_max: int = 1000,
                  max_pending: int = 5000, on_deadletters: Callable[[list[DeadLetter]], None] | None = None,
-                 over_budget: Callable[[], bool] | None = None) -> None:
+                 over_budget: Callable[[], bool] | None = None,
+                 on_committed: Callable[[list[object]], None] | None = None) -> None:
         self._log = ingest_log
         self._storage = storage
         self._metrics = metrics
@@ -50,6 +52,7 @@ class Ingestor:
         self._max_pending = max_pending
         self._on_deadletters = on_deadletters
         self._over_budget = over_budget or (lambda: False)
+        self._on_committed = on_committed
         self._batches: deque[_Batch] = deque()
         self._pending = 0
         self._wake = asyncio.Event()
@@ -70,6 +73,28 @@ class Ingestor:
         batch = await self._join()
         batch.items.append(item)
         await batch.future
+
+    def submit(self, record: Ingested | DeadLetter, token: object) -> None:
+        """Hot path, no waiting: join the open batch; `token` is handed to `on_committed` after the commit.
+
+        Nothing bounds this but the source's own window: for MQTT the broker sends at most its in-flight limit of
+        unacknowledged messages, and we acknowledge only after commit.
+        """
+        if not self._accepting:
+            return  # shutting down: never acknowledged, so the broker redelivers it after the restart
+        if isinstance(record, DeadLetter):
+            self._metrics.inc("deadlettered")
+            self._metrics.deadletter_reasons[record.reason] += 1
+        self._pending += 1
+        if not self._batches or self._batches[-1].sealed or len(self._batches[-1]) >= self._batch_max:
+            self._batches.append(_Batch(asyncio.get_running_loop()))
+        batch = self._batches[-1]
+        if isinstance(record, DeadLetter):
+            batch.dead.append(record)
+        else:
+            batch.items.append(record)
+        batch.tokens.append(token)
+        self._wake.set()
 
     async def dead_letter(self, letter: DeadLetter) -> None:
         self._metrics.inc("deadlettered")
@@ -131,6 +156,8 @@ class Ingestor:
                 self._metrics.inc("duplicates", result.duplicates)
             if not batch.future.done():
                 batch.future.set_result(None)
+            if batch.tokens and self._on_committed is not None:
+                self._on_committed(batch.tokens)
             if self._room is not None and not self._room.done() and self._pending < self._max_pending:
                 self._room.set_result(None)
             if batch.dead and self._on_deadletters is not None:

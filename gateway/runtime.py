@@ -123,12 +123,13 @@ class Gateway:
         cfg = self.cfg
         self.ingestor = Ingestor(self.log, self.storage, self.metrics, batch_max=cfg.storage.batch_max,
                                  max_pending=cfg.mqtt.max_inflight, on_deadletters=self._publish_deadletters,
-                                 over_budget=self._log_over_budget)
+                                 over_budget=self._log_over_budget,
+                                 on_committed=lambda tokens: self.link.puback(tokens))
         source = MqttSource(self.ingestor, self.graph, self.storage, self.profiles, cfg.limits, self.metrics,
                             cfg.social)
         self.link = MqttLink(cfg.mqtt, self.metrics, source.handle,
                              [cfg.mqtt.telemetry_topic, cfg.mqtt.follows_topic, "users/+/posts",
-                              "users/+/interactions"])
+                              "users/+/interactions"], take=source.take)
         link = self.link
         self.stats = StatsPublisher(self.engagement, self.storage,
                                     lambda topic, body: link.publish(topic, body, qos=1, retain=True),

@@ -1,7 +1,9 @@
 """MQTT source: turns received messages into log appends, graph changes or dead letters.
 
-The handler returns only when the message is durably handled, and gmqtt (made with
-`optimistic_acknowledgement=False`) sends the PUBACK only then. Handled means one of: the event is in the ingest log,
+Events (telemetry, posts, interactions) take the hot path, `take`: parsed and joined to the ingestor's open batch
+without a task or coroutine per message; their PUBACKs are sent by the link when the batch is committed. Follow
+requests take the general path, `handle`, an async handler that returns only when the message is durably handled;
+gmqtt (made with `optimistic_acknowledgement=False`) sends the PUBACK only then. Handled means one of: the event is in the ingest log,
 the follow/unfollow is in the graph file, or the bad input is in the dead-letter table. Nothing raises out of
 here: a failure to store keeps the handler waiting (the ingestor retries), so the message stays unacknowledged.
 """
@@ -43,46 +45,62 @@ class MqttSource:
         self._metrics = metrics
 
     async def handle(self, topic: str, payload: bytes, properties: dict[str, Any]) -> int:
+        """The general path (one coroutine per message): follow requests, and anything `take` left alone."""
         self._metrics.inc("received")
         parts = topic.split("/") if isinstance(topic, str) else []
-        if len(parts) == 3 and parts[0] == "devices" and parts[2] == "telemetry":
-            await self._telemetry(topic, parts[1], payload)
-        elif len(parts) == 3 and parts[0] == "users" and parts[2] == "follows":
+        if len(parts) == 3 and parts[0] == "users" and parts[2] == "follows":
             await self._follows(topic, parts[1], payload)
-        elif len(parts) == 3 and parts[0] == "users" and parts[2] in ("posts", "interactions"):
-            await self._user_event(topic, parts[1], parts[2], payload)
+            return 0
+        record = self.parse(str(topic), parts, payload)
+        if isinstance(record, DeadLetter):
+            await self._ingestor.dead_letter(record)
         else:
-            await self._reject(str(topic), "unknown_topic", "no handler for this topic", payload)
+            await self._ingestor.append(record)
         return 0  # PUBACK reason code: success (the message is handled, even when it was dead-lettered)
 
-    async def _telemetry(self, topic: str, device_id: str, payload: bytes) -> None:
+    def take(self, topic: str, payload: bytes, token: object) -> bool:
+        """The hot path for events (no task, no coroutine per message): parse, join the open batch, and leave the
+        acknowledgement to the ingestor, which hands `token` back once the batch is committed. False: not an
+        event topic, use `handle`."""
+        parts = topic.split("/")
+        if len(parts) != 3 or parts[2] not in _EVENT_TOPICS or parts[0] != _EVENT_TOPICS[parts[2]]:
+            return False
+        self._metrics.inc("received")
+        self._ingestor.submit(self.parse(topic, parts, payload), token)
+        return True
+
+    def parse(self, topic: str, parts: list[str], payload: bytes) -> Ingested | DeadLetter:
+        if len(parts) == 3 and parts[0] == "devices" and parts[2] == "telemetry":
+            return self._telemetry(topic, parts[1], payload)
+        if len(parts) == 3 and parts[0] == "users" and parts[2] in ("posts", "interactions"):
+            return self._user_event(topic, parts[1], parts[2], payload)
+        return _dead(topic, "unknown_topic", "no handler for this topic", payload)
+
+    def _telemetry(self, topic: str, device_id: str, payload: bytes) -> Ingested | DeadLetter:
         if not ID.match(device_id):
-            await self._reject(topic, "bad_device_id", f"device id {device_id[:80]!r} is not a valid id", payload)
-            return
+            return _dead(topic, "bad_device_id", f"device id {device_id[:80]!r} is not a valid id", payload)
         try:
             t = decode(payload, max_bytes=self._limits.max_payload_bytes, max_fields=self._limits.max_fields)
             profile = self._profiles.get(device_id) if len(self._profiles) else None
             if profile is not None:
                 profile.check(t)
         except TelemetryError as exc:
-            await self._reject(topic, exc.reason, exc.message, payload)
-            return
+            return _dead(topic, exc.reason, exc.message, payload)
         now_ms = int(time.time() * 1000)
         # A retransmission repeats seq and ts; a rebooted device that restarts seq at 0 sends a new ts.
         dedup = None if t.seq is None else (f"{t.seq}@{t.ts_ms}" if t.ts_ms is not None else str(t.seq))
-        await self._ingestor.append(Ingested(
+        return Ingested(
             id=new_event_id(now_ms),
             source=f"devices/{device_id}",
             kind=KIND_TELEMETRY,
             ts_ms=t.ts_ms if t.ts_ms is not None else now_ms,
             payload=t.as_payload(),
             dedup_key=dedup,
-        ))
+        )
 
-    async def _user_event(self, topic: str, user_id: str, what: str, payload: bytes) -> None:
+    def _user_event(self, topic: str, user_id: str, what: str, payload: bytes) -> Ingested | DeadLetter:
         if not ID.match(user_id):
-            await self._reject(topic, "bad_user_id", f"user id {user_id[:80]!r} is not a valid id", payload)
-            return
+            return _dead(topic, "bad_user_id", f"user id {user_id[:80]!r} is not a valid id", payload)
         item: Post | Interaction
         try:
             if what == "posts":
@@ -94,11 +112,9 @@ class MqttSource:
                 # them by content would wrongly swallow a second like after an unlike.
                 kind, dedup = KIND_INTERACTION, None
         except UserEventError as exc:
-            await self._reject(topic, exc.reason, exc.message, payload)
-            return
+            return _dead(topic, exc.reason, exc.message, payload)
         now_ms = int(time.time() * 1000)
-        await self._ingestor.append(Ingested(new_event_id(now_ms), f"users/{user_id}", kind, now_ms,
-                                             item.as_payload(), dedup))
+        return Ingested(new_event_id(now_ms), f"users/{user_id}", kind, now_ms, item.as_payload(), dedup)
 
     async def _follows(self, topic: str, follower: str, payload: bytes) -> None:
         try:
@@ -126,5 +142,11 @@ class MqttSource:
             self._metrics.inc("unfollows")
 
     async def _reject(self, origin: str, reason: str, message: str, payload: bytes) -> None:
-        await self._ingestor.dead_letter(DeadLetter(origin, reason, message, bytes(payload),
-                                                    int(time.time() * 1000)))
+        await self._ingestor.dead_letter(_dead(origin, reason, message, payload))
+
+
+_EVENT_TOPICS = {"telemetry": "devices", "posts": "users", "interactions": "users"}
+
+
+def _dead(origin: str, reason: str, message: str, payload: bytes) -> DeadLetter:
+    return DeadLetter(origin, reason, message, bytes(payload), int(time.time() * 1000))

@@ -137,7 +137,8 @@ class Engagement:
                            " ON CONFLICT (id) DO UPDATE SET offset = excluded.offset", (last,))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite may have rolled back already (disk full)
+                db.execute("ROLLBACK")
             raise
         return plan
 

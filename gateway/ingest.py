@@ -69,6 +69,11 @@ class Ingestor:
     def start(self) -> None:
         self._task = asyncio.create_task(self._flusher(), name="ingest-flusher")
 
+    @property
+    def task(self) -> asyncio.Task[None]:
+        assert self._task is not None, "start() first"
+        return self._task
+
     async def append(self, item: Ingested) -> None:
         batch = await self._join()
         batch.items.append(item)

@@ -144,7 +144,8 @@ class IngestLog:
                     self._deadletters_since_trim = 0
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite may have rolled back already (disk full)
+                db.execute("ROLLBACK")
             raise
         return AppendResult(events, duplicates)
 
@@ -186,7 +187,8 @@ class IngestLog:
             )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite may have rolled back already (disk full)
+                db.execute("ROLLBACK")
             raise
         finally:
             if self._sync != "OFF":

@@ -117,7 +117,8 @@ class Outbox:
                                    (body, points, len(body), time.time_ns()))
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:  # SQLite may have rolled back already (disk full)
+                    self._conn.execute("ROLLBACK")
                 raise
             self._rows += 1
             self._points += points
@@ -331,7 +332,8 @@ class Drainer:
             self._conn.execute(f"DELETE FROM batches WHERE id IN ({','.join('?' * len(ids))})", ids)
             self._conn.execute("COMMIT")
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            if self._conn.in_transaction:  # SQLite may have rolled back already (disk full)
+                self._conn.execute("ROLLBACK")
             raise
         points = sum(r.points for r in rows)
         self.outbox._removed(len(rows), points, sum(len(r.body) for r in rows))
@@ -351,7 +353,8 @@ class Drainer:
             self._conn.execute("DELETE FROM dead WHERE id <= (SELECT max(id) FROM dead) - ?", (self.dead_keep,))
             self._conn.execute("COMMIT")
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            if self._conn.in_transaction:  # SQLite may have rolled back already (disk full)
+                self._conn.execute("ROLLBACK")
             raise
         self.outbox._removed(1, row.points, len(row.body))
         with self._stats_lock:

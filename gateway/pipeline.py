@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sqlite3
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -149,8 +150,7 @@ class Pipeline:
             if self._rewind_to is not None:
                 self.cursor, self._rewind_to = self._rewind_to, None
             appended.clear()
-            events = await loop.run_in_executor(self._storage, self._log.read, self.cursor,
-                                                self._cfg.pipeline.batch_max)
+            events = await self._stored(self._storage, self._log.read, self.cursor, self._cfg.pipeline.batch_max)
             if not events:
                 if self._draining and self._ingestor.pending == 0:
                     return
@@ -172,7 +172,7 @@ class Pipeline:
         social = [e for e in events if e.kind in (KIND_POST, KIND_INTERACTION)]
         plan = Plan()
         if social and self._engagement is not None:
-            plan = await loop.run_in_executor(
+            plan = await self._stored(
                 self._storage, self._engagement.apply, social,
                 {e.offset: envelopes[e.offset] for e in social if e.kind == KIND_POST}, blocked,
                 self._graph.followers)
@@ -253,15 +253,15 @@ class Pipeline:
         the batch is replayed after a crash, so followers and InfluxDB see the same verdict both times."""
         saved: dict[int, str] = {}
         if events[0].offset <= self._verdicts_saved_upto:
-            saved = await loop.run_in_executor(self._storage, self._log.saved_verdicts, events[0].offset,
-                                               events[-1].offset)
+            saved = await self._stored(self._storage, self._log.saved_verdicts, events[0].offset,
+                                       events[-1].offset)
         fresh = [e for e in events if e.offset not in saved]
         verdicts = {o: Verdict.from_json(v) for o, v in saved.items()}
         if fresh:
             new = self._score(fresh)
             if new:
-                await loop.run_in_executor(self._storage, self._log.save_verdicts,
-                                           [(o, v.to_json()) for o, v in new.items()])
+                await self._stored(self._storage, self._log.save_verdicts,
+                                   [(o, v.to_json()) for o, v in new.items()])
                 self._verdicts_saved_upto = max(self._verdicts_saved_upto, max(new))
             verdicts.update(new)
         return verdicts
@@ -323,13 +323,13 @@ class Pipeline:
         points = sum(b.points for b in group)
         if points:
             lines = b"".join(b.lines for b in group)
-            await loop.run_in_executor(self._outbox_storage, self._outbox.put, lines, points)
+            await self._stored(self._outbox_storage, self._outbox.put, lines, points)
             self._metrics.inc("points", points)
         also = None
         if impressions:
             also = functools.partial(Engagement.add_impressions, impressions=impressions, revenue_micros=revenue)
         last = group[-1].last_offset
-        await loop.run_in_executor(self._storage, functools.partial(self._log.commit, last, also=also))
+        await self._stored(self._storage, functools.partial(self._log.commit, last, also=also))
         self.committed = last
         if changed and self._on_changed is not None:
             self._on_changed(changed)
@@ -337,6 +337,21 @@ class Pipeline:
         for batch in group:
             self._metrics.inc("committed", batch.events)
             self._metrics.observe_latency((now - batch.started) * 1000)
+
+    async def _stored(self, executor: Executor, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a storage call on its thread; on a storage error (disk full, I/O error) wait and try again rather
+        than give up. Every call here is one transaction, so a failed one left nothing behind. Meanwhile the
+        pipeline holds, the ingestor's own retries stop acknowledgements, and the sources keep their data."""
+        loop = asyncio.get_running_loop()
+        delay = 0.1
+        while True:
+            try:
+                return await loop.run_in_executor(executor, fn, *args)
+            except (sqlite3.Error, OSError) as exc:
+                self._metrics.inc("storage_errors")
+                log.error("storage error in the pipeline (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _wait_for_outbox_room(self) -> None:
         warned = False

@@ -14,10 +14,12 @@ some events twice).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import signal
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -95,6 +97,7 @@ class Gateway:
         self.outbox = Outbox(data / "outbox.db", cfg.influx.outbox_max_bytes,
                              synchronous="normal" if cfg.storage.fsync == "normal" else "full")
         self.drainer: Drainer | None = None
+        self.failed = False
         if cfg.influx.api != "none":
             self.drainer = Drainer(self.outbox, make_writer(cfg.influx))
         self.profiles = ProfileIndex(load_dir(cfg.profiles_path()))
@@ -170,6 +173,8 @@ class Gateway:
         pipeline = asyncio.create_task(self.pipeline.run(), name="pipeline")
         housekeeping = asyncio.create_task(self._housekeeping(), name="housekeeping")
         stats = asyncio.create_task(self.stats.run(), name="stats")
+        for task in (self.ingestor.task, pipeline, housekeeping, stats):
+            task.add_done_callback(functools.partial(self._supervise, stop))
         await self.link.connect()
         if self.serial is not None:  # after the MQTT link, like the MQTT source: the stages behind it are running
             self.serial.start()
@@ -198,6 +203,16 @@ class Gateway:
         self.storage.shutdown()
         self.outbox_storage.shutdown()
 
+    def _supervise(self, stop: asyncio.Event, task: asyncio.Task[None]) -> None:
+        """A stage that ends on its own before shutdown is a bug: stop the daemon loudly (exit status 1) so that
+        systemd restarts it, instead of running on with a dead stage while the sources keep acknowledging."""
+        if task.cancelled() or stop.is_set():
+            return
+        exc = task.exception()
+        log.critical("stage %s stopped unexpectedly (%r); shutting down", task.get_name(), exc, exc_info=exc)
+        self.failed = True
+        stop.set()
+
     async def _shutdown(self, pipeline: asyncio.Task[None]) -> None:
         if self.serial is not None:
             await self.serial.close()  # first: no new frames; what is not yet ACKed, the devices resend
@@ -206,7 +221,8 @@ class Gateway:
         self.ingestor.stop_accepting()
         await self.ingestor.close()
         self.pipeline.drain()
-        await pipeline
+        if not pipeline.done():  # a pipeline that died is reported by _supervise; there is nothing to drain
+            await pipeline
         await self.stats.flush(asyncio.get_running_loop())
         await self.link.close()
 
@@ -216,16 +232,20 @@ class Gateway:
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
-            self._log_bytes = await loop.run_in_executor(self.storage, self.log.size_bytes)
-            self._write_status()
-            await loop.run_in_executor(self.storage, self.graph.refresh_if_changed)
-            if now - last_metrics >= self.cfg.influx.metrics_interval:
-                last_metrics = now
-                await self._write_metrics_point(loop)
-            if now - last_trim >= 60:
-                last_trim = now
-                cutoff = int(time.time() * 1000 - self.cfg.storage.retention_hours * 3_600_000)
-                await loop.run_in_executor(self.storage, self.log.trim, cutoff)
+            try:
+                self._log_bytes = await loop.run_in_executor(self.storage, self.log.size_bytes)
+                await loop.run_in_executor(self.storage, self.graph.refresh_if_changed)
+                self._write_status()
+                if now - last_metrics >= self.cfg.influx.metrics_interval:
+                    last_metrics = now
+                    await self._write_metrics_point(loop)
+                if now - last_trim >= 60:
+                    last_trim = now
+                    cutoff = int(time.time() * 1000 - self.cfg.storage.retention_hours * 3_600_000)
+                    await loop.run_in_executor(self.storage, self.log.trim, cutoff)
+            except (sqlite3.Error, OSError) as exc:  # a full disk: say so, keep going, try again next second
+                self.metrics.inc("storage_errors")
+                log.error("housekeeping: %s", exc)
 
     def status(self) -> dict[str, object]:
         return {
@@ -265,7 +285,10 @@ def run(cfg: Config) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Gateway(cfg).run(stop)
+        gateway = Gateway(cfg)
+        await gateway.run(stop)
+        if gateway.failed:
+            raise SystemExit(1)
         # Handlers of messages that arrived during shutdown never returned (so were never acknowledged); the
         # loop cancels them on exit and gmqtt's done-callback would report each cancellation as an error.
         loop.set_exception_handler(_quiet_cancellations)

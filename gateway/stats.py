@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from concurrent.futures import Executor
 from typing import Callable
@@ -65,10 +66,20 @@ class StatsPublisher:
         if not self._dirty:
             return
         ids, self._dirty = self._dirty, set()
-        counts = await loop.run_in_executor(self._storage, self._engagement.counts, ids)
+        try:
+            counts = await loop.run_in_executor(self._storage, self._engagement.counts, ids)
+        except (sqlite3.Error, OSError) as exc:
+            self._dirty |= ids  # try again next interval
+            self._metrics.inc("storage_errors")
+            log.error("stats: %s", exc)
+            return
         for c in counts:
             self._publish(stats_topic(c.event_id), stats_payload(c))
         self._metrics.inc("stats_published", len(counts))
         pts = points(counts, time.time_ns())
         if pts:
-            await loop.run_in_executor(self._outbox_storage, self._to_outbox, encode(pts), len(pts))
+            try:
+                await loop.run_in_executor(self._outbox_storage, self._to_outbox, encode(pts), len(pts))
+            except (sqlite3.Error, OSError) as exc:  # the live topics went out; these snapshots are skipped
+                self._metrics.inc("storage_errors")
+                log.error("stats points not stored: %s", exc)

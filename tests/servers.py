@@ -101,6 +101,10 @@ def mosquitto_conf_for_test(port: int, data_dir: Path) -> str:
     assert n == 1, "mosquitto.conf must have exactly one loopback `listener PORT 127.0.0.1` line"
     text, n = re.subn(r"(?m)^persistence_location\s+.*$", f"persistence_location {data_dir}/", text)
     assert n == 1, "mosquitto.conf must set persistence_location"
+    if os.geteuid() == 0:
+        # Started as root, mosquitto drops to the `mosquitto` user, which cannot write into the test's private
+        # folder: persistence would fail silently and a restarted broker would have lost every session.
+        text += "\nuser root\n"
     return text
 
 

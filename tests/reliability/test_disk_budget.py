@@ -95,10 +95,6 @@ def tiny_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an SQLITE_FULL in Pipeline's save_verdicts/commit (pipeline.py:263,331) or an ENOSPC in Runtime._write_status "
-    "kills the unsupervised pipeline/housekeeping tasks (runtime.py:169-170): the daemon keeps acknowledging and "
-    "logging events it never delivers until restarted, and status.json goes stale"))
 def test_a_really_full_disk_stops_acknowledgements_and_space_returning_delivers_everything(
         mosquitto, influxdb, make_gateway, tiny_disk, tmp_path):
     fleet, db = Fleet(uid("nospc") + "-", devices=10), uid("rel_")

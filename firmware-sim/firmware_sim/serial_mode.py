@@ -218,7 +218,7 @@ class Simulator:
         for d in self.devices:
             if not d.hello_acked:
                 continue
-            for seq, entry in d.unacked.items():
+            for entry in d.unacked.values():
                 if now - entry[1] >= self.cfg.resend_timeout:
                     entry[1] = now
                     self.summary.retransmitted += 1

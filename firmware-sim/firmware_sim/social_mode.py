@@ -167,7 +167,8 @@ class SocialSim:
             try:
                 client.connect(self.host, self.port, keepalive=30)
             except OSError as exc:
-                raise click.ClickException(f"cannot reach the MQTT broker at {self.host}:{self.port}: {exc}")
+                raise click.ClickException(
+                    f"cannot reach the MQTT broker at {self.host}:{self.port}: {exc}") from None
             client.loop_start()
         if not self.subscribed.wait(10):
             raise click.ClickException("feed subscription was not acknowledged")

@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from tests import servers
 from tests.reliability.harness import (Fleet, account, assert_nothing_acknowledged_was_lost, follow_fleet, follower,
                                        uid)
 

@@ -254,7 +254,8 @@ class MqttLink:
         self.tracker.limit = max(2, min(self.cfg.max_inflight, receive_maximum - 2))
         for topic in self._subscriptions:
             client.subscribe(topic, qos=1)
-        client.publish(STATUS_TOPIC, b"online", qos=1, retain=True)
+        if not self.try_publish(STATUS_TOPIC, b"online", qos=1, retain=True):  # a replayed session can fill the window
+            asyncio.ensure_future(self.publish(STATUS_TOPIC, b"online", qos=1, retain=True))
         self.connected.set()
         log.info("connected to %s (session present: %s)", self.cfg.broker, bool(flags))
 
@@ -269,10 +270,21 @@ class MqttLink:
                           properties: dict[str, Any]) -> int:
         return await self._handler(topic, payload, properties)
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+    def try_publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        """Publish now if the in-flight window has room (QoS 0 always has); False means: await `publish`.
+        The hot path calls this first, so no coroutine is made per delivery while there is room."""
+        if qos and self.tracker.in_flight >= self.tracker.limit:
+            return False
         self.client.publish(topic, payload, qos=qos, retain=retain)
+        return True
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """Publish, waiting for room in the in-flight window first: gmqtt raises instead of waiting when it runs
+        out of packet ids, so every QoS 1 publish of the gateway goes through here or `try_publish`."""
+        while not self.try_publish(topic, payload, qos, retain):
+            await self.tracker.wait_for_room()
 
     async def close(self) -> None:
         if self.client.is_connected:
-            self.client.publish(STATUS_TOPIC, b"offline", qos=1, retain=True)
+            await self.publish(STATUS_TOPIC, b"offline", qos=1, retain=True)
             await self.client.disconnect()

@@ -188,6 +188,7 @@ class Pipeline:
         revenue: dict[str, int] = {}
         points: list[Point] = []
         followers = self._graph.followers
+        link = self._link
         acks = tracker.open()
         try:
             for event in events:
@@ -196,14 +197,12 @@ class Pipeline:
                     verdict = verdicts.get(event.offset)
                     body = envelopes[event.offset]
                     for follower in followers(event.source):
-                        if tracker.in_flight >= tracker.limit:
-                            await tracker.wait_for_room()
-                        self._link.publish(feed_topic(follower, event), body, qos=qos)
+                        topic = feed_topic(follower, event)
+                        if not link.try_publish(topic, body, qos):
+                            await link.publish(topic, body, qos)
                     deliveries += len(followers(event.source))
                     if verdict is not None and verdict.flagged:
-                        if tracker.in_flight >= tracker.limit:
-                            await tracker.wait_for_room()
-                        self._link.publish(alert_topic(event), body, qos=1)
+                        await link.publish(alert_topic(event), body, qos=1)
                         alerts += 1
                     points.append(telemetry_point(event, verdict))
                     continue
@@ -211,8 +210,8 @@ class Pipeline:
                     author = event.source_id
                     body = envelopes[event.offset]
                     if event.offset in blocked:
-                        self._link.publish(quarantine_topic(author), body, qos=1)
-                        self._link.publish(notice_topic(author), notice(event, verdicts[event.offset]), qos=1)
+                        await link.publish(quarantine_topic(author), body, qos=1)
+                        await link.publish(notice_topic(author), notice(event, verdicts[event.offset]), qos=1)
                         self._metrics.inc("quarantined")
                         continue
                     to = set(followers(event.source))
@@ -230,9 +229,9 @@ class Pipeline:
                 else:
                     continue  # likes and unlikes are counted, not delivered
                 for follower in to:
-                    if tracker.in_flight >= tracker.limit:
-                        await tracker.wait_for_room()
-                    self._link.publish(f"feeds/{follower}/{topic_tail}", body, qos=qos)
+                    topic = f"feeds/{follower}/{topic_tail}"
+                    if not link.try_publish(topic, body, qos):
+                        await link.publish(topic, body, qos)
                 if to:
                     counted = event.id if kind == KIND_POST else event_id
                     impressions[counted] = impressions.get(counted, 0) + len(to)

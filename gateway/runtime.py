@@ -117,7 +117,7 @@ class Gateway:
     def _publish_deadletters(self, letters: list[DeadLetter]) -> None:
         for letter in letters:
             if self.link.connected.is_set() and self._deadletter_bucket.take():
-                self.link.publish(DEADLETTER_TOPIC, json.dumps(letter.as_dict()).encode(), qos=0)
+                self.link.try_publish(DEADLETTER_TOPIC, json.dumps(letter.as_dict()).encode(), qos=0)
                 self.metrics.inc("deadletters_published")
             else:
                 self.metrics.inc("deadletters_suppressed")

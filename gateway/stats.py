@@ -14,7 +14,7 @@ import logging
 import sqlite3
 import time
 from concurrent.futures import Executor
-from typing import Callable
+from typing import Awaitable, Callable
 
 from gateway.engagement import Counts, Engagement, stats_payload
 from gateway.fanout import stats_topic
@@ -37,7 +37,7 @@ def points(counts: list[Counts], ts_ns: int) -> list[Point]:
 
 
 class StatsPublisher:
-    def __init__(self, engagement: Engagement, storage: Executor, publish: Callable[[str, bytes], None],
+    def __init__(self, engagement: Engagement, storage: Executor, publish: Callable[[str, bytes], Awaitable[None]],
                  to_outbox: Callable[[bytes, int], None], outbox_storage: Executor, interval: float,
                  metrics: Metrics) -> None:
         self._engagement = engagement
@@ -74,7 +74,7 @@ class StatsPublisher:
             log.error("stats: %s", exc)
             return
         for c in counts:
-            self._publish(stats_topic(c.event_id), stats_payload(c))
+            await self._publish(stats_topic(c.event_id), stats_payload(c))
         self._metrics.inc("stats_published", len(counts))
         pts = points(counts, time.time_ns())
         if pts:

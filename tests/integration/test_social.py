@@ -202,3 +202,29 @@ def test_the_social_simulator_drives_the_gateway_to_exact_counts(mosquitto, soci
                 if e not in latest or any(latest[e][k] != want[k] for k in ("likes", "reposts", "replies"))]
         raise AssertionError(f"{len(diff)} of {len(wanted)} posts differ, e.g. {diff[:3]}")
     stats.close()
+
+
+def test_a_post_to_thousands_of_followers_with_live_stats_keeps_the_window_bounded(mosquitto, social):
+    """Stats, quarantine and alerts publish while fan-out fills the broker's in-flight window: every QoS 1
+    publish must wait for room (gmqtt raises when it runs out of packet ids)."""
+    from gateway.graph import FollowerGraph
+
+    star = uid("star")
+    graph = FollowerGraph(social.data_dir / "graph.db")
+    for i in range(3000):
+        graph.follow(f"{star}f{i}", f"users/{star}")
+    graph.close()
+    social.start()
+    feeds = Collector(mosquitto.address, f"feeds/+/users/{star}/post")
+    publish_all(mosquitto.address, [(f"users/{star}/posts", post(CLEAN)) for _ in range(3)])
+    assert feeds.wait_count(9000, timeout=60)
+    event_ids = {json.loads(p)["id"] for _, p, _ in feeds.messages}
+    stats = Collector(mosquitto.address, "events/+/stats")
+    likes = [(f"users/{star}f{i}/interactions", interact("like", e)) for i in range(300) for e in event_ids]
+    publish_all(mosquitto.address, likes)
+    assert stats.wait_for(lambda m: {json.loads(p)["event_id"]: json.loads(p)["likes"] for _, p, _ in m
+                                     if json.loads(p)["event_id"] in event_ids} == {e: 300 for e in event_ids},
+                          timeout=60)
+    assert social.proc is not None and social.proc.poll() is None
+    feeds.close()
+    stats.close()

@@ -104,14 +104,16 @@ def _field(origin: str, name: str, spec: Any) -> FieldSpec:
     bounds = {}
     for key in ("min", "max", "scale"):
         value = spec.get(key)
-        if value is not None and (type(value) not in (int, float)):
-            raise ProfileError(f"{origin}: fields.{name}.{key} must be a number, got {value!r}")
+        if value is not None and (type(value) not in (int, float) or not -1e300 <= value <= 1e300):
+            raise ProfileError(f"{origin}: fields.{name}.{key} must be a finite number, got {value!r}")
         bounds[key] = None if value is None else float(value)
     if bounds["min"] is not None and bounds["max"] is not None and bounds["min"] > bounds["max"]:
         raise ProfileError(f"{origin}: fields.{name}: min {bounds['min']} is above max {bounds['max']}")
     unit = spec.get("unit", "")
     if not isinstance(unit, str):
         raise ProfileError(f"{origin}: fields.{name}.unit must be a string, got {unit!r}")
+    if bounds["scale"] is not None and bounds["scale"] <= 0:
+        raise ProfileError(f"{origin}: fields.{name}.scale must be greater than 0, got {bounds['scale']!r}")
     return FieldSpec(name, kind, unit, bounds["min"], bounds["max"], bounds["scale"] or 1.0)
 
 

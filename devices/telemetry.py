@@ -24,7 +24,7 @@ MAX_SEQ = 2**63 - 1
 # Plausible reading times: 2001-09-09 .. 2286-11-20. Anything outside is a unit mistake (seconds, microseconds).
 MIN_TS_MS = 1_000_000_000_000
 MAX_TS_MS = 9_999_999_999_999
-# Beyond this a float is not a measurement; it is also where float64 starts losing whole integers.
+# Beyond this a number is not a measurement. (Integer readings above 2**53 lose their last digits as floats.)
 MAX_ABS_VALUE = 1e300
 
 
@@ -86,16 +86,15 @@ def from_mapping(doc: dict[str, Any], *, max_fields: int = 64) -> Telemetry:
     ts = doc.get("ts")
     ts_ms: int | None = None
     if ts is not None:
-        if type(ts) not in (int, float) or not math.isfinite(ts):
-            raise TelemetryError("bad_ts", f"ts must be milliseconds since the epoch, got {_show(ts)}")
-        if not MIN_TS_MS <= ts <= MAX_TS_MS:
+        # The range check first: math.isfinite() of an integer beyond float range raises OverflowError.
+        if type(ts) not in (int, float) or not MIN_TS_MS <= ts <= MAX_TS_MS:
             raise TelemetryError("bad_ts", f"ts {_show(ts)} is not milliseconds since the epoch")
         ts_ms = int(ts)
     fields: dict[str, float] = {}
     for key, value in doc.items():
         if key in RESERVED:
             continue
-        if not FIELD_NAME.match(key):
+        if not FIELD_NAME.fullmatch(key):
             raise TelemetryError("bad_field_name", f"field name {_show(key)} is not allowed")
         if type(value) is int:
             if abs(value) > MAX_ABS_VALUE:

@@ -9,6 +9,7 @@ fails closed: a config that does not validate stops it before it touches the bro
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +30,11 @@ def _one_of(*choices: str) -> Callable[[Any], str | None]:
 
 
 def _positive(v: Any) -> str | None:
-    return None if v > 0 else "must be greater than 0"
+    return None if v > 0 and math.isfinite(v) else "must be a finite number greater than 0"
 
 
 def _non_negative(v: Any) -> str | None:
-    return None if v >= 0 else "must be 0 or more"
+    return None if v >= 0 and math.isfinite(v) else "must be a finite number, 0 or more"
 
 
 def _unit_interval(v: Any) -> str | None:
@@ -42,7 +43,7 @@ def _unit_interval(v: Any) -> str | None:
 
 def _host_port(v: Any) -> str | None:
     host, sep, port = str(v).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdecimal()) or not 0 < int(port) < 65536:
         return "must be HOST:PORT"
     return None
 
@@ -106,8 +107,8 @@ class AnomalyConfig:
 
 def _cpm_table(v: Any) -> str | None:
     for key, value in v.items():
-        if type(value) not in (int, float) or value < 0:
-            return f"CPM of {key!r} must be a number of 0 or more"
+        if type(value) not in (int, float) or not 0 <= value < 1e12:
+            return f"CPM of {key!r} must be a finite number of 0 or more"
     return None
 
 
@@ -218,7 +219,8 @@ class ConfigProblem:
 
     def __str__(self) -> str:
         shown = "***" if self.value == "***" else repr(self.value)
-        return f"{self.field} = {shown}: {self.message}"
+        name = self.field if self.field.strip() and self.field.isprintable() else repr(self.field)
+        return f"{name} = {shown}: {self.message}"
 
 
 class ConfigError(ValueError):
@@ -285,6 +287,9 @@ def _value(spec: dataclasses.Field[Any], name: str, value: Any, problems: list[C
     expected = type(default)
     ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > 1e300:
+            problems.append(ConfigProblem(name, shown, "is too large"))
+            return None
         value, ok = float(value), True
     if not ok:
         problems.append(ConfigProblem(name, shown, f"must be {expected.__name__}, got {type(value).__name__}"))

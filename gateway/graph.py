@@ -33,7 +33,7 @@ class GraphError(ValueError):
 
 
 def check_id(value: str, what: str = "id") -> str:
-    if not isinstance(value, str) or not ID.match(value):
+    if not isinstance(value, str) or not ID.fullmatch(value):
         raise GraphError(f"{what} {value!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
     return value
 

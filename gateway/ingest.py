@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections import deque
 from concurrent.futures import Executor
 from typing import Callable
@@ -22,6 +23,10 @@ from typing import Callable
 from gateway.event import Ingested
 from gateway.ingest_log import AppendResult, DeadLetter, IngestLog
 from gateway.metrics import Metrics
+
+# What "the disk or the database is failing" looks like: retried, never dropped. Anything else an append raises
+# is about the data (a value that cannot be stored) and is dead-lettered instead.
+STORAGE_ERRORS = (sqlite3.OperationalError, OSError)
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +150,21 @@ class Ingestor:
             try:
                 result: AppendResult = await loop.run_in_executor(
                     self._storage, self._log.append, batch.items, batch.dead)
-            except Exception as exc:  # disk full, I/O error: keep the batch, acknowledge nothing, try again
+            except STORAGE_ERRORS as exc:  # disk full, I/O error: keep the batch, acknowledge nothing, try again
                 self._metrics.inc("storage_errors")
                 log.error("ingest log append failed (%s); retrying in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
+            except Exception as exc:  # an item the log cannot store: find it, dead-letter it, keep the rest
+                log.error("ingest log refused a batch (%r); storing its items one by one", exc)
+                try:
+                    result = await loop.run_in_executor(self._storage, self._append_one_by_one, batch)
+                except STORAGE_ERRORS as again:
+                    self._metrics.inc("storage_errors")
+                    log.error("ingest log append failed (%s); retrying in %.2fs", again, delay)
+                    await asyncio.sleep(delay)
+                    continue
             delay = 0.05
             self._batches.popleft()
             self._pending -= len(batch)
@@ -171,6 +185,29 @@ class Ingestor:
     def stop_accepting(self) -> None:
         """From now on new items wait forever (unacknowledged); what is already pending is still written."""
         self._accepting = False
+
+    def _append_one_by_one(self, batch: _Batch) -> AppendResult:
+        """Storage thread. Each item alone; one that cannot be stored (not a storage failure: a value SQLite or
+        JSON cannot hold) becomes a dead letter, so one hostile message cannot stall everything behind it."""
+        events, duplicates = [], 0
+        refused: list[DeadLetter] = []
+        for item in batch.items:
+            try:
+                one = self._log.append([item])
+            except STORAGE_ERRORS:
+                raise
+            except Exception as exc:
+                text = repr(dict(item.payload)).encode("utf-8", errors="backslashreplace")
+                refused.append(DeadLetter(item.source, "unstorable", f"the log cannot store this event: {exc}"[:300],
+                                          text, item.ts_ms))
+                continue
+            events.extend(one.events)
+            duplicates += one.duplicates
+        self._log.append([], [*batch.dead, *refused])
+        for letter in refused:
+            self._metrics.deadletter_reasons[letter.reason] += 1
+        self._metrics.inc("deadlettered", len(refused))
+        return AppendResult(events, duplicates)
 
     async def close(self) -> None:
         """Write everything pending, then stop."""

@@ -93,15 +93,25 @@ def decode_post(payload: bytes, *, max_bytes: int = 16_384) -> Post:
     if len(text) > MAX_TEXT_CHARS:
         raise UserEventError("text_too_long", f"text is {len(text)} characters, the limit is {MAX_TEXT_CHARS}")
     reply_to = doc.get("reply_to")
-    if reply_to is not None and (not isinstance(reply_to, str) or not EVENT_ID.match(reply_to)):
+    if reply_to is not None and (not isinstance(reply_to, str) or not EVENT_ID.fullmatch(reply_to)):
         raise UserEventError("bad_event_id", f"reply_to must be an event id, got {str(reply_to)[:80]!r}")
     sponsor = doc.get("sponsor")
-    if sponsor is not None and (not isinstance(sponsor, str) or not ADVERTISER_ID.match(sponsor)):
+    if sponsor is not None and (not isinstance(sponsor, str) or not ADVERTISER_ID.fullmatch(sponsor)):
         raise UserEventError("bad_sponsor", f"sponsor must be an advertiser id, got {str(sponsor)[:80]!r}")
     nonce = doc.get("nonce")
-    if nonce is not None and (not isinstance(nonce, str) or not 0 < len(nonce) <= MAX_NONCE_CHARS):
+    if nonce is not None and (not isinstance(nonce, str) or not 0 < len(nonce) <= MAX_NONCE_CHARS
+                              or not _encodable(nonce)):
         raise UserEventError("bad_nonce", f"nonce must be a string of 1-{MAX_NONCE_CHARS} characters")
     return Post(text, reply_to, sponsor, nonce)
+
+
+def _encodable(text: str) -> bool:
+    """JSON can carry lone surrogates (\\ud800) that no UTF-8 store can keep."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def decode_interaction(payload: bytes, *, max_bytes: int = 1024) -> Interaction:
@@ -112,6 +122,6 @@ def decode_interaction(payload: bytes, *, max_bytes: int = 1024) -> Interaction:
         raise UserEventError("bad_interaction", f"type must be one of {', '.join(INTERACTION_TYPES)}, "
                              f"got {str(kind)[:40]!r}")
     event_id = doc.get("event_id")
-    if not isinstance(event_id, str) or not EVENT_ID.match(event_id):
+    if not isinstance(event_id, str) or not EVENT_ID.fullmatch(event_id):
         raise UserEventError("bad_event_id", f"event_id must be an event id, got {str(event_id)[:80]!r}")
     return Interaction(kind, event_id)

@@ -70,14 +70,19 @@ class MqttSource:
         return True
 
     def parse(self, topic: str, parts: list[str], payload: bytes) -> Ingested | DeadLetter:
-        if len(parts) == 3 and parts[0] == "devices" and parts[2] == "telemetry":
-            return self._telemetry(topic, parts[1], payload)
-        if len(parts) == 3 and parts[0] == "users" and parts[2] in ("posts", "interactions"):
-            return self._user_event(topic, parts[1], parts[2], payload)
-        return _dead(topic, "unknown_topic", "no handler for this topic", payload)
+        try:
+            if len(parts) == 3 and parts[0] == "devices" and parts[2] == "telemetry":
+                return self._telemetry(topic, parts[1], payload)
+            if len(parts) == 3 and parts[0] == "users" and parts[2] in ("posts", "interactions"):
+                return self._user_event(topic, parts[1], parts[2], payload)
+            return _dead(topic, "unknown_topic", "no handler for this topic", payload)
+        except Exception as exc:  # a codec bug must cost one dead letter, not the message's acknowledgement
+            log.exception("parser failed on a message from %s", topic[:120])
+            return _dead(topic, "unparseable", f"the gateway could not parse this ({type(exc).__name__})",
+                         payload)
 
     def _telemetry(self, topic: str, device_id: str, payload: bytes) -> Ingested | DeadLetter:
-        if not ID.match(device_id):
+        if not ID.fullmatch(device_id):
             return _dead(topic, "bad_device_id", f"device id {device_id[:80]!r} is not a valid id", payload)
         try:
             t = decode(payload, max_bytes=self._limits.max_payload_bytes, max_fields=self._limits.max_fields)
@@ -99,7 +104,7 @@ class MqttSource:
         )
 
     def _user_event(self, topic: str, user_id: str, what: str, payload: bytes) -> Ingested | DeadLetter:
-        if not ID.match(user_id):
+        if not ID.fullmatch(user_id):
             return _dead(topic, "bad_user_id", f"user id {user_id[:80]!r} is not a valid id", payload)
         item: Post | Interaction
         try:
@@ -118,7 +123,7 @@ class MqttSource:
 
     async def _follows(self, topic: str, follower: str, payload: bytes) -> None:
         try:
-            if not ID.match(follower):
+            if not ID.fullmatch(follower):
                 raise GraphError(f"follower id {follower[:80]!r} is not a valid id")
             if len(payload) > MAX_CONTROL_BYTES:
                 raise GraphError(f"follow request is {len(payload)} bytes, the limit is {MAX_CONTROL_BYTES}")

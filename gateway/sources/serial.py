@@ -308,7 +308,7 @@ class SerialSource:
               replies: list[Frame], now_ms: int) -> None:
         self._metrics.inc("received")
         device_id = frame.device_id
-        if not ID.match(device_id):
+        if not ID.fullmatch(device_id):
             dead.append(DeadLetter(self.origin, "bad_device_id", f"device id {device_id[:80]!r} is not a valid id",
                                    sf.encode(frame), now_ms))
             acks.append(sf.ack(device_id, frame.seq))

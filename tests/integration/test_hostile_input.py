@@ -264,9 +264,6 @@ def test_a_follower_that_never_reads_does_not_hold_up_the_others(mosquitto: Any,
 # --- known bugs, end to end ----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a post whose nonce is a lone surrogate is accepted; sqlite3 cannot bind its "
-                   "dedup key, IngestLog.append raises UnicodeEncodeError and Ingestor._flusher retries that batch "
-                   "forever: nothing after it is logged or acknowledged")
 def test_a_lone_surrogate_nonce_does_not_stall_the_gateway(mosquitto: Any, gateway: GatewayProcess) -> None:
     device, author = uid("dev"), uid("author")
     gateway.run_cli("follow", "after", f"devices/{device}")
@@ -282,8 +279,6 @@ def test_a_lone_surrogate_nonce_does_not_stall_the_gateway(mosquitto: Any, gatew
         feed.close()
 
 
-@pytest.mark.xfail(strict=True, reason="devices/telemetry.py:89 math.isfinite() of an int ts beyond float range "
-                   "raises OverflowError, which escapes MqttSource._telemetry (it catches only TelemetryError)")
 def test_a_huge_integer_ts_is_dead_lettered_and_good_events_flow(mosquitto: Any, gateway: GatewayProcess) -> None:
     device = uid("dev")
     gateway.run_cli("follow", "after", f"devices/{device}")

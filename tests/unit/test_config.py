@@ -30,7 +30,7 @@ def test_every_error_names_the_field_and_the_value():
         config.parse(text)
     shown = [str(p) for p in err.value.problems]
     assert "mqtt.broker = 'localhost': must be HOST:PORT" in shown
-    assert "mqtt.keepalive = 0: must be greater than 0" in shown
+    assert "mqtt.keepalive = 0: must be a finite number greater than 0" in shown
     assert any(s.startswith("storage.fsync = 'sometimes': must be one of") for s in shown)
     assert any(s.startswith("influx.api = 'v9'") for s in shown)
     assert "influx.colour = 'blue': unknown setting" in shown

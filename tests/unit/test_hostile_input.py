@@ -4,8 +4,7 @@ Each parser may only ever raise its own error type (with a reason code README li
 accept what its documented rules forbid. The corpus goes through the real topic routing (`MqttSource.handle`), and
 every record it produces, good or bad, must be storable in the real ingest log.
 
-Known bugs are strict xfails, each with a one-line diagnosis; the properties skip exactly those shapes (see
-`_known_bug_*`) so that they stay green and keep guarding everything else.
+A bug found here is recorded as a strict xfail with a one-line diagnosis until it is fixed (none is open now).
 """
 
 from __future__ import annotations
@@ -124,23 +123,6 @@ def _utf8_ok(text: str) -> bool:
     return True
 
 
-# Shapes of known bugs (each has its strict xfail below); the properties step around exactly these.
-def _known_bug_trailing_newline(value: object) -> bool:
-    return isinstance(value, str) and value.endswith("\n")
-
-
-def _known_bug_huge_int_ts(payload: bytes) -> bool:
-    try:
-        doc = json.loads(payload)
-    except (ValueError, RecursionError):
-        return False
-    return isinstance(doc, dict) and type(doc.get("ts")) is int and abs(doc["ts"]) > 2**1023
-
-
-def _known_bug_unstorable_nonce(post: Any) -> bool:
-    return post.nonce is not None and not _utf8_ok(post.nonce)
-
-
 # --- telemetry -----------------------------------------------------------------------------------------------
 
 
@@ -155,8 +137,7 @@ def check_accepted_telemetry(t: Any) -> None:
     for name, value in t.fields.items():
         assert type(value) is float
         assert math.isfinite(value) and abs(value) <= MAX_ABS_VALUE
-        if not _known_bug_trailing_newline(name):
-            assert FIELD_RULE.fullmatch(name), name
+        assert FIELD_RULE.fullmatch(name), name
         assert name not in ("seq", "ts")
     assert t.seq is None or (type(t.seq) is int and 0 <= t.seq <= MAX_SEQ)
     assert t.ts_ms is None or (type(t.ts_ms) is int and MIN_TS_MS <= t.ts_ms <= MAX_TS_MS)
@@ -172,8 +153,6 @@ def check_accepted_telemetry(t: Any) -> None:
 @example(b'{"t": 5e-324}')
 @example(b'{"\\ud800": 1}')
 def test_telemetry_decode_of_any_bytes_raises_only_telemetry_errors(payload: bytes) -> None:
-    if _known_bug_huge_int_ts(payload):
-        return  # test_a_huge_integer_ts_is_bad_ts
     try:
         t = decode(payload)
     except TelemetryError as exc:
@@ -185,8 +164,6 @@ def test_telemetry_decode_of_any_bytes_raises_only_telemetry_errors(payload: byt
 @FAST
 @given(telemetry_docs())
 def test_telemetry_decode_of_hostile_json_objects(doc: dict[str, Any]) -> None:
-    if _known_bug_huge_int_ts(to_json(doc)):
-        return  # test_a_huge_integer_ts_is_bad_ts
     try:
         t = decode(to_json(doc))
     except TelemetryError as exc:
@@ -233,9 +210,9 @@ def check_user_error(exc: Exception) -> None:
 
 def check_accepted_post(post: Any) -> None:
     assert isinstance(post.text, str) and post.text.strip() and len(post.text) <= 5000
-    if post.reply_to is not None and not _known_bug_trailing_newline(post.reply_to):
+    if post.reply_to is not None:
         assert EVENT_ID_RULE.fullmatch(post.reply_to)
-    if post.sponsor is not None and not _known_bug_trailing_newline(post.sponsor):
+    if post.sponsor is not None:
         assert ID_RULE.fullmatch(post.sponsor)
     assert post.nonce is None or (isinstance(post.nonce, str) and 1 <= len(post.nonce) <= 64)
     assert set(post.as_payload()) <= {"text", "reply_to", "sponsor"}
@@ -264,7 +241,7 @@ def test_decode_interaction_raises_only_user_event_errors(payload: bytes) -> Non
         check_user_error(exc)
     else:
         assert item.type in ("like", "unlike", "repost")
-        assert EVENT_ID_RULE.fullmatch(item.event_id) or _known_bug_trailing_newline(item.event_id)
+        assert EVENT_ID_RULE.fullmatch(item.event_id)
 
 
 # --- graph ids and sources -----------------------------------------------------------------------------------
@@ -292,8 +269,7 @@ def test_graph_checks_raise_only_graph_errors_and_never_accept_separators_or_wil
         ident = accepted if check is check_id else accepted.split("/", 1)[1]
         if check is check_source:
             assert accepted.split("/", 1)[0] in ("devices", "users")
-        if not _known_bug_trailing_newline(ident):
-            assert ID_RULE.fullmatch(ident), ident
+        assert ID_RULE.fullmatch(ident), ident
         assert not set(ident) & set("+#/ \x00")
 
 
@@ -406,14 +382,6 @@ def config_docs(draw: Any) -> dict[str, Any]:
     return doc
 
 
-def _known_bug_config(doc: dict[str, Any]) -> bool:
-    def unicode_digit_port(v: Any) -> bool:
-        return isinstance(v, str) and any(c.isdigit() and not c.isdecimal() for c in v)
-
-    return any(isinstance(section, dict) and unicode_digit_port(section.get("broker"))
-               for section in doc.values())
-
-
 def check_config_error(exc: ConfigError, doc: dict[str, Any] | None) -> None:
     assert exc.problems and str(exc)
     for problem in exc.problems:
@@ -427,8 +395,6 @@ def check_config_error(exc: ConfigError, doc: dict[str, Any] | None) -> None:
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(config_docs())
 def test_config_parse_of_any_toml_document_raises_only_config_errors_naming_a_field(doc: dict[str, Any]) -> None:
-    if _known_bug_config(doc):
-        return  # test_config_port_of_unicode_digits_is_a_config_error
     text = toml_document(doc)
     tomllib.loads(text)  # the generator writes valid TOML: every problem found is about the settings
     try:
@@ -455,24 +421,18 @@ def test_config_parse_of_any_text_raises_only_config_errors(text: str) -> None:
         check_config_error(exc, None)
 
 
-@pytest.mark.xfail(strict=True, reason="config._host_port: str.isdigit() accepts '²', then int('²') raises "
-                   "ValueError out of parse; use isdecimal()/isascii() or try int()")
 def test_config_port_of_unicode_digits_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as info:
         config.parse('[mqtt]\nbroker = "127.0.0.1:\u00b2"\n')
     assert info.value.problems[0].field == "mqtt.broker"
 
 
-@pytest.mark.xfail(strict=True, reason="ConfigProblem.__str__ prints the field bare: an empty (or blank) TOML key "
-                   "reads ' = []: unknown setting'; quote fields that are not plain dotted names")
 def test_config_empty_key_is_shown_quoted() -> None:
     with pytest.raises(ConfigError) as info:
         config.parse('"" = []\n')
     assert str(info.value).startswith("''") or str(info.value).startswith('""')
 
 
-@pytest.mark.xfail(strict=True, reason="config._value: float(int) of a huge TOML integer raises OverflowError "
-                   "out of parse instead of a ConfigError naming the field")
 def test_config_huge_integer_for_a_float_setting_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as info:
         config.parse("[mqtt]\nreconnect_min = 1" + "0" * 400 + "\n")
@@ -486,9 +446,6 @@ def test_config_huge_integer_for_a_float_setting_is_a_config_error() -> None:
     ("[pipeline]\nlinger_ms = inf\n", "pipeline.linger_ms"),
     ("[influx]\ntimeout = inf\n", "influx.timeout"),
 ])
-@pytest.mark.xfail(strict=True, reason="config checks compare with < / > only: nan passes _cpm_table, inf passes "
-                   "_positive/_non_negative; micros_per_impression then raises on round(nan|inf); require "
-                   "math.isfinite")
 def test_config_non_finite_numbers_are_rejected(text: str, field: str) -> None:
     with pytest.raises(ConfigError) as info:
         cfg = config.parse(text)
@@ -534,16 +491,12 @@ def test_profile_parse_raises_only_profile_errors(doc: dict[str, Any]) -> None:
                 assert spec.min <= spec.max
 
 
-@pytest.mark.xfail(strict=True, reason="profiles._field: float() of a huge TOML integer raises OverflowError "
-                   "out of parse instead of ProfileError")
 def test_profile_huge_integer_bound_is_a_profile_error() -> None:
     with pytest.raises(profiles.ProfileError):
         profiles.parse('name = "x"\nmatch = ["x-*"]\n[fields.t]\nmin = 1' + "0" * 400 + "\n")
 
 
 @pytest.mark.parametrize("spec", ["min = nan", "max = nan", "scale = nan", "scale = inf", "scale = -inf"])
-@pytest.mark.xfail(strict=True, reason="profiles._field accepts non-finite min/max/scale: a nan bound disables "
-                   "the range check, a non-finite scale breaks serial decoding; require math.isfinite")
 def test_profile_non_finite_numbers_are_profile_errors(spec: str) -> None:
     with pytest.raises(profiles.ProfileError):
         profiles.parse(f'name = "x"\nmatch = ["x-*"]\n[fields.t]\n{spec}\n')
@@ -555,22 +508,10 @@ DEVICE, USER, AUTHOR = "dev-1", "alice", "bob"
 TOPIC_OF = {"telemetry": f"devices/{DEVICE}/telemetry", "posts": f"users/{AUTHOR}/posts",
             "interactions": f"users/{USER}/interactions", "follows": f"users/{USER}/follows"}
 
-# Corpus files that show a bug: the reason the gateway should give, and why it does not yet.
-KNOWN_BUGS = {
-    "telemetry/bad_field_name--trailing-newline.json":
-        "devices/telemetry.py FIELD_NAME uses `$`, which also matches before a trailing newline",
-    "posts/bad_event_id--reply-to-trailing-newline.json":
-        "gateway/user_events.py EVENT_ID uses `$`, which also matches before a trailing newline",
-    "posts/bad_sponsor--trailing-newline.json":
-        "gateway/user_events.py ADVERTISER_ID uses `$`, which also matches before a trailing newline",
-    "posts/bad_nonce--lone-surrogate.json":
-        "a lone-surrogate nonce is accepted; its dedup key cannot be bound by sqlite3 (UnicodeEncodeError), "
-        "so IngestLog.append fails and the ingestor retries the batch forever",
-    "telemetry/bad_ts--integer-10-pow-400.json":
-        "devices/telemetry.py from_mapping: math.isfinite(ts) on an int beyond float range raises OverflowError",
-    "follows/bad_follow--follow-trailing-newline-id.json":
-        "gateway/graph.py ID uses `$`, which also matches before a trailing newline",
-}
+# Corpus files that show a bug: the reason the gateway should give, and why it does not yet (strict xfails).
+# Empty: the bugs the corpus found (trailing newlines in ids, a lone-surrogate nonce, an integer ts beyond float
+# range) are fixed, and their files stay in the corpus as regression tests.
+KNOWN_BUGS: dict[str, str] = {}
 
 
 def corpus_files() -> list[Path]:
@@ -698,8 +639,6 @@ def test_every_record_the_source_makes_is_storable_in_the_log(tmp_path_factory: 
     """Whatever arrives, the source's record (event or dead letter) can be appended to the real log: a record
     the log cannot store would be retried forever and stall every event behind it."""
     topic = f"{'devices' if what == 'telemetry' else 'users'}/{ident}/{what}"
-    if what == "telemetry" and _known_bug_huge_int_ts(payload):
-        return  # test_a_huge_integer_ts_is_bad_ts
     record = _source_record(topic, payload)
     if isinstance(record, DeadLetter):
         assert record.reason in REASONS and record.message
@@ -723,9 +662,6 @@ def _scratch_log(factory: Any) -> IngestLog:
     return _LOGS[0]
 
 
-@pytest.mark.xfail(strict=True, reason="user_events.decode_post accepts a lone-surrogate nonce; Post.dedup_key "
-                   "then cannot be bound by sqlite3, IngestLog.append raises UnicodeEncodeError and the ingestor "
-                   "retries that batch forever (pipeline stall); reject non-UTF-8-encodable nonces as bad_nonce")
 def test_a_lone_surrogate_nonce_is_rejected_not_stored() -> None:
     record = _source_record("users/bob/posts", b'{"text": "hi", "nonce": "\\ud800"}')
     assert isinstance(record, DeadLetter) and record.reason == "bad_nonce"
@@ -733,8 +669,6 @@ def test_a_lone_surrogate_nonce_is_rejected_not_stored() -> None:
 
 @pytest.mark.parametrize("check, value", [
     (check_id, "alice\n"), (check_source, "devices/dev-1\n"), (check_source, "users/bob\n")])
-@pytest.mark.xfail(strict=True, reason="gateway/graph.py ID = ^...$ with re.match: `$` also matches before a "
-                   "trailing newline; use re.fullmatch or \\Z")
 def test_graph_ids_with_a_trailing_newline_are_rejected(check: Any, value: str) -> None:
     with pytest.raises(GraphError):
         check(value)
@@ -743,8 +677,6 @@ def test_graph_ids_with_a_trailing_newline_are_rejected(check: Any, value: str) 
 @pytest.mark.parametrize("payload, reason", [
     (b'{"temperature\\n": 21.4}', "bad_field_name"),
 ])
-@pytest.mark.xfail(strict=True, reason="devices/telemetry.py FIELD_NAME = ^...$ with re.match: `$` also matches "
-                   "before a trailing newline; use re.fullmatch or \\Z")
 def test_telemetry_field_name_with_a_trailing_newline_is_rejected(payload: bytes, reason: str) -> None:
     with pytest.raises(TelemetryError) as info:
         decode(payload)
@@ -752,8 +684,6 @@ def test_telemetry_field_name_with_a_trailing_newline_is_rejected(payload: bytes
 
 
 @pytest.mark.parametrize("field, reason", [("reply_to", "bad_event_id"), ("sponsor", "bad_sponsor")])
-@pytest.mark.xfail(strict=True, reason="gateway/user_events.py EVENT_ID / ADVERTISER_ID = ^...$ with re.match: "
-                   "`$` also matches before a trailing newline; use re.fullmatch or \\Z")
 def test_post_ids_with_a_trailing_newline_are_rejected(field: str, reason: str) -> None:
     value = "019ac9e3a1f40000a1b2c3d4e5f6\n" if field == "reply_to" else "acme\n"
     with pytest.raises(UserEventError) as info:
@@ -761,9 +691,6 @@ def test_post_ids_with_a_trailing_newline_are_rejected(field: str, reason: str) 
     assert info.value.reason == reason
 
 
-@pytest.mark.xfail(strict=True, reason="devices/telemetry.py:89 math.isfinite(ts) raises OverflowError for an int "
-                   "ts beyond float range (e.g. 10**400): it escapes decode() and MqttSource._telemetry, which catch "
-                   "only TelemetryError; check the int range before isfinite")
 def test_a_huge_integer_ts_is_bad_ts() -> None:
     with pytest.raises(TelemetryError) as info:
         decode(b'{"ts": 1' + b"0" * 400 + b', "temperature": 21.4}')

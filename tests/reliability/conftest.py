@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -19,15 +18,10 @@ MakeGateway = Callable[..., GatewayProcess]
 def durable_mosquitto(tmp_path: Path) -> Iterator[servers.Server]:
     """A private mosquitto whose persistence really reaches the disk, for tests that restart the broker.
 
-    Started as root, mosquitto drops to the `mosquitto` user unless told otherwise, and that user cannot write into
-    pytest's 0700 tmp folders: `private_mosquitto` then logs "Error: Permission denied" at every autosave and a
-    restart comes back with no sessions at all. Running as the invoking user keeps the project's config otherwise
-    unchanged (persistence on, autosave every 5 s and at shutdown).
+    `servers.mosquitto` already keeps a broker started as root from dropping to a user that cannot write the
+    test's folder; this fixture checks that persistence really worked: a restart must come back with its sessions.
     """
     server = servers.mosquitto(tmp_path)
-    if os.geteuid() == 0:
-        conf = server.data_dir / "mosquitto.conf"
-        conf.write_text(conf.read_text() + "\nuser root\n")
     server.start()
     yield server
     server.kill()

@@ -1,6 +1,7 @@
 """A misbehaving InfluxDB in front of a real one: a stdlib HTTP server on loopback, run in a thread.
 
-Writes (`POST /write`) go through scripted phases, timed from the first write it sees: answer 500; answer 429 with a
+Writes (`POST /write`) go through scripted phases, each lasting its time and at least one write (a client backing off
+for longer than a phase must still meet every phase), from the first write it sees: answer 500; answer 429 with a
 Retry-After; answer slowly (longer than the client's timeout, and the write is then stored anyway, as when a reply
 is lost on the way back); then forward every write to the real database. Every other request is always forwarded.
 """
@@ -18,7 +19,7 @@ from typing import Any
 @dataclass(frozen=True)
 class Phase:
     name: str
-    seconds: float  # how long it lasts; the last phase lasts for ever
+    seconds: float  # how long it lasts at least (and at least one write); the last phase lasts for ever
 
 
 class FlakyInflux:
@@ -30,6 +31,8 @@ class FlakyInflux:
         self.retry_after = retry_after
         self.answers: dict[str, int] = {p.name: 0 for p in phases}
         self._first_write: float | None = None
+        self._index = 0
+        self._since = 0.0
         self._lock = threading.Lock()
         owner = self
 
@@ -69,17 +72,19 @@ class FlakyInflux:
         with self._lock:
             if self._first_write is None:
                 return self.phases[0].name
-            elapsed = time.monotonic() - self._first_write
-        for p in self.phases:
-            if elapsed < p.seconds:
-                return p.name
-            elapsed -= p.seconds
-        return self.phases[-1].name
+            now = time.monotonic()
+            while self._index < len(self.phases) - 1:
+                current = self.phases[self._index]
+                if now - self._since < current.seconds or self.answers[current.name] == 0:
+                    break
+                self._index += 1
+                self._since = now
+            return self.phases[self._index].name
 
     def _write(self, req: http.server.BaseHTTPRequestHandler, body: bytes) -> None:
         with self._lock:
             if self._first_write is None:
-                self._first_write = time.monotonic()
+                self._first_write = self._since = time.monotonic()
         name = self.phase()
         with self._lock:
             self.answers[name] += 1

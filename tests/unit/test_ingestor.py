@@ -127,3 +127,21 @@ def test_dead_letters_are_logged_counted_and_handed_on(tmp_path):
 def test_unknown_metric_names_are_a_programming_error():
     with pytest.raises(KeyError):
         Metrics().inc("recieved")
+
+
+def test_an_item_the_log_cannot_store_is_dead_lettered_and_the_rest_of_its_batch_goes_through(tmp_path):
+    async def scenario():
+        log = IngestLog(tmp_path / "log.db")
+        metrics = Metrics()
+        ingestor = Ingestor(log, ThreadPoolExecutor(1), metrics)
+        ingestor.start()
+        unstorable = Ingested(new_event_id(), "users/u1", "post", 1, {"text": "hi"}, "n:\ud800")  # lone surrogate
+        await asyncio.wait_for(asyncio.gather(ingestor.append(item(1)), ingestor.append(unstorable),
+                                              ingestor.append(item(2))), 10)
+        await ingestor.close()
+        return log, metrics
+
+    log, metrics = run(scenario())
+    assert [e.payload["seq"] for e in log.read(0, 10)] == [1, 2]
+    assert [d.reason for d in log.deadletters()] == ["unstorable"]
+    assert metrics.deadletter_reasons["unstorable"] == 1

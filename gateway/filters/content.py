@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import onnxruntime as ort
 
 from gateway.event import Verdict
+from gateway.filters.onnx_session import open_session
 
 CLEAN = "clean"
 SENSITIVE = "sensitive"
@@ -102,16 +102,8 @@ class ContentClassifier:
         block_threshold: float | None = None,
         intra_op_threads: int = 1,
     ) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # onnxruntime's CPU arena keeps tens of MB per session for a model this small (measured: 44 MB with the
-        # arena, 8 MB without, same speed); on a Raspberry Pi that memory matters more.
-        options.enable_cpu_mem_arena = False
-        options.enable_mem_pattern = False
-        self.session: Any = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.session: Any
+        self.session, meta = open_session(model_path, intra_op_threads)
         self.name, self.version, default_mark, default_block = _read_metadata(meta, model_path)
         self.mark_threshold = default_mark if mark_threshold is None else float(mark_threshold)
         self.block_threshold = default_block if block_threshold is None else float(block_threshold)

@@ -118,7 +118,6 @@ class Pipeline:
         self._generation = 0
         self._rewind_to: int | None = None
         self._draining = False
-        self._wake = asyncio.Event()
         self._verdicts_saved_upto = 0  # events up to here may have verdicts from before a restart
         self.cursor = 0  # last offset handed to fan-out
         self.committed = 0  # last offset whose processing finished
@@ -132,7 +131,7 @@ class Pipeline:
         log.info("pipeline resumes after offset %d", self.cursor)
         committer = asyncio.create_task(self._commit_loop(), name="pipeline-committer")
         try:
-            await self._process_loop(loop)
+            await self._process_loop()
             await self._queue.join()
         finally:
             committer.cancel()
@@ -140,10 +139,9 @@ class Pipeline:
     def drain(self) -> None:
         """Finish what is in the log, then return from run()."""
         self._draining = True
-        self._wake.set()
         self._ingestor.appended.set()
 
-    async def _process_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _process_loop(self) -> None:
         appended = self._ingestor.appended
         linger = self._cfg.pipeline.linger_ms / 1000
         while True:
@@ -164,8 +162,7 @@ class Pipeline:
 
     async def _process(self, events: list[Event]) -> ProcessedBatch:
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        verdicts = await self._verdicts(loop, events)
+        verdicts = await self._verdicts(events)
         blocked = {o for o, v in verdicts.items() if v.label == BLOCKED}
         envelopes = {e.offset: envelope(e, (verdicts[e.offset],) if e.offset in verdicts else ())
                      for e in events if e.kind != KIND_INTERACTION}
@@ -247,7 +244,7 @@ class Pipeline:
                               acks, encode(points), len(points), started, impressions, revenue,
                               plan.changed | impressions.keys())
 
-    async def _verdicts(self, loop: asyncio.AbstractEventLoop, events: list[Event]) -> dict[int, Verdict]:
+    async def _verdicts(self, events: list[Event]) -> dict[int, Verdict]:
         """The models' verdicts for a batch: computed once, stored before anything is published, and reused when
         the batch is replayed after a crash, so followers and InfluxDB see the same verdict both times."""
         saved: dict[int, str] = {}
@@ -283,18 +280,17 @@ class Pipeline:
     async def _commit_loop(self) -> None:
         """Commit batches in order. Whatever is queued when the committer comes round is committed together:
         one wait for acknowledgements, one outbox write, one progress commit, however many batches that is."""
-        loop = asyncio.get_running_loop()
         while True:
             group = [await self._queue.get()]
             while not self._queue.empty():
                 group.append(self._queue.get_nowait())
             try:
-                await self._commit_group(loop, [b for b in group if b.generation == self._generation])
+                await self._commit_group([b for b in group if b.generation == self._generation])
             finally:
                 for _ in group:
                     self._queue.task_done()
 
-    async def _commit_group(self, loop: asyncio.AbstractEventLoop, group: list[ProcessedBatch]) -> None:
+    async def _commit_group(self, group: list[ProcessedBatch]) -> None:
         if not group:
             return  # published before a rewind; they will be processed again
         try:

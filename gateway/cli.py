@@ -39,12 +39,13 @@ def main() -> None:
 @click.option("--influx-api", type=click.Choice(["v1", "v2", "none"]), help="Overrides influx.api.")
 @click.option("--data-dir", help="Folder for the log, graph and outbox (overrides storage.data_dir).")
 @click.option("--client-id", help="MQTT client id (overrides mqtt.client_id).")
+@click.option("--health", help="HOST:PORT of the health endpoint, '' to turn it off (overrides health.listen).")
 @click.option("--serial", "serial_ports", multiple=True, metavar="PATH",
               help="Serial port path or glob; repeatable (overrides serial.ports).")
 @click.option("--log-level", default="INFO", show_default=True)
 def run(config_path: str | None, broker: str | None, influx_url: str | None, influx_db: str | None,
-        influx_api: str | None, data_dir: str | None, client_id: str | None, serial_ports: tuple[str, ...],
-        log_level: str) -> None:
+        influx_api: str | None, data_dir: str | None, client_id: str | None, health: str | None,
+        serial_ports: tuple[str, ...], log_level: str) -> None:
     """Run the gateway daemon until SIGTERM or SIGINT."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -55,6 +56,7 @@ def run(config_path: str | None, broker: str | None, influx_url: str | None, inf
             influx={"url": influx_url, "database": influx_db, "api": influx_api},
             storage={"data_dir": data_dir},
             serial={"ports": list(serial_ports) or None},
+            health={"listen": health},
         )
     except ConfigError as exc:
         _fail(exc, config_path or "command line")

@@ -87,6 +87,14 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    listen: str = _f("127.0.0.1:8787", "Where GET /health and GET /status answer; keep it on loopback. Port 0: "
+                     "any free port (shown by `gateway status`). Empty: off.",
+                     lambda v: None if v == "" or v.endswith(":0") or _host_port(v) is None
+                     else "must be HOST:PORT or empty")
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     max_payload_bytes: int = _f(16_384, "Largest accepted telemetry payload.", _positive)
     max_fields: int = _f(64, "Most numeric fields in one telemetry message.", _positive)
@@ -191,6 +199,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     content: ContentConfig = field(default_factory=ContentConfig)
     social: SocialConfig = field(default_factory=SocialConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     influx: InfluxConfig = field(default_factory=InfluxConfig)
     serial: SerialConfig = field(default_factory=SerialConfig)
     profiles_dir: str = _f("devices/profiles", "Folder of device profile TOML files.")

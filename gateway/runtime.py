@@ -28,6 +28,7 @@ from devices.profiles import ProfileIndex, load_dir
 from gateway.config import Config, InfluxConfig
 from gateway.fanout import DEADLETTER_TOPIC
 from gateway.graph import FollowerGraph
+from gateway.health import HealthServer
 from gateway.ingest import Ingestor
 from gateway.ingest_log import DeadLetter, IngestLog
 from gateway.metrics import Metrics
@@ -98,6 +99,7 @@ class Gateway:
                              synchronous="normal" if cfg.storage.fsync == "normal" else "full")
         self.drainer: Drainer | None = None
         self.failed = False
+        self.health_address: str | None = None
         if cfg.influx.api != "none":
             self.drainer = Drainer(self.outbox, make_writer(cfg.influx))
         self.profiles = ProfileIndex(load_dir(cfg.profiles_path()))
@@ -175,6 +177,15 @@ class Gateway:
         stats = asyncio.create_task(self.stats.run(), name="stats")
         for task in (self.ingestor.task, pipeline, housekeeping, stats):
             task.add_done_callback(functools.partial(self._supervise, stop))
+        health = None
+        if self.cfg.health.listen:
+            health = HealthServer(self.cfg.health.listen, self.status, self._problem)
+            try:
+                await health.start()
+                self.health_address = f"{self.cfg.health.listen.rpartition(':')[0]}:{health.port}"
+            except OSError as exc:  # a port in use must not keep the gateway from doing its job
+                log.error("health endpoint not started on %s: %s", self.cfg.health.listen, exc)
+                health = None
         await self.link.connect()
         if self.serial is not None:  # after the MQTT link, like the MQTT source: the stages behind it are running
             self.serial.start()
@@ -191,6 +202,8 @@ class Gateway:
             pipeline.cancel()
         housekeeping.cancel()
         stats.cancel()
+        if health is not None:
+            await health.close()
         if self.link.client.is_connected:  # the deadline passed before the orderly disconnect
             await self.link.close()
         await self._write_metrics_point(loop)
@@ -254,9 +267,22 @@ class Gateway:
             "broker": self.cfg.mqtt.broker,
             "mqtt_connected": self.link.connected.is_set(),
             "committed_offset": self.pipeline.committed,
+            "health_endpoint": self.health_address,
+            "healthy": self._problem() is None,
+            "problem": self._problem(),
             "metrics": self.metrics.snapshot_counts(),
             "deadletter_reasons": dict(self.metrics.deadletter_reasons),
         }
+
+    def _problem(self) -> str | None:
+        """Why the gateway is not healthy, or None."""
+        if not self.link.connected.is_set():
+            return "not connected to the MQTT broker"
+        if self._log_over_budget():
+            return "ingest log disk budget reached: not acknowledging new events"
+        if self.outbox.over_budget():
+            return "InfluxDB outbox over its disk budget: pipeline held"
+        return None
 
     def _write_status(self) -> None:
         """`status.json` in the data folder, replaced atomically every second: what `gateway status` shows."""

@@ -20,7 +20,7 @@ class GatewayProcess:
         self.data_dir = data_dir
         self.client_id = client_id
         self.argv = [sys.executable, "-m", "gateway.cli", "run", "--broker", broker, "--data-dir", str(data_dir),
-                     "--client-id", client_id, *extra]
+                     "--client-id", client_id, "--health", "127.0.0.1:0", *extra]
         if config is not None:
             self.argv += ["--config", str(config)]
         self.log_path = data_dir.parent / f"{data_dir.name}-gateway.log"

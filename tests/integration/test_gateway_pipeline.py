@@ -245,3 +245,25 @@ def test_sigterm_under_load_shuts_down_in_order_and_loses_nothing(mosquitto, gat
     assert feed.wait_for(lambda m: {json.loads(p)["payload"]["seq"] for _, p, _ in m} == set(range(3000)),
                          timeout=60)
     feed.close()
+
+
+def test_the_health_endpoint_answers_on_loopback_and_reports_a_lost_broker(private_mosquitto, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    gw = GatewayProcess(tmp_path / "gwh", private_mosquitto.address, "--influx-api", "none", client_id=uid("gwh"))
+    try:
+        status = gw.start().wait_status(lambda s: s.get("health_endpoint"))
+        url = f"http://{status['health_endpoint']}"
+        assert url.startswith("http://127.0.0.1:") and not url.endswith(":8787")  # --health 127.0.0.1:0 was used
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
+            assert resp.status == 200 and resp.read() == b"ok\n"
+        with urllib.request.urlopen(f"{url}/status", timeout=5) as resp:
+            assert json.loads(resp.read())["mqtt_connected"] is True
+        private_mosquitto.kill()
+        gw.wait_status(lambda s: not s["mqtt_connected"])
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{url}/health", timeout=5)
+        assert err.value.code == 503 and b"not connected" in err.value.read()
+    finally:
+        gw.kill()

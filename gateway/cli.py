@@ -152,6 +152,39 @@ def unfollow(follower: str, source: str, config_path: str | None, data_dir: str 
     click.echo(f"{follower} unfollowed {source}" if removed else f"{follower} was not following {source}")
 
 
+@main.command("import-follows")
+@click.argument("edges", type=click.File("r", encoding="utf-8", errors="replace"))
+@_with_graph_options
+def import_follows(edges: Any, config_path: str | None, data_dir: str | None) -> None:
+    """Add the follows listed in EDGES ('-': standard input), one `FOLLOWER SOURCE` pair per line ('#' starts a
+    comment), in large transactions: the way to load a whole graph. A line that is not a valid pair is reported
+    and skipped (exit status 1); the others are imported."""
+    from gateway.graph import FOLLOW, Change, GraphError
+
+    bad: list[str] = []
+
+    def changes() -> Any:
+        for number, line in enumerate(edges, 1):
+            fields = line.split("#", 1)[0].split()
+            if not fields:
+                continue
+            try:
+                if len(fields) != 2:
+                    raise GraphError("expected FOLLOWER SOURCE")
+                yield Change(FOLLOW, fields[0], fields[1])
+            except GraphError as exc:
+                bad.append(f"line {number}: {exc}")
+
+    added, already = _graph(config_path, data_dir).import_changes(changes())
+    click.echo(f"{added} follows added, {already} already present, {len(bad)} bad lines")
+    for message in bad[:20]:
+        click.echo(f"  {message}", err=True)
+    if len(bad) > 20:
+        click.echo(f"  ... and {len(bad) - 20} more", err=True)
+    if bad:
+        sys.exit(1)
+
+
 @main.command()
 @click.argument("follower")
 @_with_graph_options

@@ -68,21 +68,28 @@ def load_corpus(path: Path | None, limit: int = 20_000) -> list[str]:
 
 
 def power_law_follows(users: list[str], per_user: int, rng: random.Random) -> list[tuple[str, str]]:
-    """(follower, followee) edges by preferential attachment."""
-    followers = defaultdict(int)
-    pool: list[str] = list(users)  # each user once (the +1), plus once per follower gained
+    """(follower, followee) edges of a scale-free graph (Price's model): users join one by one and follow
+    `per_user` earlier users on average, each picked with probability proportional to its followers + 1. The
+    followers-per-user distribution is a power law with exponent about 2 + 1/per_user, so a 100,000-user graph has a
+    handful of users with over 10,000 followers, as real social graphs do, and most users with a few."""
     edges: set[tuple[str, str]] = set()
-    for user in users:
-        want = max(1, min(len(users) - 1, int(rng.paretovariate(1.5) * per_user / 3)))
+    by_degree: list[str] = []  # one entry per follower gained: sampling it picks proportionally to followers
+    p_popular = per_user / (per_user + 1.0)
+    for joined, user in enumerate(users):
+        if joined == 0:
+            continue
+        want = min(joined, max(1, round(rng.expovariate(1.0 / per_user))))
         tries = 0
         while want and tries < want * 10:
             tries += 1
-            target = rng.choice(pool)
-            if target == user or (user, target) in edges:
+            if by_degree and rng.random() < p_popular:
+                target = rng.choice(by_degree)
+            else:
+                target = users[rng.randrange(joined)]
+            if (user, target) in edges:
                 continue
             edges.add((user, target))
-            followers[target] += 1
-            pool.append(target)
+            by_degree.append(target)
             want -= 1
     return sorted(edges)
 

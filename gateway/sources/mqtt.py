@@ -10,7 +10,6 @@ here: a failure to store keeps the handler waiting (the ingestor retries), so th
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -21,7 +20,7 @@ from devices.profiles import ProfileIndex
 from devices.telemetry import TelemetryError, decode
 from gateway.config import LimitsConfig, SocialConfig
 from gateway.event import KIND_TELEMETRY, Ingested, new_event_id
-from gateway.graph import ID, FollowerGraph, GraphError, check_source
+from gateway.graph import FOLLOW, ID, Change, FollowerGraph, GraphError, GraphWriter, check_source
 from gateway.ingest import Ingestor
 from gateway.ingest_log import DeadLetter
 from gateway.metrics import Metrics
@@ -37,8 +36,7 @@ class MqttSource:
     def __init__(self, ingestor: Ingestor, graph: FollowerGraph, storage: Executor, profiles: ProfileIndex,
                  limits: LimitsConfig, metrics: Metrics, social: SocialConfig | None = None) -> None:
         self._ingestor = ingestor
-        self._graph = graph
-        self._storage = storage
+        self._graph_writer = GraphWriter(graph, storage)
         self._profiles = profiles
         self._limits = limits
         self._social = social or SocialConfig()
@@ -138,13 +136,8 @@ class MqttSource:
         except GraphError as exc:
             await self._reject(topic, "bad_follow", str(exc), payload)
             return
-        loop = asyncio.get_running_loop()
-        if action == "follow":
-            await loop.run_in_executor(self._storage, self._graph.follow, follower, source)
-            self._metrics.inc("follows")
-        else:
-            await loop.run_in_executor(self._storage, self._graph.unfollow, follower, source)
-            self._metrics.inc("unfollows")
+        await self._graph_writer.submit(Change(action, follower, source))
+        self._metrics.inc("follows" if action == FOLLOW else "unfollows")
 
     async def _reject(self, origin: str, reason: str, message: str, payload: bytes) -> None:
         await self._ingestor.dead_letter(_dead(origin, reason, message, payload))

@@ -52,3 +52,23 @@ def test_status_without_a_daemon_says_so(tmp_path):
     result = CliRunner().invoke(main, ["status", "--data-dir", str(tmp_path)])
     assert result.exit_code == 1
     assert "is the gateway running" in result.output
+
+
+def test_import_follows_loads_a_graph_and_reports_bad_lines(tmp_path):
+    edges = tmp_path / "edges.txt"
+    edges.write_text("# follower source\nalice users/bob\ncarol users/bob  # a fan\nalice users/bob\n\n"
+                     "mallory users/+\njust-one-field\nbob devices/dev-1\n")
+    result = CliRunner().invoke(main, ["import-follows", str(edges), "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1, result.output
+    assert "3 follows added, 1 already present, 2 bad lines" in result.output
+    assert "line 6: source id '+'" in result.output
+    assert "line 7: expected FOLLOWER SOURCE" in result.output
+    listing = CliRunner().invoke(main, ["following", "alice", "--data-dir", str(tmp_path)])
+    assert listing.output.split() == ["users/bob"]
+
+
+def test_import_follows_reads_standard_input(tmp_path):
+    result = CliRunner().invoke(main, ["import-follows", "-", "--data-dir", str(tmp_path)],
+                                input="dave devices/dev-9\n")
+    assert result.exit_code == 0, result.output
+    assert "1 follows added, 0 already present, 0 bad lines" in result.output

@@ -1,6 +1,10 @@
+import asyncio
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
-from gateway.graph import FollowerGraph, GraphError
+from gateway.graph import FOLLOW, UNFOLLOW, Change, FollowerGraph, GraphError, GraphWriter
 
 
 def test_follow_and_unfollow_persist(tmp_path):
@@ -35,3 +39,81 @@ def test_ids_that_could_escape_their_topic_level_are_refused(tmp_path, follower,
     g = FollowerGraph(tmp_path / "graph.db")
     with pytest.raises(GraphError):
         g.follow(follower, source)
+
+
+def test_a_batch_is_applied_in_order_and_reports_what_changed(tmp_path):
+    g = FollowerGraph(tmp_path / "graph.db")
+    done = g.apply([Change(FOLLOW, "a", "users/x"), Change(FOLLOW, "b", "users/x"), Change(FOLLOW, "a", "users/x"),
+                    Change(UNFOLLOW, "b", "users/x"), Change(UNFOLLOW, "c", "users/x")])
+    assert done == [True, True, False, True, False]
+    assert g.followers("users/x") == {"a"}
+    assert g.edges() == 1
+    g.close()
+    assert FollowerGraph(tmp_path / "graph.db").followers("users/x") == {"a"}
+
+
+def test_a_batch_with_a_failing_write_changes_nothing(tmp_path):
+    g = FollowerGraph(tmp_path / "graph.db")
+    g.follow("a", "users/x")
+    g._db.execute("CREATE TRIGGER no_bob BEFORE INSERT ON follows WHEN NEW.follower = 'bob' "
+                  "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    with pytest.raises(sqlite3.IntegrityError):
+        g.apply([Change(FOLLOW, "carol", "users/x"), Change(FOLLOW, "bob", "users/x")])
+    assert g.followers("users/x") == {"a"}
+    g.reload()
+    assert g.followers("users/x") == {"a"}, "the batch was not rolled back"
+
+
+def test_a_change_is_validated_when_it_is_made():
+    with pytest.raises(GraphError):
+        Change("block", "a", "users/x")
+    with pytest.raises(GraphError):
+        Change(FOLLOW, "a/b", "users/x")
+
+
+def test_import_applies_a_long_stream_in_chunks(tmp_path):
+    g = FollowerGraph(tmp_path / "graph.db")
+    stream = (Change(FOLLOW, f"f{i}", f"users/u{i % 7}") for i in range(1000))
+    assert g.import_changes(stream, chunk=64) == (1000, 0)
+    assert g.edges() == 1000
+    assert len(g.followers("users/u3")) == len([i for i in range(1000) if i % 7 == 3])
+
+
+def test_live_requests_arriving_together_share_one_transaction(tmp_path):
+    g = FollowerGraph(tmp_path / "graph.db")
+    calls: list[int] = []
+    real_apply = g.apply
+    g.apply = lambda changes: calls.append(len(changes)) or real_apply(changes)  # type: ignore[method-assign]
+
+    async def burst() -> list[bool]:
+        with ThreadPoolExecutor(1) as storage:
+            writer = GraphWriter(g, storage)
+            return await asyncio.gather(*(writer.submit(Change(FOLLOW, f"f{i}", "users/star")) for i in range(200)),
+                                        writer.submit(Change(FOLLOW, "f0", "users/star")))
+
+    results = asyncio.run(burst())
+    assert results == [True] * 200 + [False]
+    assert sum(calls) == 201
+    assert len(calls) <= 3, f"{len(calls)} transactions for one burst"
+    assert len(g.followers("users/star")) == 200
+
+
+def test_a_storage_failure_keeps_the_requests_waiting_and_retries(tmp_path):
+    g = FollowerGraph(tmp_path / "graph.db")
+    failures = [sqlite3.OperationalError("database or disk is full")] * 2
+    real_apply = g.apply
+
+    def flaky(changes):
+        if failures:
+            raise failures.pop()
+        return real_apply(changes)
+
+    g.apply = flaky  # type: ignore[method-assign]
+
+    async def one() -> bool:
+        with ThreadPoolExecutor(1) as storage:
+            return await GraphWriter(g, storage).submit(Change(FOLLOW, "a", "users/x"))
+
+    assert asyncio.run(one()) is True
+    assert not failures
+    assert g.followers("users/x") == {"a"}

@@ -41,6 +41,7 @@ from gateway.sinks.influx import InfluxV1Writer, InfluxV2Writer, Writer
 from gateway.sinks.lineprotocol import Point, encode
 from gateway.sources.mqtt import MqttSource
 from gateway.sources.serial import SerialSettings, SerialSources
+from gateway.systemd import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class Gateway:
         self.drainer: Drainer | None = None
         self.failed = False
         self.health_address: str | None = None
+        self.notifier = Notifier()
         if cfg.influx.api != "none":
             self.drainer = Drainer(self.outbox, make_writer(cfg.influx))
         self.profiles = ProfileIndex(load_dir(cfg.profiles_path()))
@@ -186,6 +188,9 @@ class Gateway:
             except OSError as exc:  # a port in use must not keep the gateway from doing its job
                 log.error("health endpoint not started on %s: %s", self.cfg.health.listen, exc)
                 health = None
+        # Ready once the local stages run: the broker may be down at boot, and the gateway's job then is to keep
+        # trying (STATUS says so), not to be killed by systemd's start timeout.
+        self.notifier.ready(f"connecting to {self.cfg.mqtt.broker}")
         await self.link.connect()
         if self.serial is not None:  # after the MQTT link, like the MQTT source: the stages behind it are running
             self.serial.start()
@@ -193,6 +198,7 @@ class Gateway:
                  self.cfg.storage.data_dir, self.cfg.influx.api)
         await stop.wait()
         log.info("shutting down (deadline %.0fs)", deadline)
+        self.notifier.stopping()
         try:
             await asyncio.wait_for(self._shutdown(pipeline), deadline * 0.8)
         except (asyncio.TimeoutError, TimeoutError):
@@ -215,6 +221,7 @@ class Gateway:
         self.graph.close()
         self.storage.shutdown()
         self.outbox_storage.shutdown()
+        self.notifier.close()
 
     def _supervise(self, stop: asyncio.Event, task: asyncio.Task[None]) -> None:
         """A stage that ends on its own before shutdown is a bug: stop the daemon loudly (exit status 1) so that
@@ -259,6 +266,20 @@ class Gateway:
             except (sqlite3.Error, OSError) as exc:  # a full disk: say so, keep going, try again next second
                 self.metrics.inc("storage_errors")
                 log.error("housekeeping: %s", exc)
+            self._notify_systemd()
+
+    def _notify_systemd(self) -> None:
+        """Status text every second, and the watchdog keep-alive: sent from here because this loop needs both the
+        event loop and the storage thread to make progress, so a hung loop or a hung disk stops the keep-alives and
+        systemd restarts the daemon. A broker or database outage does not: restarting cannot cure those."""
+        if not self.notifier.enabled:
+            return
+        problem = self._problem()
+        text = f"committed offset {self.pipeline.committed}; " + (problem or "healthy")
+        if self.notifier.watchdog_seconds is not None:
+            self.notifier.send("WATCHDOG=1", f"STATUS={text}")
+        else:
+            self.notifier.status(text)
 
     def status(self) -> dict[str, object]:
         return {

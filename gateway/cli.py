@@ -61,6 +61,10 @@ def run(config_path: str | None, broker: str | None, influx_url: str | None, inf
     except ConfigError as exc:
         _fail(exc, config_path or "command line")
         return
+    tls_problems = config_mod.tls_files(cfg.mqtt)
+    if tls_problems:
+        _fail(ConfigError(tls_problems), config_path or "command line")
+        return
     logging.getLogger(__name__).info("config: %s", config_mod.as_dict(cfg, redact=True))
     from gateway.runtime import run as run_gateway
 
@@ -79,6 +83,14 @@ def check_config(path: str) -> None:
     problems = []
     if cfg.anomaly.enabled and not cfg.model_path().exists():
         problems.append(f"anomaly.model = {cfg.anomaly.model!r}: file not found")
+    problems += [str(p) for p in config_mod.tls_files(cfg.mqtt)]
+    if not problems and cfg.mqtt.tls:
+        from gateway.mqtt_link import tls_context
+
+        try:
+            tls_context(cfg.mqtt)
+        except ConfigError as exc:
+            problems += [str(p) for p in exc.problems]
     if not cfg.profiles_path().is_dir():
         problems.append(f"profiles_dir = {cfg.profiles_dir!r}: folder not found")
     else:

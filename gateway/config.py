@@ -71,6 +71,15 @@ class MqttConfig:
                            "acknowledging and the broker holds the rest.", _positive)
     reconnect_min: float = _f(0.5, "First reconnect delay in seconds (doubles per failure, jittered).", _positive)
     reconnect_max: float = _f(30.0, "Longest reconnect delay in seconds.", _positive)
+    tls: bool = _f(False, "Connect over TLS; the broker's certificate must chain to `ca_file` (or a CA the system "
+                   "trusts) and name the host of `broker`.")
+    ca_file: str = _f("", "CA certificate(s), PEM, that the broker's certificate must chain to; empty: the "
+                      "system's trusted CAs. Needs `tls`.")
+    cert_file: str = _f("", "Client certificate, PEM, for a broker that requires one; empty: none. Needs `tls`.")
+    key_file: str = _f("", "Private key of `cert_file`, PEM; empty: the key is in `cert_file`.")
+    tls_insecure: bool = _f(False, "Do not check that the broker's certificate names the host in `broker` (the "
+                            "chain is still verified). Only for a broker reached by an address its certificate "
+                            "does not list.")
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,11 @@ class LimitsConfig:
     max_fields: int = _f(64, "Most numeric fields in one telemetry message.", _positive)
     deadletter_per_second: float = _f(20.0, "Dead letters published per second at most (all are counted).",
                                       _positive)
+    per_source_rate: float = _f(0.0, "Events per second each source (devices/ID, users/ID) may send on average; "
+                                "beyond it (and its burst) events are dead-lettered with reason `rate_limited`. "
+                                "0: no limit.", _non_negative)
+    per_source_burst: float = _f(0.0, "Events a source may send at once before `per_source_rate` applies (token "
+                                 "bucket size); 0: twice the rate, at least 1.", _non_negative)
 
 
 @dataclass(frozen=True)
@@ -266,7 +280,43 @@ def from_dict(doc: dict[str, Any]) -> Config:
                 kwargs[key] = checked
     if problems:
         raise ConfigError(problems)
-    return Config(**kwargs)
+    cfg = Config(**kwargs)
+    problems = _consistency(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _consistency(cfg: Config) -> list[ConfigProblem]:
+    """Settings that are valid alone but not together. Fail closed: TLS files without `tls` would otherwise send
+    the password in the clear to someone who believes the link is encrypted."""
+    problems = []
+    m = cfg.mqtt
+    if not m.tls:
+        for name in ("ca_file", "cert_file", "key_file", "tls_insecure"):
+            if getattr(m, name):
+                problems.append(ConfigProblem(f"mqtt.{name}", getattr(m, name), "needs mqtt.tls = true"))
+    if m.key_file and not m.cert_file:
+        problems.append(ConfigProblem("mqtt.key_file", m.key_file, "needs mqtt.cert_file"))
+    if cfg.limits.per_source_burst and not cfg.limits.per_source_rate:
+        problems.append(ConfigProblem("limits.per_source_burst", cfg.limits.per_source_burst,
+                                      "needs limits.per_source_rate"))
+    return problems
+
+
+def tls_files(m: MqttConfig) -> list[ConfigProblem]:
+    """The TLS files that are named but cannot be read (checked when the daemon starts and by check-config,
+    not by `parse`: the file may live only on the machine that runs the gateway)."""
+    problems = []
+    for name in ("ca_file", "cert_file", "key_file"):
+        path = getattr(m, name)
+        if m.tls and path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                problems.append(ConfigProblem(f"mqtt.{name}", path, exc.strerror or str(exc)))
+    return problems
 
 
 def _section(cls: type, prefix: str, table: dict[str, Any], problems: list[ConfigProblem]) -> Any:

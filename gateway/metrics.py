@@ -19,6 +19,7 @@ COUNTERS = (
     "deadlettered",        # bad input rejected with a reason
     "deadletters_published",
     "deadletters_suppressed",  # over the publish rate limit (still logged and counted)
+    "rate_limited",        # events over limits.per_source_rate (dead-lettered with reason rate_limited)
     "filtered",            # events scored by the anomaly model
     "anomalies",           # events flagged anomalous
     "delivered",           # publishes to followers' feeds acknowledged by the broker

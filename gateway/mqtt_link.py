@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -23,7 +24,7 @@ import gmqtt
 from gmqtt.mqtt.constants import MQTTv50, MQTTv311
 from gmqtt.storage import PersistentStorage
 
-from gateway.config import MqttConfig
+from gateway.config import ConfigError, ConfigProblem, MqttConfig, tls_files
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,30 @@ def coalesce_writes(client: gmqtt.Client) -> None:
     conn._protocol._transport = coalescer  # noqa: SLF001 - used for every other packet
 
 
+def tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
+    """The TLS context for `mqtt.tls`, or None without TLS. Raises ConfigError naming the setting when a file is
+    missing or unusable, so the daemon stops at start instead of retrying a connection that cannot work."""
+    if not cfg.tls:
+        return None
+    problems = tls_files(cfg)
+    if problems:
+        raise ConfigError(problems)
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)  # verifies the chain and, by default, the name
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    setting, path = "mqtt.ca_file", cfg.ca_file
+    try:
+        if cfg.ca_file:
+            ctx.load_verify_locations(cafile=cfg.ca_file)
+        if cfg.cert_file:
+            setting, path = "mqtt.cert_file", cfg.cert_file
+            ctx.load_cert_chain(cfg.cert_file, cfg.key_file or None)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError([ConfigProblem(setting, path, f"cannot be used for TLS ({exc})")]) from None
+    if cfg.tls_insecure:
+        ctx.check_hostname = False  # the chain is still verified (verify_mode stays CERT_REQUIRED)
+    return ctx
+
+
 @dataclass
 class Backoff:
     """Capped exponential backoff with full jitter."""
@@ -200,6 +225,7 @@ class MqttLink:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.set_config({"reconnect_retries": -1, "reconnect_delay": cfg.reconnect_min})
+        self._ssl = tls_context(cfg)
         self._connection_no = 0
         if take is not None:
             self._install_fast_path(take)
@@ -234,9 +260,13 @@ class MqttLink:
     async def connect(self) -> None:
         host, _, port = self.cfg.broker.rpartition(":")
         version = MQTTv311 if self.cfg.protocol == "3.1.1" else MQTTv50
+        if self.cfg.password and self._ssl is None and host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("mqtt.password is sent to %s without TLS: set mqtt.tls", self.cfg.broker)
         while True:
             try:
-                await self.client.connect(host, int(port), keepalive=self.cfg.keepalive, version=version)
+                # gmqtt hands `ssl` to loop.create_connection, and keeps it for every reconnect.
+                await self.client.connect(host, int(port), ssl=self._ssl or False, keepalive=self.cfg.keepalive,
+                                          version=version)
                 return
             except (OSError, gmqtt.mqtt.handler.MQTTConnectError) as exc:
                 delay = self._backoff.next_delay()

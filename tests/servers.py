@@ -118,6 +118,83 @@ def mosquitto(base: Path) -> Server:
     return Server("mosquitto", [exe, "-c", str(conf)], port, data, data / "mosquitto.log", env=dict(os.environ))
 
 
+def mosquitto_production_conf_for_test(tls_port: int, plain_port: int, data_dir: Path, password_file: Path,
+                                       certs: Path) -> str:
+    """deploy/mosquitto-production.conf with only its ports, persistence folder and file paths changed.
+
+    The ACL is the repository's deploy/mosquitto.acl itself, so the tests check the file that is shipped.
+    """
+    text = (REPO / "deploy" / "mosquitto-production.conf").read_text()
+    changes = [
+        (r"^listener\s+8883\s*$", f"listener {tls_port} 127.0.0.1"),
+        (r"^listener\s+1883\s+127\.0\.0\.1\s*$", f"listener {plain_port} 127.0.0.1"),
+        (r"^persistence_location\s+.*$", f"persistence_location {data_dir}/"),
+        (r"^password_file\s+.*$", f"password_file {password_file}"),
+        (r"^acl_file\s+.*$", f"acl_file {REPO / 'deploy' / 'mosquitto.acl'}"),
+        (r"^certfile\s+.*$", f"certfile {certs / 'server.crt'}"),
+        (r"^keyfile\s+.*$", f"keyfile {certs / 'server.key'}"),
+    ]
+    for pattern, line in changes:
+        text, n = re.subn(f"(?m){pattern}", line, text)
+        assert n == 1, f"deploy/mosquitto-production.conf must have exactly one line matching {pattern!r}"
+    if os.geteuid() == 0:
+        text += "\nuser root\n"  # as in mosquitto_conf_for_test
+    return text
+
+
+def make_certs(out: Path, *names: str) -> Path:
+    """A CA and a server certificate for 127.0.0.1/localhost (and `names`), made by deploy/make-certs."""
+    subprocess.run([str(REPO / "deploy" / "make-certs"), "--out", str(out), *names], check=True,
+                   capture_output=True, timeout=60)
+    return out
+
+
+@dataclass(repr=False)
+class ProductionBroker(Server):
+    """mosquitto on the production config: TLS on `port`, the optional plain loopback listener on `plain_port`,
+    accounts in `password_file` (empty at first: add them with gateway.credentials), certificates from
+    deploy/make-certs in `certs`."""
+
+    plain_port: int = 0
+    password_file: Path = Path()
+    certs: Path = Path()
+    passwords: dict[str, str] = field(default_factory=dict)  # accounts a test made: id -> password
+
+    def __repr__(self) -> str:
+        return f"<mosquitto (production) TLS at {self.address}, plain at 127.0.0.1:{self.plain_port}>"
+
+    @property
+    def plain_address(self) -> str:
+        return f"127.0.0.1:{self.plain_port}"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.certs / "ca.crt"
+
+    def start(self, timeout: float = 20.0) -> None:
+        super().start(timeout)
+        wait_for_port(self.plain_port, timeout, self.proc)
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto re-reads the password and ACL files."""
+        assert self.proc is not None and self.proc.poll() is None
+        self.proc.send_signal(signal.SIGHUP)
+
+
+def production_mosquitto(base: Path) -> ProductionBroker:
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    tls_port, plain_port = free_port(), free_port()
+    data = base / "mosquitto-production"
+    data.mkdir(parents=True, exist_ok=True)
+    certs = make_certs(data / "certs")
+    password_file = data / "gateway.passwd"
+    password_file.touch()
+    conf = data / "mosquitto.conf"
+    conf.write_text(mosquitto_production_conf_for_test(tls_port, plain_port, data, password_file, certs))
+    return ProductionBroker("mosquitto-production", [exe, "-c", str(conf)], tls_port, data, data / "mosquitto.log",
+                            env=dict(os.environ), plain_port=plain_port, password_file=password_file, certs=certs)
+
+
 # Loopback only: never route a probe through a proxy named in the environment.
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

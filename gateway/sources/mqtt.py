@@ -24,6 +24,7 @@ from gateway.graph import FOLLOW, ID, Change, FollowerGraph, GraphError, GraphWr
 from gateway.ingest import Ingestor
 from gateway.ingest_log import DeadLetter
 from gateway.metrics import Metrics
+from gateway.ratelimit import TokenBuckets
 from gateway.user_events import (KIND_INTERACTION, KIND_POST, Interaction, Post, UserEventError, decode_interaction,
                                  decode_post)
 
@@ -41,11 +42,21 @@ class MqttSource:
         self._limits = limits
         self._social = social or SocialConfig()
         self._metrics = metrics
+        # One token bucket table per source kind (devices/ID and users/ID), keyed by the id: no key is built per
+        # message. None when limits.per_source_rate is 0, so the hot path pays one attribute test.
+        self._rate: dict[str, TokenBuckets] | None = None
+        if limits.per_source_rate > 0:
+            self._rate = {kind: TokenBuckets(limits.per_source_rate, limits.per_source_burst)
+                          for kind in ("devices", "users")}
 
     async def handle(self, topic: str, payload: bytes, properties: dict[str, Any]) -> int:
         """The general path (one coroutine per message): follow requests, and anything `take` left alone."""
         self._metrics.inc("received")
         parts = topic.split("/") if isinstance(topic, str) else []
+        if self._rate is not None and len(parts) == 3 and parts[0] in self._rate \
+                and not self._rate[parts[0]].allow(parts[1]):
+            await self._ingestor.dead_letter(self._rate_limited(topic, payload))
+            return 0
         if len(parts) == 3 and parts[0] == "users" and parts[2] == "follows":
             await self._follows(topic, parts[1], payload)
             return 0
@@ -64,8 +75,18 @@ class MqttSource:
         if len(parts) != 3 or parts[2] not in _EVENT_TOPICS or parts[0] != _EVENT_TOPICS[parts[2]]:
             return False
         self._metrics.inc("received")
+        if self._rate is not None and not self._rate[parts[0]].allow(parts[1]):
+            self._ingestor.submit(self._rate_limited(topic, payload), token)
+            return True
         self._ingestor.submit(self.parse(topic, parts, payload), token)
         return True
+
+    def _rate_limited(self, topic: str, payload: bytes) -> DeadLetter:
+        """An event over its source's limit: dead-lettered (stored, counted, and published at most
+        limits.deadletter_per_second), and acknowledged like any other handled message."""
+        self._metrics.inc("rate_limited")
+        return _dead(topic, "rate_limited", f"the source sent more than limits.per_source_rate = "
+                     f"{self._limits.per_source_rate:g} events/s", payload)
 
     def parse(self, topic: str, parts: list[str], payload: bytes) -> Ingested | DeadLetter:
         try:

@@ -218,6 +218,79 @@ def watch(broker: str, follower: str, data_dir: str | None, seconds: float | Non
     run_watch(broker, follower, data_dir, seconds)
 
 
+@main.group()
+def credentials() -> None:
+    """Broker accounts for deploy/mosquitto-production.conf (password file and roles); see gateway/credentials.py."""
+
+
+_password_file = click.option("--password-file", default="/etc/mosquitto/gateway.passwd", show_default=True,
+                              envvar="GATEWAY_PASSWORD_FILE", type=click.Path(dir_okay=False),
+                              help="mosquitto's password_file; roles are kept beside it in FILE.roles.")
+_reload_pid = click.option("--reload-pid", type=int, metavar="PID",
+                           help="Send SIGHUP to this mosquitto so the change takes effect now.")
+
+
+def _credentials_done(reload_pid: int | None) -> None:
+    from gateway.credentials import RELOAD_HINT, CredentialsError, reload
+
+    if reload_pid is None:
+        click.echo(RELOAD_HINT, err=True)
+        return
+    try:
+        reload(reload_pid)
+    except CredentialsError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"sent SIGHUP to {reload_pid}", err=True)
+
+
+@credentials.command("add")
+@click.option("--role", type=click.Choice(["device", "user", "service"]), required=True)
+@click.argument("account_id", metavar="ID")
+@_password_file
+@_reload_pid
+def credentials_add(role: str, account_id: str, password_file: str, reload_pid: int | None) -> None:
+    """Create account ID; its password is printed once, alone on standard output."""
+    from gateway.credentials import Credentials, CredentialsError
+
+    try:
+        password = Credentials(password_file).add(account_id, role)
+    except CredentialsError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"added {role} {account_id} to {password_file}; its password (shown only now):", err=True)
+    click.echo(password)
+    _credentials_done(reload_pid)
+
+
+@credentials.command("remove")
+@click.argument("account_id", metavar="ID")
+@_password_file
+@_reload_pid
+def credentials_remove(account_id: str, password_file: str, reload_pid: int | None) -> None:
+    """Delete account ID (connected clients of it are cut off when mosquitto reloads)."""
+    from gateway.credentials import Credentials, CredentialsError
+
+    try:
+        account = Credentials(password_file).remove(account_id)
+    except CredentialsError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"removed {account.role} {account.id} from {password_file}", err=True)
+    _credentials_done(reload_pid)
+
+
+@credentials.command("list")
+@_password_file
+def credentials_list(password_file: str) -> None:
+    """Every account and its role, one `ID ROLE` per line."""
+    from gateway.credentials import Credentials, CredentialsError
+
+    try:
+        accounts = Credentials(password_file).list()
+    except CredentialsError as exc:
+        raise click.ClickException(str(exc)) from None
+    for account in accounts:
+        click.echo(f"{account.id} {account.role}")
+
+
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False))
 @click.option("--data-dir")

@@ -114,7 +114,7 @@ class Summary:
         }
 
 
-class _Connection:
+class Connection:
     """One paho client with its own network thread, counting CONNACKs, PUBACKs and disconnects.
 
     The counters are written only by this client's network thread and read by the sender: plain ints suffice.
@@ -138,8 +138,8 @@ class _Connection:
         self.client.connect(host, port, keepalive=30)  # raises OSError when nothing listens
         self.client.loop_start()
 
-    def publish(self, topic: str, payload: bytes) -> None:
-        self.client.publish(topic, payload, qos=self.qos)
+    def publish(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
+        return self.client.publish(topic, payload, qos=self.qos)
 
     def stop(self) -> None:
         self._stopping = True
@@ -167,7 +167,7 @@ class _Connection:
             self.disconnects += 1
 
 
-class _Progress:
+class Progress:
     """One line on stderr: rewritten in place on a terminal, a line every few seconds otherwise."""
 
     def __init__(self, enabled: bool, total: int | None, stream: IO[str]) -> None:
@@ -197,32 +197,76 @@ class _Progress:
             self.stream.flush()
 
 
+def make_fleet(prefix: str, devices: int, seed: int, rate: float, kinds: tuple[str, ...],
+               anomaly_rate: float) -> list[DeviceSignal]:
+    """Devices PREFIX0001, PREFIX0002, ..., kinds round-robin, paced for `rate` events/s over the whole fleet
+    (events go round-robin over the devices). A reading's `ts` is its scheduled time: the wall clock now plus
+    the schedule offset."""
+    wall0_ms = int(time.time() * 1000)
+    return [
+        DeviceSignal(
+            f"{prefix}{i + 1:04d}",
+            seed,
+            kinds[i % len(kinds)],
+            start_ms=wall0_ms + round((i + 1) * 1000.0 / rate),
+            interval_ms=devices * 1000.0 / rate,
+            anomaly_rate=anomaly_rate,
+        )
+        for i in range(devices)
+    ]
+
+
+class Pacer:
+    """The absolute schedule: event k is due `(k + 1) / rate` seconds after the start on the monotonic clock, so
+    late wake-ups are caught up instead of accumulating drift; a pass sends at most MAX_BURST, and with
+    `max_unacked` never more than that many publishes await their acknowledgement."""
+
+    def __init__(self, rate: float, events: int | None, duration: float | None, max_unacked: int | None) -> None:
+        self.rate = rate
+        self.events = events
+        self.max_unacked = max_unacked
+        self.t0 = time.monotonic()
+        self.end = self.t0 + duration if duration is not None else None
+
+    def all_sent(self, sent: int) -> bool:
+        return self.events is not None and sent >= self.events
+
+    def over(self, now: float, sent: int) -> bool:
+        return self.all_sent(sent) or (self.end is not None and now >= self.end)
+
+    def due(self, now: float, sent: int, settled: int) -> int:
+        """How many events should have been sent by `now`, given `settled` acknowledged (or refused) so far."""
+        due = int((now - self.t0) * self.rate)
+        if self.events is not None:
+            due = min(due, self.events)
+        if self.max_unacked is not None:
+            due = min(due, settled + self.max_unacked)
+        # A bounded burst, so a sender that fell behind still checks the clock, the deadline and the progress.
+        return min(due, sent + MAX_BURST)
+
+    def nap(self, sent: int) -> None:
+        wake = self.t0 + (sent + 1) / self.rate
+        if self.end is not None:
+            wake = min(wake, self.end)
+        # Short naps even when behind: the next pass sends everything due by then in one burst.
+        time.sleep(min(max(wake - time.monotonic(), 0.0005), 0.1))
+
+
 def run(cfg: MqttRun, err: IO[str] = sys.stderr) -> Summary:
     """Connect, publish on schedule, drain acknowledgements, disconnect. Raises BrokerUnreachable."""
     n_conn = cfg.connection_count
-    wall0_ms = int(time.time() * 1000)
-    signals = [
-        DeviceSignal(
-            f"{cfg.device_prefix}{i + 1:04d}",
-            cfg.seed,
-            cfg.kinds[i % len(cfg.kinds)],
-            start_ms=wall0_ms + round((i + 1) * 1000.0 / cfg.rate),
-            interval_ms=cfg.devices * 1000.0 / cfg.rate,
-            anomaly_rate=cfg.anomaly_rate,
-        )
-        for i in range(cfg.devices)
-    ]
+    signals = make_fleet(cfg.device_prefix, cfg.devices, cfg.seed, cfg.rate, cfg.kinds, cfg.anomaly_rate)
     topics = [f"devices/{s.device_id}/telemetry" for s in signals]
     if n_conn == cfg.devices:
         client_ids = [s.device_id for s in signals]
     else:
         client_ids = [f"{cfg.device_prefix}sim-{c + 1}of{n_conn}" for c in range(n_conn)]
-    conns = [_Connection(cid, cfg.qos) for cid in client_ids]
+    conns = [Connection(cid, cfg.qos) for cid in client_ids]
 
     summary = Summary(f"{cfg.host}:{cfg.port}", cfg.devices, n_conn, cfg.qos, target_rate=cfg.rate)
-    started: list[_Connection] = []
+    started: list[Connection] = []
     try:
-        _connect_all(cfg, conns, started)
+        connect_all(cfg.host, cfg.port, conns, started)
         labels_out = open(cfg.labels, "w", encoding="utf-8") if cfg.labels is not None else None
         try:
             _publish_all(cfg, signals, topics, conns, labels_out, summary, err)
@@ -244,11 +288,12 @@ def run(cfg: MqttRun, err: IO[str] = sys.stderr) -> Summary:
     return summary
 
 
-def _connect_all(cfg: MqttRun, conns: list[_Connection], started: list[_Connection]) -> None:
-    where = f"{cfg.host}:{cfg.port}"
+def connect_all(host: str, port: int, conns: list[Connection], started: list[Connection]) -> None:
+    """Connect every client and wait for every CONNACK; `started` collects those to stop. Raises BrokerUnreachable."""
+    where = f"{host}:{port}"
     for c in conns:
         try:
-            c.start(cfg.host, cfg.port)
+            c.start(host, port)
         except OSError as e:
             raise BrokerUnreachable(f"cannot reach the MQTT broker at {where}: {e}") from e
         started.append(c)
@@ -261,29 +306,24 @@ def _connect_all(cfg: MqttRun, conns: list[_Connection], started: list[_Connecti
                 raise BrokerUnreachable(f"no CONNACK from the MQTT broker at {where} within {CONNECT_TIMEOUT_S:g}s")
 
 
-def _publish_all(cfg: MqttRun, signals: list[DeviceSignal], topics: list[str], conns: list[_Connection],
+def _publish_all(cfg: MqttRun, signals: list[DeviceSignal], topics: list[str], conns: list[Connection],
                  labels_out: IO[str] | None, summary: Summary, err: IO[str]) -> None:
     n_dev = len(signals)
     n_conn = len(conns)
     total = cfg.events
-    progress = _Progress(cfg.progress, total, err)
-    t0 = time.monotonic()
-    end = t0 + cfg.duration if cfg.duration is not None else None
+    progress = Progress(cfg.progress, total, err)
+    # Back-pressure: never more than MAX_UNACKED publishes waiting for their PUBACK.
+    pacer = Pacer(cfg.rate, total, cfg.duration, MAX_UNACKED if cfg.qos > 0 else None)
+    t0 = pacer.t0
     sent = 0
     anomalous = 0
     try:
-        while total is None or sent < total:
+        while True:
             now = time.monotonic()
-            if end is not None and now >= end:
+            if pacer.over(now, sent):
                 break
-            due = int((now - t0) * cfg.rate)
-            if total is not None:
-                due = min(due, total)
             acked = sum(c.acked + c.rejected for c in conns)
-            # Back-pressure: never more than MAX_UNACKED publishes waiting for their PUBACK.
-            due = min(due, acked + MAX_UNACKED) if cfg.qos > 0 else due
-            # A bounded burst, so a sender that fell behind still checks the clock, the deadline and the progress.
-            due = min(due, sent + MAX_BURST)
+            due = pacer.due(now, sent, acked)
             while sent < due:
                 i = sent % n_dev
                 reading = signals[i].next()
@@ -301,13 +341,9 @@ def _publish_all(cfg: MqttRun, signals: list[DeviceSignal], topics: list[str], c
                     labels_out.write(_label_line(reading))
                 sent += 1
             progress.update(now, now - t0, sent, acked)
-            if total is not None and sent >= total:
+            if pacer.all_sent(sent):
                 break
-            wake = t0 + (sent + 1) / cfg.rate
-            if end is not None:
-                wake = min(wake, end)
-            # Short naps even when behind: the next pass sends everything due by then in one burst.
-            time.sleep(min(max(wake - time.monotonic(), 0.0005), 0.1))
+            pacer.nap(sent)
     except KeyboardInterrupt:
         err.write("\ninterrupted: stopping, waiting for acknowledgements\n")
     elapsed = time.monotonic() - t0
@@ -319,7 +355,7 @@ def _publish_all(cfg: MqttRun, signals: list[DeviceSignal], topics: list[str], c
     summary.achieved_rate = sent / elapsed if elapsed > 0 else 0.0
 
 
-def _drain(cfg: MqttRun, conns: list[_Connection], summary: Summary) -> None:
+def _drain(cfg: MqttRun, conns: list[Connection], summary: Summary) -> None:
     if cfg.qos == 0:
         return
     deadline = time.monotonic() + cfg.drain_timeout
@@ -334,7 +370,7 @@ def _label_line(r: Reading) -> str:
                       separators=(",", ":")) + "\n"
 
 
-def _parse_broker(value: str) -> tuple[str, int]:
+def parse_broker(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise click.BadParameter(f"expected HOST:PORT, got {value!r}", param_hint="--broker")
@@ -371,7 +407,7 @@ def mqtt_command(broker: str, devices: int, events: int | None, rate: float, dur
                  anomaly_rate: float, labels: Path | None, device_prefix: str, qos: int, connections: int | None,
                  kinds: str, drain_timeout: float, progress: bool, stamp_field: str | None) -> None:
     """Publish simulated telemetry to devices/{id}/telemetry and print a JSON summary on stdout."""
-    host, port = _parse_broker(broker)
+    host, port = parse_broker(broker)
     if events is None and duration is None:
         raise click.UsageError("give --events, --duration, or both")
     kind_list = tuple(k.strip() for k in kinds.split(",") if k.strip())

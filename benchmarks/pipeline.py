@@ -10,7 +10,8 @@ drives load with `firmware-sim mqtt`, and measures at a follower (a paho subscri
 - the gateway's peak RSS (VmHWM) over the whole run.
 
 Each variant runs `--runs` times on fresh servers and data; medians are reported, every run is kept in `runs`.
-Variants: `full` (fsync full, ONNX on), `no-onnx`, `fsync-normal`; all in one invocation so they share the noise.
+Variants: `full` (the defaults: fsync full, ONNX on), `no-onnx`, `fsync-normal`, `linger-0`, `linger-2` (the
+pipeline's wait for more events before a batch); all in one invocation so they share the noise.
 
     python benchmarks/pipeline.py --runs 3 --events 60000 --latency-seconds 20
 """
@@ -41,6 +42,8 @@ VARIANTS: dict[str, str] = {
     "full": "",
     "no-onnx": "[anomaly]\nenabled = false\n",
     "fsync-normal": '[storage]\nfsync = "normal"\n',
+    "linger-0": "[pipeline]\nlinger_ms = 0\n",
+    "linger-2": "[pipeline]\nlinger_ms = 2\n",
 }
 
 
@@ -169,7 +172,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=50)
     parser.add_argument("--latency-rate", type=float, default=2000.0)
     parser.add_argument("--latency-seconds", type=float, default=20.0)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default="full,no-onnx,fsync-normal")
     parser.add_argument("--no-influx", action="store_true")
     args = parser.parse_args()
 

@@ -7,7 +7,8 @@ drives load with `firmware-sim mqtt`, and measures at a follower (a paho subscri
   follower / time from its first to its last receipt (QoS 1 all the way);
 - latency at a fixed rate (default 2,000 events/s): the simulator stamps each payload with its publish time
   (`--stamp-field`), the follower subtracts it from its receive time; p50/p99 over the run after a warm-up;
-- the gateway's peak RSS (VmHWM) over the whole run.
+- the gateway's peak RSS (VmHWM) over the whole run, and its CPU time per event in the latency phase (the figure
+  least disturbed by other work on a shared machine).
 
 Each variant runs `--runs` times on fresh servers and data; medians are reported, every run is kept in `runs`.
 Variants: `full` (the defaults: fsync full, ONNX on), `no-onnx`, `fsync-normal`, `linger-0`, `linger-2` (the
@@ -89,6 +90,11 @@ def rss_peak_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def simulator(address: str, events: int, rate: float, devices: int, prefix: str, stamp: bool) -> subprocess.Popen:
     argv = [sys.executable, "-m", "firmware_sim.cli", "mqtt", "--broker", address, "--devices", str(devices),
             "--events", str(events), "--rate", str(rate), "--device-prefix", prefix, "--no-progress",
@@ -143,10 +149,15 @@ def one_run(variant: str, args: argparse.Namespace, base: Path) -> dict[str, Any
         sub = ctx.Process(target=follower, args=(broker.address, "bench", ready, out, n, 120))
         sub.start()
         ready.wait(10)
+        cpu_before = cpu_seconds(gw.proc.pid)
         sim = simulator(broker.address, n, args.latency_rate, args.devices, prefix, stamp=True)
         sim.communicate(timeout=300)
         got = out.get(timeout=200)
         sub.join()
+        # CPU time per event barely depends on what else the shared machine runs, unlike latency: the figure to
+        # compare variants by when the machine is noisy.
+        result["gateway_cpu_us_per_event"] = round((cpu_seconds(gw.proc.pid) - cpu_before) / max(1, got["count"])
+                                                   * 1e6, 1)
         lat = sorted(got["latencies_us"][int(len(got["latencies_us"]) * 0.1):])  # drop the warm-up tenth
         result["latency_events"] = got["count"]
         if lat:
@@ -192,7 +203,7 @@ def main() -> None:
         summary[variant] = {
             key: statistics.median(r[key] for r in mine if r.get(key) is not None)
             for key in ("throughput_events_per_s", "latency_p50_ms", "latency_p99_ms", "gateway_rss_peak_mb",
-                        "simulator_publish_rate")
+                        "gateway_cpu_us_per_event", "simulator_publish_rate")
             if any(r.get(key) is not None for r in mine)
         }
     print(json.dumps({"machine": {"cpus": os.cpu_count()}, "params": vars(args), "median": summary, "runs": runs},

@@ -71,9 +71,13 @@ class MqttRun:
     drain_timeout: float = 15.0
     progress: bool = True
     stamp_field: str | None = None  # adds the publish time (µs since the epoch) as this numeric field
+    cafile: Path | None = None  # TLS, trusting this CA
+    credentials: dict[str, str] | None = None  # device id -> password: each device logs in as itself
 
     @property
     def connection_count(self) -> int:
+        if self.credentials is not None:
+            return self.devices  # an account is one device: a shared connection could not speak for several
         return min(self.devices, self.connections or 8)
 
 
@@ -120,10 +124,14 @@ class Connection:
     The counters are written only by this client's network thread and read by the sender: plain ints suffice.
     """
 
-    def __init__(self, client_id: str, qos: int) -> None:
+    def __init__(self, client_id: str, qos: int, password: str | None = None, cafile: Path | None = None) -> None:
         self.client_id = client_id
         self.qos = qos
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        if password is not None:  # the production broker's accounts: the username is the device id
+            self.client.username_pw_set(client_id, password)
+        if cafile is not None:
+            self.client.tls_set(ca_certs=str(cafile))
         self.client.on_connect = self._on_connect
         self.client.on_publish = self._on_publish
         self.client.on_disconnect = self._on_disconnect
@@ -261,7 +269,8 @@ def run(cfg: MqttRun, err: IO[str] = sys.stderr) -> Summary:
         client_ids = [s.device_id for s in signals]
     else:
         client_ids = [f"{cfg.device_prefix}sim-{c + 1}of{n_conn}" for c in range(n_conn)]
-    conns = [Connection(cid, cfg.qos) for cid in client_ids]
+    creds = cfg.credentials
+    conns = [Connection(cid, cfg.qos, creds[cid] if creds is not None else None, cfg.cafile) for cid in client_ids]
 
     summary = Summary(f"{cfg.host}:{cfg.port}", cfg.devices, n_conn, cfg.qos, target_rate=cfg.rate)
     started: list[Connection] = []
@@ -370,6 +379,19 @@ def _label_line(r: Reading) -> str:
                       separators=(",", ":")) + "\n"
 
 
+def read_credentials(path: Path) -> dict[str, str]:
+    """`ID PASSWORD` per line; blank lines and lines starting with '#' are skipped."""
+    out: dict[str, str] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        fields = [] if line.lstrip().startswith("#") else line.split()
+        if not fields:
+            continue
+        if len(fields) != 2:
+            raise click.BadParameter(f"{path}, line {number}: expected 'ID PASSWORD'", param_hint="--credentials")
+        out[fields[0]] = fields[1]
+    return out
+
+
 def parse_broker(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -403,11 +425,24 @@ def parse_broker(value: str) -> tuple[str, int]:
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress line on stderr.")
 @click.option("--stamp-field", default=None, metavar="NAME",
               help="Add the publish time (µs since the epoch) as numeric field NAME, for latency measurements.")
+@click.option("--cafile", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Connect over TLS, trusting this CA certificate (deploy/make-certs makes one).")
+@click.option("--credentials", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="'DEVICE_ID PASSWORD' per line (as `gateway credentials add` printed them): each device connects "
+                   "as its own account, as the production broker requires.")
 def mqtt_command(broker: str, devices: int, events: int | None, rate: float, duration: float | None, seed: int,
                  anomaly_rate: float, labels: Path | None, device_prefix: str, qos: int, connections: int | None,
-                 kinds: str, drain_timeout: float, progress: bool, stamp_field: str | None) -> None:
+                 kinds: str, drain_timeout: float, progress: bool, stamp_field: str | None, cafile: Path | None,
+                 credentials: Path | None) -> None:
     """Publish simulated telemetry to devices/{id}/telemetry and print a JSON summary on stdout."""
     host, port = parse_broker(broker)
+    passwords = read_credentials(credentials) if credentials is not None else None
+    if passwords is not None:
+        missing = [f"{device_prefix}{i + 1:04d}" for i in range(devices)
+                   if f"{device_prefix}{i + 1:04d}" not in passwords]
+        if missing:
+            raise click.BadParameter(f"no password for {', '.join(missing[:5])}"
+                                     f"{' ...' if len(missing) > 5 else ''}", param_hint="--credentials")
     if events is None and duration is None:
         raise click.UsageError("give --events, --duration, or both")
     kind_list = tuple(k.strip() for k in kinds.split(",") if k.strip())
@@ -416,7 +451,7 @@ def mqtt_command(broker: str, devices: int, events: int | None, rate: float, dur
         raise click.BadParameter(f"unknown kinds {unknown or kinds!r}; known: {', '.join(KINDS)}",
                                  param_hint="--kinds")
     cfg = MqttRun(host, port, devices, events, rate, duration, seed, anomaly_rate, labels, device_prefix, qos,
-                  connections, kind_list, drain_timeout, progress, stamp_field)
+                  connections, kind_list, drain_timeout, progress, stamp_field, cafile, passwords)
     summary = run(cfg)
     click.echo(json.dumps(summary.as_dict()))
     if qos > 0 and summary.acknowledged < summary.sent:

@@ -42,6 +42,7 @@ ACCOUNTS = {
     "gateway": "service", "operator": "service",
     "dev-a": "device", "dev-b": "device", "dev-c": "device", "dev-flood": "device", "dev-calm": "device",
     "alice": "user", "bob": "user", "carol": "user", "dave": "user", "fan": "user", "mallory": "user",
+    "sim0001": "device", "sim0002": "device", "simfan": "user",
 }
 
 
@@ -515,3 +516,24 @@ def websockets_probe(spec_json: str) -> None:
         for peer in made:
             peer.close()
         broker.stop()
+
+
+def test_the_simulator_connects_each_device_with_its_own_account_over_tls(broker, gateway, peers, tmp_path):
+    fan = peers("simfan", "feeds/simfan/#")
+    follow(gateway, fan, "devices/sim0001", "devices/sim0002")
+    creds = tmp_path / "devices.txt"
+    creds.write_text("# id password\n" + "".join(f"{d} {broker.passwords[d]}\n" for d in ("sim0001", "sim0002")))
+    argv = [sys.executable, "-m", "firmware_sim.cli", "mqtt", "--broker", broker.address, "--devices", "2",
+            "--events", "20", "--rate", "100", "--device-prefix", "sim", "--no-progress",
+            "--cafile", str(broker.ca_file), "--credentials", str(creds)]
+    run = subprocess.run(argv, cwd=servers.REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["acknowledged"] == 20 and summary["rejected"] == 0
+    assert fan.wait_for(lambda m: len(m) >= 20, 20), f"{len(fan.messages)} of 20 delivered"
+    assert {t.split("/")[3] for t in fan.topics()} == {"sim0001", "sim0002"}
+
+    creds.write_text(f"sim0001 {broker.passwords['sim0002']}\nsim0002 {broker.passwords['sim0002']}\n")
+    refused = subprocess.run(argv, cwd=servers.REPO, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0
+    assert "refused client 'sim0001'" in refused.stderr

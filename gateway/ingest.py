@@ -20,14 +20,13 @@ from collections import deque
 from concurrent.futures import Executor
 from typing import Callable
 
-from gateway.event import Event, Ingested
+from gateway.event import Ingested
 from gateway.ingest_log import AppendResult, DeadLetter, IngestLog
 from gateway.metrics import Metrics
 
 # What "the disk or the database is failing" looks like: retried, never dropped. Anything else an append raises
 # is about the data (a value that cannot be stored) and is dead-lettered instead.
 STORAGE_ERRORS = (sqlite3.OperationalError, OSError)
-HANDOFF_BATCHES = 64
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +63,6 @@ class Ingestor:
         self._wake = asyncio.Event()
         self._room: asyncio.Future[None] | None = None
         self.appended = asyncio.Event()  # set after every commit that logged new events; the pipeline waits on it
-        # The events of recent commits, as logged (with their offsets), so a pipeline that keeps up takes them from
-        # memory instead of reading back and decoding what was just written. Bounded: when the pipeline falls
-        # behind, the oldest drop out and it reads those from the log, which stays the source of truth.
-        self.handoff: deque[list[Event]] = deque(maxlen=HANDOFF_BATCHES)
-        self.logged_upto: int | None = None  # offset of the last event this ingestor logged (None: none yet)
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._accepting = True
@@ -176,8 +170,6 @@ class Ingestor:
             self._pending -= len(batch)
             if result.events:
                 self._metrics.inc("appended", len(result.events))
-                self.handoff.append(result.events)
-                self.logged_upto = result.events[-1].offset
                 self.appended.set()
             if result.duplicates:
                 self._metrics.inc("duplicates", result.duplicates)

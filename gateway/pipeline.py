@@ -23,7 +23,6 @@ import functools
 import logging
 import sqlite3
 import time
-from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
@@ -96,21 +95,6 @@ def telemetry_point(event: Event, verdict: Verdict | None) -> Point:
     )
 
 
-def take_contiguous(handoff: deque[list[Event]], cursor: int, limit: int) -> list[Event]:
-    """The next events from the ingestor's recent commits, if they continue exactly after `cursor` (otherwise the
-    log holds events in between, and reading it fetches them). Commits already behind the cursor are dropped;
-    several contiguous commits make one batch of at most `limit` events."""
-    while handoff and handoff[0][-1].offset <= cursor:
-        handoff.popleft()
-    events: list[Event] = []
-    expect = cursor + 1
-    while handoff and handoff[0][0].offset == expect and len(events) + len(handoff[0]) <= limit:
-        chunk = handoff.popleft()
-        events += chunk
-        expect = chunk[-1].offset + 1
-    return events
-
-
 class Pipeline:
     def __init__(self, cfg: Config, ingest_log: IngestLog, storage: Executor, outbox: Outbox,
                  outbox_storage: Executor, graph: FollowerGraph, link: MqttLink, detector: Detector | None,
@@ -164,12 +148,7 @@ class Pipeline:
             if self._rewind_to is not None:
                 self.cursor, self._rewind_to = self._rewind_to, None
             appended.clear()
-            events = take_contiguous(self._ingestor.handoff, self.cursor, self._cfg.pipeline.batch_max)
-            # Read the log unless it is known to hold nothing past the cursor: at start, after a rewind, or when the
-            # handoff dropped commits because the pipeline fell behind.
-            if not events and self._ingestor.logged_upto != self.cursor:
-                events = await self._stored(self._storage, self._log.read, self.cursor,
-                                            self._cfg.pipeline.batch_max)
+            events = await self._stored(self._storage, self._log.read, self.cursor, self._cfg.pipeline.batch_max)
             if not events:
                 if self._draining and self._ingestor.pending == 0:
                     return

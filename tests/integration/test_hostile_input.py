@@ -9,9 +9,7 @@ file), the daemon stays up with a fresh status, and the good events reach their 
 from __future__ import annotations
 
 import json
-import socket
 import statistics
-import struct
 import threading
 import time
 import uuid
@@ -21,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from firmware_sim.chaos_faults import SlowFollower
 from tests.gateway_process import GatewayProcess
 from tests.mqtt_helpers import Collector, publish_all
 from tests.unit.test_hostile_input import CORPUS, KNOWN_BUGS, corpus_files, corpus_reason
@@ -193,57 +192,15 @@ def test_a_flood_of_bad_messages_does_not_stall_good_traffic_and_dead_letters_ke
     dead.close()
 
 
-def _mqtt_string(text: str) -> bytes:
-    raw = text.encode()
-    return struct.pack("!H", len(raw)) + raw
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    n, length = len(body), bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        length.append(byte | (0x80 if n else 0))
-        if not n:
-            break
-    return bytes([first]) + bytes(length) + body
-
-
-class StuckFollower:
-    """A raw MQTT 3.1.1 client with a persistent session: CONNECT, SUBSCRIBE at QoS 1, then it never reads again,
-    so its socket buffers fill and the broker has to queue for it."""
-
-    def __init__(self, address: str, client_id: str, topic: str) -> None:
-        host, _, port = address.rpartition(":")
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.connect((host, int(port)))
-        # clean session 0, keepalive 0 (the broker never disconnects us for silence)
-        self.sock.sendall(_packet(0x10, _mqtt_string("MQTT") + bytes([4, 0x00]) + struct.pack("!H", 0)
-                                  + _mqtt_string(client_id)))
-        assert self._read(4)[3] == 0, "CONNACK refused"
-        self.sock.sendall(_packet(0x82, struct.pack("!H", 1) + _mqtt_string(topic) + bytes([1])))
-        suback = self._read(5)
-        assert suback[0] == 0x90 and suback[4] == 1, suback
-
-    def _read(self, n: int) -> bytes:
-        data = b""
-        self.sock.settimeout(10)
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            assert chunk, "broker closed the connection"
-            data += chunk
-        return data
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_a_follower_that_never_reads_does_not_hold_up_the_others(mosquitto: Any, gateway: GatewayProcess) -> None:
-    device = uid("dev")
-    for follower in ("slow", "quick"):
+    device, slow = uid("dev"), uid("slow")
+    for follower in (slow, "quick"):
         gateway.run_cli("follow", follower, f"devices/{device}")
     gateway.start()
-    stuck = StuckFollower(mosquitto.address, uid("slow"), "feeds/slow/#")
+    # The simulator's chaos fault: a raw MQTT client with a persistent session that subscribes, then never reads.
+    host, _, port = mosquitto.address.rpartition(":")
+    stuck = SlowFollower(slow, host, int(port))
+    stuck.connect()
     quick = TimedCollector(mosquitto.address, "feeds/quick/#")
     n = 3000
     started = time.time()

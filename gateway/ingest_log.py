@@ -107,8 +107,10 @@ class IngestLog:
         events: list[Event] = []
         duplicates = 0
         db = self._db
+        # allow_nan=False: the stored text goes into envelopes as it is, and NaN is not JSON. Sources reject
+        # non-finite values; one that slipped through fails here and is dead-lettered by the ingestor.
         rows = [(item.id, item.source, item.kind, item.ts_ms, item.dedup_key,
-                 json.dumps(item.payload, separators=(",", ":")), now) for item in items]
+                 json.dumps(item.payload, separators=(",", ":"), allow_nan=False), now) for item in items]
         db.execute("BEGIN IMMEDIATE")
         try:
             # Fast path: one executemany. Within one transaction AUTOINCREMENT hands out consecutive offsets, so
@@ -120,8 +122,8 @@ class IngestLog:
             if inserted == len(rows):
                 last = db.execute("SELECT last_insert_rowid()").fetchone()[0]
                 first = last - inserted + 1
-                events = [Event(first + i, item.id, item.source, item.kind, item.ts_ms, item.payload)
-                          for i, item in enumerate(items)]
+                events = [Event(first + i, item.id, item.source, item.kind, item.ts_ms, item.payload, row[5])
+                          for i, (item, row) in enumerate(zip(items, rows))]
             else:
                 db.execute("ROLLBACK")
                 db.execute("BEGIN IMMEDIATE")
@@ -130,7 +132,8 @@ class IngestLog:
                     if found is None:
                         duplicates += 1
                     else:
-                        events.append(Event(found[0], item.id, item.source, item.kind, item.ts_ms, item.payload))
+                        events.append(Event(found[0], item.id, item.source, item.kind, item.ts_ms, item.payload,
+                                            row[5]))
             if deadletters:
                 db.executemany(
                     "INSERT INTO deadletters (ts_ms, origin, reason, message, payload) VALUES (?, ?, ?, ?, ?)",
@@ -154,7 +157,7 @@ class IngestLog:
             "SELECT offset, id, source, kind, ts_ms, payload FROM events WHERE offset > ? ORDER BY offset LIMIT ?",
             (after, limit),
         ).fetchall()
-        return [Event(o, i, s, k, t, json.loads(p)) for o, i, s, k, t, p in rows]
+        return [Event(o, i, s, k, t, json.loads(p), p) for o, i, s, k, t, p in rows]
 
     def committed(self, consumer: str = "pipeline") -> int:
         row = self._db.execute("SELECT offset FROM progress WHERE consumer = ?", (consumer,)).fetchone()

@@ -80,7 +80,7 @@ class AnomalyDetector:
         self.max_series = max_series
         self._index: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._store = np.zeros((0, _RING), dtype=np.float64)
-        self._count = np.zeros(0, dtype=np.int64)
+        self._count: list[int] = []  # values ever written per slot (the ring's end), a plain list: read per value
         self.evicted = 0
 
     @property
@@ -91,7 +91,7 @@ class AnomalyDetector:
     def score(self, items: Sequence[tuple[str, Mapping[str, float]]]) -> list[Verdict]:
         """One verdict per item, in order; each item's fields join their series' history first."""
         n_items = len(items)
-        warming = np.zeros(n_items, dtype=bool)
+        warming = [False] * n_items
         rows_item: list[int] = []
         rows_field: list[str] = []
         features: list[np.ndarray] = []
@@ -99,11 +99,18 @@ class AnomalyDetector:
         slots: list[int] = []
         ends: list[int] = []
         in_chunk: dict[int, int] = {}
+        # The chunk's ring writes, applied in one numpy call before its windows are cut: flat index into the
+        # store, and value. Per-value numpy indexing cost more than the rest of this loop together.
+        put_at: list[int] = []
+        put_value: list[float] = []
         index = self._index
-        store = self._store
         count = self._count
 
         def flush() -> None:
+            if put_at:
+                np.put(self._store, put_at, put_value)
+                put_at.clear()
+                put_value.clear()
             if slots:
                 features.append(self._chunk_features(np.array(slots), np.array(ends)))
                 slots.clear()
@@ -126,7 +133,6 @@ class AnomalyDetector:
                         if victim in in_chunk:
                             flush()  # the victim's ring still holds windows this chunk has not cut yet
                     slot = self._admit(key)
-                    store, count = self._store, self._count  # _admit may have grown them
                 else:
                     index.move_to_end(key)
                 written = in_chunk.get(slot, 0)
@@ -134,8 +140,9 @@ class AnomalyDetector:
                     flush()
                     written = 0
                 in_chunk[slot] = written + 1
-                end = int(count[slot])
-                store[slot, end % _RING] = value
+                end = count[slot]
+                put_at.append(slot * _RING + end % _RING)
+                put_value.append(value)
                 end += 1
                 count[slot] = end
                 if end >= MIN_HISTORY:
@@ -168,13 +175,14 @@ class AnomalyDetector:
                 flagged_fields.setdefault(rows_item[r], {})[rows_field[r]] = self.classes[row_label[r]]
 
         verdicts: list[Verdict] = []
+        best_rows, scores = item_best.tolist(), item_score.tolist()  # Python numbers: cheap to index one by one
         for i in range(n_items):
-            best = item_best[i]
+            best = best_rows[i]
             if best < 0:
                 label = WARMING if warming[i] else NORMAL
                 verdicts.append(Verdict(self.name, self.version, 0.0, label, False))
                 continue
-            score = float(item_score[i])
+            score = scores[i]
             if i in flagged_fields:
                 assert row_label is not None
                 verdicts.append(Verdict(self.name, self.version, score, self.classes[row_label[best]], True,
@@ -201,9 +209,8 @@ class AnomalyDetector:
         size = min(self.max_series, max(_INITIAL_SLOTS, 2 * len(self._store)))
         store = np.zeros((size, _RING), dtype=np.float64)
         store[: len(self._store)] = self._store
-        count = np.zeros(size, dtype=np.int64)
-        count[: len(self._count)] = self._count
-        self._store, self._count = store, count
+        self._count.extend([0] * (size - len(self._count)))
+        self._store = store
 
     def _chunk_features(self, slots: np.ndarray, ends: np.ndarray) -> np.ndarray:
         """Features of the chunk's rows, in row order. Full windows go as one matrix, short ones by length."""

@@ -54,6 +54,24 @@ def _slog(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.log1p(np.abs(x))
 
 
+def _median(x: np.ndarray) -> np.ndarray:
+    """The median of each row, bit for bit what np.median(x, axis=1) gives for finite values, at a fraction of its
+    cost: one partition at the middle (two for an even length, averaged as np.median averages them)."""
+    m = x.shape[1]
+    half = m // 2
+    if m % 2:
+        return np.partition(x, half, axis=1)[:, half]
+    part = np.partition(x, (half - 1, half), axis=1)
+    return (part[:, half - 1] + part[:, half]) / 2.0
+
+
+def _repeat_run(hist: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """How many values at the end of each history row equal the row's `v` exactly, counting back from the end."""
+    differs = hist[:, ::-1] != v[:, None]
+    # argmax finds the first differing value counting back; a row where none differs repeats all the way.
+    return np.where(differs.any(axis=1), differs.argmax(axis=1), hist.shape[1])
+
+
 def window_features(windows: np.ndarray) -> np.ndarray:
     """Features of the last value of each row. `windows`: (rows, n) float64, oldest first. Returns (rows, F) float32."""
     w = np.asarray(windows, dtype=np.float64)
@@ -67,7 +85,7 @@ def window_features(windows: np.ndarray) -> np.ndarray:
     with np.errstate(all="ignore"):
         v = w[:, -1]
         hist = w[:, :-1]
-        med = np.median(hist, axis=1)
+        med = _median(hist)
         tiny = 1e-9 * (1.0 + np.abs(med))  # a flat history still gets a (tiny) positive scale
 
         steps = np.diff(w, axis=1)  # (rows, n-1); the last one ends at the scored value
@@ -79,17 +97,17 @@ def window_features(windows: np.ndarray) -> np.ndarray:
         noise = np.maximum(3.0 * hist_steps[:, k // 4], 3.0 * hist_steps[:, : k // 2].mean(axis=1))
         noise = np.maximum(np.maximum(noise, 0.5 * hist_steps.mean(axis=1)), tiny)
         # The spread of levels is at least the noise: a quantised history can have a MAD of exactly 0.
-        spread = np.maximum(1.4826 * np.median(np.abs(hist - med[:, None]), axis=1), noise)
+        spread = np.maximum(1.4826 * _median(np.abs(hist - med[:, None])), noise)
 
         dev = v - med
         f["z_level"] = _slog(dev / spread)
         f["z_noise"] = _slog(dev / noise)
         f["z_step"] = _slog(steps[:, -1] / noise)
-        f["z_local"] = _slog((v - np.median(hist[:, -RECENT:], axis=1)) / noise)
+        f["z_local"] = _slog((v - _median(hist[:, -RECENT:])) / noise)
         f["roughness"] = _slog(spread / noise)
 
         # How many values right before the scored one equal it exactly (0 = no repeat).
-        run = np.cumprod(hist[:, ::-1] == v[:, None], axis=1).sum(axis=1)
+        run = _repeat_run(hist, v)
         f["repeat_run"] = np.log1p(run)
         zero_steps = (steps == 0.0).sum(axis=1)
         f["repeat_base"] = (zero_steps - run) / np.maximum(n - 1 - run, 1)
@@ -109,7 +127,7 @@ def window_features(windows: np.ndarray) -> np.ndarray:
         tail = w[:, -span:]
         slope = (tail - tail.mean(axis=1, keepdims=True)) @ x / (x @ x)
         f["slope_t"] = _slog(slope * span / noise)
-        f["trend_z"] = _slog((w[:, -RECENT:].mean(axis=1) - np.median(w[:, :-RECENT], axis=1)) / noise)
+        f["trend_z"] = _slog((w[:, -RECENT:].mean(axis=1) - _median(w[:, :-RECENT])) / noise)
         f["monotony"] = np.abs(np.sign(steps[:, -(span - 1):]).mean(axis=1))
         f["burst_short"] = _slog(np.sqrt((steps[:, -3:] ** 2).mean(axis=1)) / noise)
 

@@ -80,9 +80,23 @@ def _key(name: str, kind: str) -> str:
     return sanitize_name(name, kind=kind).translate(_KEY_ESCAPES)
 
 
+@functools.lru_cache(maxsize=65_536)
+def _field_key(name: str) -> str:
+    return _key(name, "field")
+
+
 def format_value(value: FieldValue) -> str | None:
     """The line-protocol text of one field value, or None when InfluxDB could not store it."""
-    # bool first: it is an int subclass, and `True` must not become `1i`.
+    # Exact float and int first: nearly every value is one, and the checks below (abstract base classes) cost
+    # several times more than the formatting.
+    kind = type(value)
+    if kind is float:
+        # repr is the shortest text that reads back as the same double (1.5, 1e+16, 5e-324), and every parser
+        # we target accepts its exponent form.
+        return repr(value) if math.isfinite(value) else None
+    if kind is int:
+        return f"{value}i" if INT64_MIN <= value <= INT64_MAX else None
+    # bool before Integral: it is an int subclass, and `True` must not become `1i`.
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -92,34 +106,41 @@ def format_value(value: FieldValue) -> str | None:
         return f"{v}i" if INT64_MIN <= v <= INT64_MAX else None
     if isinstance(value, numbers.Real):
         f = float(value)
-        # repr is the shortest text that reads back as the same double (1.5, 1e+16, 5e-324), and every parser
-        # we target accepts its exponent form.
         return repr(f) if math.isfinite(f) else None
     raise TypeError(f"unsupported field value type {type(value).__name__}: {value!r}")
 
 
-def encode_point(point: Point) -> str | None:
-    """One line without the newline, or None when the point has nothing writable."""
-    measurement = _measurement(point.measurement)
-    if not measurement:
-        return None
+@functools.lru_cache(maxsize=16_384)
+def _head(measurement: str, tags: tuple[tuple[str, str], ...]) -> str:
+    """`measurement,tag=value,...` escaped and with tags sorted; "" when the measurement is not writable. Cached:
+    a gateway writes the same few series over and over."""
+    name = _measurement(measurement)
+    if not name:
+        return ""
     # Later duplicates win, as in a dict; InfluxDB 1.x rejects a line with a repeated tag key. Tags are sorted by
     # key because that is InfluxDB's canonical series key and saves it re-sorting every line.
-    tags: dict[str, str] = {}
-    for key, value in point.tags:
+    escaped: dict[str, str] = {}
+    for key, value in tags:
         k, v = _key(key, "tag"), _key(value, "tag")
         if k and v:
-            tags[k] = v
-    fields: dict[str, str] = {}
+            escaped[k] = v
+    return name + "".join(f",{k}={escaped[k]}" for k in sorted(escaped))
+
+
+def encode_point(point: Point) -> str | None:
+    """One line without the newline, or None when the point has nothing writable."""
+    head = _head(point.measurement, point.tags)
+    if not head:
+        return None
+    fields: dict[str, str] = {}  # later duplicates win, as in a dict
     for key, value in point.fields:
-        k = _key(key, "field")
+        k = _field_key(key)
         text = format_value(value)
         if k and text is not None:
             fields[k] = text
     if not fields:
         return None
-    head = measurement + "".join(f",{k}={tags[k]}" for k in sorted(tags))
-    body = ",".join(f"{k}={v}" for k, v in fields.items())
+    body = ",".join([f"{k}={v}" for k, v in fields.items()])
     return f"{head} {body} {int(point.ts_ns)}"
 
 

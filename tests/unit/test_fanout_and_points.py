@@ -1,8 +1,12 @@
 """What followers and dashboards get: envelope, topics, and the point of each reading."""
 
 import json
+from dataclasses import replace
 
-from gateway.event import Event, Verdict
+import pytest
+
+from gateway.event import Event, Ingested, Verdict
+from gateway.ingest_log import IngestLog
 from gateway.fanout import alert_topic, envelope, feed_topic
 from gateway.pipeline import telemetry_point
 from gateway.sinks.lineprotocol import encode
@@ -25,6 +29,39 @@ def test_the_envelope_carries_the_original_payload_and_the_verdicts():
         "verdicts": [{"model": "sensor-anomaly", "version": "1.0.0", "score": 0.93, "label": "spike",
                       "flagged": True, "detail": {"fields": {"temperature": "spike"}}}],
     }
+
+
+def test_an_event_read_from_the_log_gets_the_same_envelope_with_its_stored_payload_spliced_in(tmp_path):
+    log = IngestLog(tmp_path / "log.db")
+    item = Ingested(EVENT.id, EVENT.source, EVENT.kind, EVENT.ts_ms, {"seq": 17, "temperature": 21.5, "note": "é\""})
+    appended = log.append([item]).events[0]
+    (read,) = log.read(0, 10)
+    normal = Verdict("sensor-anomaly", "1.0.0", 0.0123456789, "normal", False)
+    for event in (appended, read):
+        assert event.payload_json
+        plain = replace(event, payload_json="")
+        for verdicts in ([], [VERDICT], [normal, VERDICT]):
+            assert json.loads(envelope(event, verdicts)) == json.loads(envelope(plain, verdicts))
+    log.close()
+
+
+@pytest.mark.parametrize("verdict", [
+    Verdict("sensor-anomaly", "1.0.0", 0.0123456789, "normal", False),
+    Verdict("sensor-anomaly", "1.0.0", 1.0, "spike", True),
+    Verdict("content \"policy\"", "2.0.0-β", 1e-9, "ok", False),
+    Verdict("sensor-anomaly", "1.0.0", 0.93, "spike", True, {"fields": {"temperature": "spike"}}),
+    Verdict("sensor-anomaly", "1.0.0", float("nan"), "normal", False),
+])
+def test_a_verdicts_json_is_what_json_dumps_makes_of_its_dict(verdict):
+    assert verdict.to_json() == json.dumps(verdict.as_dict(), separators=(",", ":"))
+
+
+def test_a_payload_the_log_could_not_put_into_an_envelope_is_refused_at_append(tmp_path):
+    log = IngestLog(tmp_path / "log.db")
+    with pytest.raises(ValueError):
+        log.append([Ingested(EVENT.id, EVENT.source, EVENT.kind, EVENT.ts_ms, {"temperature": float("nan")})])
+    assert log.read(0, 10) == []
+    log.close()
 
 
 def test_a_reading_becomes_one_point_tagged_by_device_and_anomaly():

@@ -3,8 +3,12 @@
 Starts the project's mosquitto, InfluxDB 1.x (when installed) and the gateway (durability on, ONNX on, v1 writes),
 drives load with `firmware-sim mqtt`, and measures at a follower (a paho subscriber in its own process):
 
-- throughput: the simulator publishes as fast as the broker acknowledges; events/s = events received by the one
-  follower / time from its first to its last receipt (QoS 1 all the way);
+- drain: the gateway's own capacity, without a load generator competing for the two cores. The events are
+  published while the gateway is stopped (the broker queues them in its persistent session), then the gateway
+  starts; events/s = events received by the one follower / time from its first to its last receipt, and the
+  gateway's CPU time per event over the drain (big batches: the per-event cost at saturation);
+- throughput: the simulator publishes as fast as the broker acknowledges while the gateway runs; events/s as above
+  (QoS 1 all the way; here the simulator, the broker, the follower and the gateway share the machine);
 - latency at a fixed rate (default 2,000 events/s): the simulator stamps each payload with its publish time
   (`--stamp-field`), the follower subtracts it from its receive time; p50/p99 over the run after a warm-up;
 - the gateway's peak RSS (VmHWM) over the whole run, and its CPU time per event in the latency phase (the figure
@@ -45,10 +49,47 @@ VARIANTS: dict[str, str] = {
     "fsync-normal": '[storage]\nfsync = "normal"\n',
     "linger-0": "[pipeline]\nlinger_ms = 0\n",
     "linger-2": "[pipeline]\nlinger_ms = 2\n",
+    "bare-relay": "",  # not the gateway: benchmarks/relay.py, the MQTT work alone (see there)
 }
 
 
-def follower(address: str, follower_id: str, ready: Any, out: Any, expect: int, timeout: float) -> None:
+class RelayProcess:
+    """benchmarks/relay.py behind the few methods of GatewayProcess the harness uses."""
+
+    def __init__(self, base: Path, broker: str, follower: str) -> None:
+        self.ready = base / "relay.ready"
+        self.argv = [sys.executable, str(REPO / "benchmarks" / "relay.py"), "--broker", broker,
+                     "--client-id", "bench-relay", "--follower", follower, "--ready-file", str(self.ready)]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def run_cli(self, *args: str) -> None:
+        pass  # no follower graph: the follower is on the command line
+
+    def start(self) -> None:
+        self.ready.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(self.argv, cwd=REPO)
+        deadline = time.monotonic() + 30
+        while not self.ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the relay did not connect")
+            time.sleep(0.05)
+
+    def terminate(self) -> None:
+        assert self.proc is not None
+        self.proc.terminate()
+        self.proc.wait(30)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def status(self) -> None:
+        return None
+
+
+def follower(address: str, follower_id: str, ready: Any, out: Any, expect: int, timeout: float,
+             stamped: bool = True) -> None:
     """Runs in its own process so the subscriber does not share a GIL with anything else."""
     import paho.mqtt.client as mqtt
 
@@ -64,9 +105,10 @@ def follower(address: str, follower_id: str, ready: Any, out: Any, expect: int, 
             first = now
         last = now
         count += 1
-        stamp = json.loads(msg.payload)["payload"].get(STAMP)
-        if stamp is not None:
-            latencies.append(now * 1e6 - stamp)
+        if stamped:  # throughput phases do not parse: the follower must not be the bottleneck
+            stamp = json.loads(msg.payload)["payload"].get(STAMP)
+            if stamp is not None:
+                latencies.append(now * 1e6 - stamp)
 
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{follower_id}", protocol=mqtt.MQTTv5)
     client.on_message = on_message
@@ -115,20 +157,47 @@ def one_run(variant: str, args: argparse.Namespace, base: Path) -> dict[str, Any
         extra = ["--influx-api", "v1", "--influx-url", influx.url, "--influx-db", "bench"]
     config = base / "gateway.toml"
     config.write_text(VARIANTS[variant])
-    gw = GatewayProcess(base / "gw", broker.address, *extra, "--log-level", "WARNING", client_id="bench-gw",
-                        config=config)
+    gw: GatewayProcess | RelayProcess
+    if variant == "bare-relay":
+        gw = RelayProcess(base, broker.address, "bench")
+    else:
+        gw = GatewayProcess(base / "gw", broker.address, *extra, "--log-level", "WARNING", client_id="bench-gw",
+                            config=config)
     ctx = mp.get_context("spawn")
     result: dict[str, Any] = {"variant": variant}
     try:
         prefix = "bench-"
         for i in range(args.devices):
             gw.run_cli("follow", "bench", f"devices/{prefix}{i + 1:04d}")
+        # Drain: the first start makes the gateway's session and subscription; the events queue while it is down.
         gw.start()
         assert gw.proc is not None
+        time.sleep(1.0)
+        startup_cpu = cpu_seconds(gw.proc.pid)  # imports, model load, connect: not part of the drain's cost
+        gw.terminate()
+        sim = simulator(broker.address, args.events, 1e6, args.devices, prefix, stamp=False)
+        sim.communicate(timeout=600)
+        ready, out = ctx.Event(), ctx.Queue()
+        sub = ctx.Process(target=follower, args=(broker.address, "bench", ready, out, args.events, 300, False))
+        sub.start()
+        ready.wait(10)
+        assert broker.proc is not None
+        broker_before = cpu_seconds(broker.proc.pid)
+        gw.start()
+        assert gw.proc is not None
+        got = out.get(timeout=400)
+        sub.join()
+        span = got["last"] - got["first"]
+        result["drain_events_per_s"] = round(got["count"] / span, 1) if span > 0 else None
+        result["drain_received"] = got["count"]
+        result["drain_cpu_us_per_event"] = round((cpu_seconds(gw.proc.pid) - startup_cpu) / got["count"] * 1e6, 1)
+        # The broker's share: it carries every event twice (to the gateway, then to the follower).
+        result["drain_broker_cpu_us_per_event"] = round((cpu_seconds(broker.proc.pid) - broker_before)
+                                                        / got["count"] * 1e6, 1)
 
         # Throughput: publish as fast as acknowledgements allow.
         ready, out = ctx.Event(), ctx.Queue()
-        sub = ctx.Process(target=follower, args=(broker.address, "bench", ready, out, args.events, 300))
+        sub = ctx.Process(target=follower, args=(broker.address, "bench", ready, out, args.events, 300, False))
         sub.start()
         ready.wait(10)
         t0 = time.time()
@@ -202,7 +271,8 @@ def main() -> None:
         mine = [r for r in runs if r["variant"] == variant]
         summary[variant] = {
             key: statistics.median(r[key] for r in mine if r.get(key) is not None)
-            for key in ("throughput_events_per_s", "latency_p50_ms", "latency_p99_ms", "gateway_rss_peak_mb",
+            for key in ("drain_events_per_s", "drain_cpu_us_per_event", "drain_broker_cpu_us_per_event",
+                        "throughput_events_per_s", "latency_p50_ms", "latency_p99_ms", "gateway_rss_peak_mb",
                         "gateway_cpu_us_per_event", "simulator_publish_rate")
             if any(r.get(key) is not None for r in mine)
         }

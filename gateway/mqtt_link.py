@@ -211,6 +211,11 @@ class MqttLink:
         props: dict[str, Any] = {}
         if cfg.protocol != "3.1.1":
             props["session_expiry_interval"] = cfg.session_expiry
+            # Our receive maximum: how many QoS 1 messages the broker may send before we acknowledge. We
+            # acknowledge only after the append; without it the broker may send up to 65,535 (the protocol's
+            # default) and all of them wait in memory. An MQTT 3.1.1 broker has only its own limit
+            # (max_inflight_messages in mosquitto.conf).
+            props["receive_maximum"] = min(cfg.max_inflight, 65535)
         self.client = gmqtt.Client(
             cfg.client_id,
             clean_session=False,
@@ -279,8 +284,11 @@ class MqttLink:
         coalesce_writes(client)
         self._backoff.reset()
         self.metrics.inc("mqtt_connects")
-        # Stay under the broker's receive maximum: gmqtt raises instead of waiting when it runs out of ids.
-        receive_maximum = (properties or {}).get("receive_maximum", [65535])[0]
+        # Stay under the broker's receive maximum: gmqtt raises instead of waiting when it runs out of ids. Read
+        # from the CONNACK itself: the `properties` gmqtt hands us let our own CONNECT values override the
+        # broker's, and we send a receive_maximum of our own.
+        connack = client._package_handler._connack_properties or {}  # noqa: SLF001
+        receive_maximum = connack.get("receive_maximum", [65535])[0]
         self.tracker.limit = max(2, min(self.cfg.max_inflight, receive_maximum - 2))
         for topic in self._subscriptions:
             client.subscribe(topic, qos=1)

@@ -16,7 +16,8 @@ drives load with `firmware-sim mqtt`, and measures at a follower (a paho subscri
 
 Each variant runs `--runs` times on fresh servers and data; medians are reported, every run is kept in `runs`.
 Variants: `full` (the defaults: fsync full, ONNX on), `no-onnx`, `fsync-normal`, `linger-0`, `linger-2` (the
-pipeline's wait for more events before a batch); all in one invocation so they share the noise.
+pipeline's wait for more events before a batch), and `bare-relay` (benchmarks/relay.py instead of the gateway: the
+MQTT work alone, the floor for anything built on gmqtt); all in one invocation so they share the noise.
 
     python benchmarks/pipeline.py --runs 3 --events 60000 --latency-seconds 20
 """

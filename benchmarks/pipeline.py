@@ -174,7 +174,9 @@ def one_run(variant: str, args: argparse.Namespace, base: Path) -> dict[str, Any
         gw.start()
         assert gw.proc is not None
         time.sleep(1.0)
-        startup_cpu = cpu_seconds(gw.proc.pid)  # imports, model load, connect: not part of the drain's cost
+        # This start's CPU (imports, model load, connect) stands for the next start's, which is not part of the
+        # drain's cost: subtracted from the draining process's total below.
+        startup_cpu = cpu_seconds(gw.proc.pid)
         gw.terminate()
         sim = simulator(broker.address, args.events, 1e6, args.devices, prefix, stamp=False)
         sim.communicate(timeout=600)

@@ -52,8 +52,8 @@ def notice(event: Event, verdict: Verdict) -> bytes:
 
 
 def envelope(event: Event, verdicts: Sequence[Verdict]) -> bytes:
-    verdicts_json = ",".join([v.to_json() for v in verdicts])
     if event.payload_json:
+        verdicts_json = ",".join([v.to_json() for v in verdicts])
         # The hot path: the payload as the log stored it, spliced in. The other members need no escaping: the id
         # is hex (new_event_id), the source is a kind and an id checked against graph.ID at ingest, the kind is
         # one of the gateway's constants. The test of this function checks the text parses to the same document.

@@ -80,11 +80,6 @@ def _key(name: str, kind: str) -> str:
     return sanitize_name(name, kind=kind).translate(_KEY_ESCAPES)
 
 
-@functools.lru_cache(maxsize=65_536)
-def _field_key(name: str) -> str:
-    return _key(name, "field")
-
-
 def format_value(value: FieldValue) -> str | None:
     """The line-protocol text of one field value, or None when InfluxDB could not store it."""
     # Exact float and int first: nearly every value is one, and the checks below (abstract base classes) cost
@@ -134,7 +129,7 @@ def encode_point(point: Point) -> str | None:
         return None
     fields: dict[str, str] = {}  # later duplicates win, as in a dict
     for key, value in point.fields:
-        k = _field_key(key)
+        k = _key(key, "field")
         text = format_value(value)
         if k and text is not None:
             fields[k] = text

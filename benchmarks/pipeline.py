@@ -197,6 +197,9 @@ def one_run(variant: str, args: argparse.Namespace, base: Path) -> dict[str, Any
         # The broker's share: it carries every event twice (to the gateway, then to the follower).
         result["drain_broker_cpu_us_per_event"] = round((cpu_seconds(broker.proc.pid) - broker_before)
                                                         / got["count"] * 1e6, 1)
+        # Memory after a backlog: what the drain left in VmHWM, and the most events it held waiting for an append.
+        result["drain_rss_peak_mb"] = round(rss_peak_mb(gw.proc.pid), 1)
+        result["drain_pending_peak"] = ((gw.status() or {}).get("metrics") or {}).get("ingest_pending_peak")
 
         # Throughput: publish as fast as acknowledgements allow.
         ready, out = ctx.Event(), ctx.Queue()
@@ -275,6 +278,7 @@ def main() -> None:
         summary[variant] = {
             key: statistics.median(r[key] for r in mine if r.get(key) is not None)
             for key in ("drain_events_per_s", "drain_cpu_us_per_event", "drain_broker_cpu_us_per_event",
+                        "drain_rss_peak_mb", "drain_pending_peak",
                         "throughput_events_per_s", "latency_p50_ms", "latency_p99_ms", "gateway_rss_peak_mb",
                         "gateway_cpu_us_per_event", "simulator_publish_rate")
             if any(r.get(key) is not None for r in mine)

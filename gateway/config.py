@@ -68,8 +68,9 @@ class MqttConfig:
                               "device id.")
     follows_topic: str = _f("users/+/follows", "Subscription for live follow/unfollow requests.")
     max_inflight: int = _f(2000, "Most received messages waiting for their append (acknowledged only after it): "
-                           "the MQTT 5 receive maximum the gateway asks of the broker. mosquitto can overrun it "
-                           "while acknowledgements flow (docs/ARCHITECTURE.md).", _positive)
+                           "the MQTT 5 receive maximum the gateway asks of the broker, and the point where it stops "
+                           "reading the socket until the log catches up (mosquitto overruns the receive maximum "
+                           "while acknowledgements flow; docs/ARCHITECTURE.md).", _positive)
     reconnect_min: float = _f(0.5, "First reconnect delay in seconds (doubles per failure, jittered).", _positive)
     reconnect_max: float = _f(30.0, "Longest reconnect delay in seconds.", _positive)
     tls: bool = _f(False, "Connect over TLS; the broker's certificate must chain to `ca_file` (or a CA the system "

@@ -7,8 +7,9 @@ it. While one batch is being written the next one fills up, so under load batche
 shrinks, and at low load a lone event is written at once.
 
 Backpressure: at most `max_pending` items wait in memory; beyond that `append` waits, handlers do not return, and
-MQTT/serial acknowledgements stop, so the broker and the devices hold the data. A storage failure is retried (the
-items stay pending, nothing is acknowledged) rather than dropped.
+MQTT/serial acknowledgements stop, so the broker and the devices hold the data. The MQTT source also stops reading
+its socket (`room`), because acknowledging nothing is not enough to stop every broker sending. A storage failure is
+retried (the items stay pending, nothing is acknowledged) rather than dropped.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class Ingestor:
         self._pending = 0
         self._wake = asyncio.Event()
         self._room: asyncio.Future[None] | None = None
+        self._stalled = False  # the flusher is holding (disk budget, storage errors), not writing
+        self.pending_peak = 0  # most items seen waiting when a batch was taken: what memory had to hold
         self.appended = asyncio.Event()  # set after every commit that logged new events; the pipeline waits on it
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -70,6 +73,27 @@ class Ingestor:
     @property
     def pending(self) -> int:
         return self._pending
+
+    def has_room(self) -> bool:
+        """Whether a source should take more input now: fewer than `max_pending` items wait, or the flusher is
+        stalled. A stalled flusher makes no room however long a source waits, and the MQTT link must read on then:
+        the broker's acknowledgements of our own publishes arrive on the same socket, and the pipeline needs them
+        to commit, which is what frees the log's disk budget."""
+        return self._pending < self._max_pending or self._stalled
+
+    async def room(self) -> None:
+        """Wait until `has_room()`."""
+        while not self.has_room():
+            self._metrics.inc("backpressure_waits")
+            if self._room is None or self._room.done():
+                self._room = asyncio.get_running_loop().create_future()
+            await self._room
+
+    def _stall(self, stalled: bool) -> None:
+        if stalled != self._stalled:
+            self._stalled = stalled
+            if self._room is not None and not self._room.done():
+                self._room.set_result(None)  # room() re-checks; append() waiters loop back to waiting
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._flusher(), name="ingest-flusher")
@@ -142,15 +166,19 @@ class Ingestor:
             # Let handlers already scheduled in this loop iteration join before the batch is taken.
             await asyncio.sleep(0)
             while self._over_budget():
+                self._stall(True)
                 self._metrics.inc("backpressure_waits")
                 log.error("ingest log disk budget reached: not acknowledging new events until space returns")
                 await asyncio.sleep(1.0)
             batch = self._batches[0]
             batch.sealed = True
+            if self._pending > self.pending_peak:
+                self.pending_peak = self._pending
             try:
                 result: AppendResult = await loop.run_in_executor(
                     self._storage, self._log.append, batch.items, batch.dead)
             except STORAGE_ERRORS as exc:  # disk full, I/O error: keep the batch, acknowledge nothing, try again
+                self._stall(True)
                 self._metrics.inc("storage_errors")
                 log.error("ingest log append failed (%s); retrying in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
@@ -161,11 +189,13 @@ class Ingestor:
                 try:
                     result = await loop.run_in_executor(self._storage, self._append_one_by_one, batch)
                 except STORAGE_ERRORS as again:
+                    self._stall(True)
                     self._metrics.inc("storage_errors")
                     log.error("ingest log append failed (%s); retrying in %.2fs", again, delay)
                     await asyncio.sleep(delay)
                     continue
             delay = 0.05
+            self._stall(False)
             self._batches.popleft()
             self._pending -= len(batch)
             if result.events:

@@ -18,7 +18,7 @@ import logging
 import random
 import ssl
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 import gmqtt
 from gmqtt.mqtt.constants import MQTTv50, MQTTv311
@@ -152,6 +152,29 @@ def coalesce_writes(client: gmqtt.Client) -> None:
     conn._protocol._transport = coalescer  # noqa: SLF001 - used for every other packet
 
 
+def gate_reads(client: gmqtt.Client, gate: ReadGate) -> None:
+    """Make the client's current connection read its socket only while `gate` has room.
+
+    A receive maximum should be enough to bound what arrives unacknowledged, but mosquitto 2.0 overruns it once
+    acknowledgements flow (docs/ARCHITECTURE.md), and gmqtt hands every packet it reads straight to us. Not reading
+    is the bound that holds with any broker: asyncio's stream reader pauses the transport once its buffer is full,
+    TCP's window closes, and the backlog waits in the broker, whose job that is. gmqtt reads in one loop per
+    connection, `await self.read(...)` per chunk of up to 64 KiB, so gating that call stops it between chunks.
+    """
+    protocol = client._connection._protocol  # noqa: SLF001 - gmqtt has no hook for its read loop
+    if getattr(protocol, "_gateway_gated", False):
+        return
+    read = protocol.read
+
+    async def gated_read(n: int = -1) -> bytes:
+        if not gate.has_room():
+            await gate.room()
+        return await read(n)
+
+    protocol.read = gated_read
+    protocol._gateway_gated = True
+
+
 def tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
     """The TLS context for `mqtt.tls`, or None without TLS. Raises ConfigError naming the setting when a file is
     missing or unusable, so the daemon stops at start instead of retrying a connection that cannot work."""
@@ -192,13 +215,22 @@ class Backoff:
         self.failures = 0
 
 
+class ReadGate(Protocol):
+    """What decides whether the link reads its socket on (the ingestor: `has_room`, `room`)."""
+
+    def has_room(self) -> bool: ...
+
+    async def room(self) -> None: ...
+
+
 MessageHandler = Callable[[str, bytes, dict[str, Any]], Awaitable[int]]
 FastHandler = Callable[[str, bytes, object], bool]
 
 
 class MqttLink:
     def __init__(self, cfg: MqttConfig, metrics: Metrics, on_message: MessageHandler,
-                 subscriptions: list[str], take: FastHandler | None = None) -> None:
+                 subscriptions: list[str], take: FastHandler | None = None,
+                 read_gate: ReadGate | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self.tracker = AckTracker()
@@ -232,6 +264,7 @@ class MqttLink:
         self.client.set_config({"reconnect_retries": -1, "reconnect_delay": cfg.reconnect_min})
         self._ssl = tls_context(cfg)
         self._connection_no = 0
+        self._read_gate = read_gate
         if take is not None:
             self._install_fast_path(take)
 
@@ -282,6 +315,8 @@ class MqttLink:
     def _on_connect(self, client: gmqtt.Client, flags: int, rc: int, properties: dict[str, Any]) -> None:
         self._connection_no += 1
         coalesce_writes(client)
+        if self._read_gate is not None:
+            gate_reads(client, self._read_gate)
         self._backoff.reset()
         self.metrics.inc("mqtt_connects")
         # Stay under the broker's receive maximum: gmqtt raises instead of waiting when it runs out of ids. Read

@@ -136,7 +136,7 @@ class Gateway:
                             cfg.social)
         self.link = MqttLink(cfg.mqtt, self.metrics, source.handle,
                              [cfg.mqtt.telemetry_topic, cfg.mqtt.follows_topic, "users/+/posts",
-                              "users/+/interactions"], take=source.take)
+                              "users/+/interactions"], take=source.take, read_gate=self.ingestor)
         link = self.link
         self.stats = StatsPublisher(self.engagement, self.storage,
                                     lambda topic, body: link.publish(topic, body, qos=1, retain=True),
@@ -147,6 +147,7 @@ class Gateway:
                                  engagement=self.engagement, on_changed=self.stats.mark)
         m = self.metrics
         m.gauge("ingest_pending", lambda: self.ingestor.pending)
+        m.gauge("ingest_pending_peak", lambda: self.ingestor.pending_peak)
         m.gauge("mqtt_in_flight", lambda: self.link.tracker.in_flight)
         m.gauge("mqtt_connected", lambda: float(self.link.connected.is_set()))
         m.gauge("outbox_points", lambda: self.outbox.backlog()[1])

@@ -104,6 +104,49 @@ def test_appends_wait_when_too_many_are_pending(tmp_path):
     assert metrics.get("backpressure_waits") >= 15
 
 
+def test_a_full_ingestor_has_no_room_until_its_batch_is_written(tmp_path):
+    async def scenario():
+        log = IngestLog(tmp_path / "log.db")
+        storage = ThreadPoolExecutor(1)
+        ingestor = Ingestor(log, storage, Metrics(), batch_max=100, max_pending=10)
+        busy = asyncio.get_running_loop().run_in_executor(storage, __import__("time").sleep, 0.3)
+        ingestor.start()
+        for i in range(10):
+            ingestor.submit(item(i), i)
+        room = asyncio.create_task(ingestor.room())
+        await asyncio.sleep(0.1)
+        full = (ingestor.has_room(), room.done())
+        await busy
+        await asyncio.wait_for(room, 5)
+        await ingestor.close()
+        return full, ingestor.pending_peak
+
+    (has_room, room_done), peak = run(scenario())
+    assert (has_room, room_done) == (False, False)
+    assert peak == 10
+
+
+def test_a_stalled_ingestor_lets_sources_read_on(tmp_path):
+    """Over the disk budget the flusher makes no room however long a source waits; the MQTT link must read on,
+    or the broker's acknowledgements of the pipeline's publishes (what lets the log shrink) never arrive."""
+    async def scenario():
+        log = IngestLog(tmp_path / "log.db")
+        over = True
+        ingestor = Ingestor(log, ThreadPoolExecutor(1), Metrics(), max_pending=5, over_budget=lambda: over)
+        ingestor.start()
+        for i in range(5):
+            ingestor.submit(item(i), i)
+        await asyncio.wait_for(ingestor.room(), 5)  # returns although 5 are still pending
+        stalled = (ingestor.pending, ingestor.has_room())
+        over = False
+        while ingestor.pending:
+            await asyncio.sleep(0.05)
+        await ingestor.close()
+        return stalled
+
+    assert run(scenario()) == (5, True)
+
+
 def test_dead_letters_are_logged_counted_and_handed_on(tmp_path):
     handed = []
 

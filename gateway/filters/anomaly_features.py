@@ -14,6 +14,8 @@ model means: retrain, and the detector refuses a model whose recorded feature na
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -50,7 +52,7 @@ _LOG_CAP = float(np.log1p(_Z_CAP))
 
 def _slog(x: np.ndarray) -> np.ndarray:
     """Signed log1p: keeps the order and sign of a ratio, tames its range (a stuck history divides by ~0)."""
-    x = np.clip(x, -_Z_CAP, _Z_CAP)
+    x = np.minimum(np.maximum(x, -_Z_CAP), _Z_CAP)  # np.clip, without its Python-level wrapper
     return np.sign(x) * np.log1p(np.abs(x))
 
 
@@ -72,8 +74,29 @@ def _repeat_run(hist: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.where(differs.any(axis=1), differs.argmax(axis=1), hist.shape[1])
 
 
+# Where each feature lands in the output. The ratio features are computed as one matrix each for the "in noise
+# units" and the "in spread units" ones, then go through one signed log: with the few rows of a micro-batch,
+# numpy's cost per call, not the arithmetic, is what a feature costs (for 28 rows, 208 -> 129 us).
+_COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
+_PER_NOISE = ("z_noise", "z_step", "z_local", "roughness", "burst", "slope_t", "trend_z", "burst_short", "z_line")
+_PER_SPREAD = ("z_level", "zero_distance")
+_RATIO_COLS = np.array([_COL[name] for name in _PER_NOISE + _PER_SPREAD])
+
+
+@lru_cache(maxsize=None)
+def _centred_ramp(length: int) -> tuple[np.ndarray, float]:
+    """0..length-1 minus its mean, and its dot product with itself: the fixed half of a least-squares slope."""
+    x = np.arange(length, dtype=np.float64)
+    x -= x.mean()
+    return x, float(x @ x)
+
+
 def window_features(windows: np.ndarray) -> np.ndarray:
-    """Features of the last value of each row. `windows`: (rows, n) float64, oldest first. Returns (rows, F) float32."""
+    """Features of the last value of each row. `windows`: (rows, n) float64, oldest first. Returns (rows, F) float32.
+
+    Means are written as sums divided by the count: that is what numpy's mean computes, bit for bit, without its
+    Python-level overhead.
+    """
     w = np.asarray(windows, dtype=np.float64)
     rows, n = w.shape
     if not MIN_HISTORY <= n <= WINDOW:
@@ -81,7 +104,9 @@ def window_features(windows: np.ndarray) -> np.ndarray:
     if rows == 0:
         return np.empty((0, len(FEATURE_NAMES)), dtype=np.float32)
 
-    f: dict[str, np.ndarray] = {}
+    out = np.empty((rows, len(FEATURE_NAMES)), dtype=np.float64)
+    per_noise = np.empty((rows, len(_PER_NOISE)), dtype=np.float64)  # numerators, divided by the noise below
+    per_spread = np.empty((rows, len(_PER_SPREAD)), dtype=np.float64)
     with np.errstate(all="ignore"):
         v = w[:, -1]
         hist = w[:, :-1]
@@ -94,56 +119,58 @@ def window_features(windows: np.ndarray) -> np.ndarray:
         # Sample-to-sample noise from the history's steps, robust to a burst filling half the window or more: the
         # lower quartile step and the mean of the lower half (both ~1/3 of the typical step for Gaussian noise).
         # A quantised sensor whose steps are mostly 0 falls back to a fraction of the mean step.
-        noise = np.maximum(3.0 * hist_steps[:, k // 4], 3.0 * hist_steps[:, : k // 2].mean(axis=1))
-        noise = np.maximum(np.maximum(noise, 0.5 * hist_steps.mean(axis=1)), tiny)
+        noise = np.maximum(3.0 * hist_steps[:, k // 4], 3.0 * (hist_steps[:, : k // 2].sum(axis=1) / (k // 2)))
+        noise = np.maximum(np.maximum(noise, 0.5 * (hist_steps.sum(axis=1) / k)), tiny)
         # The spread of levels is at least the noise: a quantised history can have a MAD of exactly 0.
         spread = np.maximum(1.4826 * _median(np.abs(hist - med[:, None])), noise)
 
         dev = v - med
-        f["z_level"] = _slog(dev / spread)
-        f["z_noise"] = _slog(dev / noise)
-        f["z_step"] = _slog(steps[:, -1] / noise)
-        f["z_local"] = _slog((v - _median(hist[:, -RECENT:])) / noise)
-        f["roughness"] = _slog(spread / noise)
+        per_spread[:, 0] = dev  # z_level: the deviation in spreads
+        per_spread[:, 1] = np.abs(med)  # zero_distance: how far the level lives from 0
+        per_noise[:, 0] = dev  # z_noise
+        per_noise[:, 1] = steps[:, -1]  # z_step
+        per_noise[:, 2] = v - _median(hist[:, -RECENT:])  # z_local
+        per_noise[:, 3] = spread  # roughness
 
         # How many values right before the scored one equal it exactly (0 = no repeat).
         run = _repeat_run(hist, v)
-        f["repeat_run"] = np.log1p(run)
+        out[:, _COL["repeat_run"]] = np.log1p(run)
         zero_steps = (steps == 0.0).sum(axis=1)
-        f["repeat_base"] = (zero_steps - run) / np.maximum(n - 1 - run, 1)
+        out[:, _COL["repeat_base"]] = (zero_steps - run) / np.maximum(n - 1 - run, 1)
 
         zero = w == 0.0
-        f["is_zero"] = zero[:, -1].astype(np.float64)
-        f["zero_distance"] = _slog(np.abs(med) / spread)
-        f["zeros_recent"] = zero[:, -RECENT:].mean(axis=1)
-        f["zeros_older"] = zero[:, :-RECENT].mean(axis=1)
+        out[:, _COL["is_zero"]] = zero[:, -1]
+        out[:, _COL["zeros_recent"]] = zero[:, -RECENT:].sum(axis=1, dtype=np.float64) / RECENT
+        out[:, _COL["zeros_older"]] = zero[:, :-RECENT].sum(axis=1, dtype=np.float64) / (n - RECENT)
 
-        f["burst"] = _slog(np.sqrt((steps[:, -RECENT:] ** 2).mean(axis=1)) / noise)
-        f["outliers_recent"] = (np.abs(w[:, -RECENT:] - med[:, None]) > 3.0 * spread[:, None]).mean(axis=1)
+        per_noise[:, 4] = np.sqrt((steps[:, -RECENT:] ** 2).sum(axis=1) / RECENT)  # burst
+        out[:, _COL["outliers_recent"]] = (np.abs(w[:, -RECENT:] - med[:, None]) > 3.0 * spread[:, None]).sum(
+            axis=1, dtype=np.float64) / RECENT
 
         span = min(_SLOPE_SPAN, n)
-        x = np.arange(span, dtype=np.float64)
-        x -= x.mean()
+        x, xx = _centred_ramp(span)
         tail = w[:, -span:]
-        slope = (tail - tail.mean(axis=1, keepdims=True)) @ x / (x @ x)
-        f["slope_t"] = _slog(slope * span / noise)
-        f["trend_z"] = _slog((w[:, -RECENT:].mean(axis=1) - _median(w[:, :-RECENT])) / noise)
-        f["monotony"] = np.abs(np.sign(steps[:, -(span - 1):]).mean(axis=1))
-        f["burst_short"] = _slog(np.sqrt((steps[:, -3:] ** 2).mean(axis=1)) / noise)
+        slope = (tail - tail.sum(axis=1, keepdims=True) / span) @ x / xx
+        per_noise[:, 5] = slope * span  # slope_t: the total change over the span
+        per_noise[:, 6] = w[:, -RECENT:].sum(axis=1) / RECENT - _median(w[:, :-RECENT])  # trend_z
+        out[:, _COL["monotony"]] = np.abs(np.sign(steps[:, -(span - 1):]).sum(axis=1) / (span - 1))
+        per_noise[:, 7] = np.sqrt((steps[:, -3:] ** 2).sum(axis=1) / 3)  # burst_short
 
         # The value against a straight line through the values before it, extrapolated one step: a slow trend
         # (the daily cycle at long sample intervals) moves the median but not this.
         prev = hist[:, -(span - 1):]
-        xp = np.arange(span - 1, dtype=np.float64)
-        xp -= xp.mean()
-        prev_mean = prev.mean(axis=1)
-        prev_slope = (prev - prev_mean[:, None]) @ xp / (xp @ xp)
-        f["z_line"] = _slog((v - (prev_mean + prev_slope * (xp[-1] + 1.0))) / noise)
-        f["fill"] = np.full(rows, n / WINDOW)
+        xp, xpxp = _centred_ramp(span - 1)
+        prev_mean = prev.sum(axis=1) / (span - 1)
+        prev_slope = (prev - prev_mean[:, None]) @ xp / xpxp
+        per_noise[:, 8] = v - (prev_mean + prev_slope * (xp[-1] + 1.0))  # z_line
 
-        out = np.stack([f[name] for name in FEATURE_NAMES], axis=1)
-    # Only absurd inputs (values near the float limits) can get here; they must not poison the model's input.
-    np.nan_to_num(out, copy=False, nan=0.0, posinf=_LOG_CAP, neginf=-_LOG_CAP)
+        out[:, _RATIO_COLS] = _slog(np.concatenate((per_noise / noise[:, None], per_spread / spread[:, None]),
+                                                   axis=1))
+        out[:, _COL["fill"]] = n / WINDOW
+    # Only absurd inputs (values near the float limits) get here; they must not poison the model's input. The check
+    # first: nan_to_num costs more than all the ratio features together and almost never has anything to do.
+    if not np.isfinite(out).all():
+        np.nan_to_num(out, copy=False, nan=0.0, posinf=_LOG_CAP, neginf=-_LOG_CAP)
     return out.astype(np.float32)
 
 

@@ -224,3 +224,16 @@ def test_window_features_ignore_the_unit_and_the_level_apart_from_zero():
 
 def test_every_anomaly_type_is_a_model_class(detector):
     assert set(detector.classes) == {"normal", *ANOMALY_TYPES}
+
+
+def test_the_features_are_the_ones_the_committed_model_was_trained_on():
+    """tests/data/anomaly_features.npz holds windows of every kind (noisy, quantised, stuck, dropped out, drifting,
+    spiking; lengths 12 to 48) with their features as computed when the committed model was trained. A faster
+    rewrite of the features must reproduce them; a change in meaning must come with a retrained model and a new
+    file. (Compared to float32 rounding, not bit for bit: libm's log1p may differ in the last bit elsewhere.)"""
+    golden = np.load(Path(__file__).resolve().parents[1] / "data" / "anomaly_features.npz")
+    lengths = sorted(int(k.split("_")[1]) for k in golden.files if k.startswith("windows_"))
+    assert lengths[0] == MIN_HISTORY and lengths[-1] == WINDOW
+    for n in lengths:
+        np.testing.assert_allclose(window_features(golden[f"windows_{n}"]), golden[f"features_{n}"], rtol=1e-6,
+                                   atol=1e-6, err_msg=f"windows of length {n}")

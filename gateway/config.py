@@ -181,6 +181,9 @@ class InfluxConfig:
     timeout: float = _f(10.0, "HTTP timeout in seconds.", _positive)
     outbox_max_bytes: int = _f(256 << 20, "Disk budget for points waiting for the database; when full, the "
                                "pipeline stops taking new events (nothing is dropped).", _positive)
+    flush_interval: float = _f(0.2, "Once the outbox is written, seconds to wait before the next write, so points "
+                               "go in batches (a backlog goes at once, in requests of up to 5,000 points); 0: "
+                               "one request per pipeline commit.", _non_negative)
     metrics_interval: float = _f(5.0, "Seconds between the gateway's self-metric points.", _positive)
 
 

@@ -103,7 +103,7 @@ class Gateway:
         self.health_address: str | None = None
         self.notifier = Notifier()
         if cfg.influx.api != "none":
-            self.drainer = Drainer(self.outbox, make_writer(cfg.influx))
+            self.drainer = Drainer(self.outbox, make_writer(cfg.influx), flush_interval=cfg.influx.flush_interval)
         self.profiles = ProfileIndex(load_dir(cfg.profiles_path()))
         self.detector = load_detector(cfg)
         self.content = load_content_filter(cfg)
@@ -216,7 +216,9 @@ class Gateway:
         await self._write_metrics_point(loop)
         self._write_status()  # the final word: what was appended and committed when we stopped
         if self.drainer is not None:
-            await loop.run_in_executor(None, self.drainer.stop, max(1.0, deadline * 0.15))
+            budget = max(1.0, deadline * 0.15)
+            await loop.run_in_executor(None, self.drainer.flush, budget / 2)  # the points of the last moments too
+            await loop.run_in_executor(None, self.drainer.stop, budget / 2)
         self.storage.submit(self.log.close).result()
         self.outbox_storage.submit(self.outbox.close).result()
         self.graph.close()

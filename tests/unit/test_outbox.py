@@ -262,6 +262,54 @@ def test_a_writer_bug_does_not_end_the_drainer(outbox):
     assert drainer.stats().retried == 1 and "ZeroDivisionError" in (drainer.stats().last_error or "")
 
 
+def test_once_the_backlog_is_written_the_next_points_wait_for_the_flush_interval_and_go_together(outbox):
+    writer = FakeWriter()
+    drainer = run(outbox, writer, flush_interval=0.3)
+    outbox.put(batch("a"), 1)
+    wait_until(lambda: len(writer.accepted) == 1)
+    outbox.put(batch("b"), 1)
+    outbox.put(batch("c"), 1)
+    wait_until(lambda: len(writer.accepted) == 2)
+    drainer.stop(2)
+    assert writer.accepted == [batch("a"), batch("b") + batch("c")]
+    assert writer.times[1] - writer.times[0] >= 0.25
+
+
+def test_a_backlog_larger_than_one_request_is_written_without_pauses(outbox):
+    for tag in "abcd":
+        outbox.put(batch(tag), 1)
+    writer = FakeWriter()
+    drainer = run(outbox, writer, max_lines=1, flush_interval=5.0)
+    wait_until(lambda: len(writer.accepted) == 4, timeout=2.0)
+    drainer.stop(2)
+
+
+def test_flush_writes_what_waits_without_the_pause(outbox):
+    writer = FakeWriter()
+    drainer = run(outbox, writer, flush_interval=30.0)
+    outbox.put(batch("a"), 1)
+    wait_until(lambda: len(writer.accepted) == 1)
+    outbox.put(batch("b"), 1)  # would wait 30 s for the next request
+    start = time.monotonic()
+    assert drainer.flush(5)
+    assert time.monotonic() - start < 2.0
+    drainer.stop(2)
+    assert writer.accepted == [batch("a"), batch("b")]
+
+
+def test_flush_gives_up_at_once_while_writes_fail(outbox):
+    outbox.put(batch("a"), 1)
+    writer = FakeWriter(lambda body: (_ for _ in ()).throw(RetryableWriteError("down", retry_after=60)))
+    drainer = run(outbox, writer)
+    assert writer.called.wait(2)
+    wait_until(lambda: drainer.stats().retried >= 1)
+    start = time.monotonic()
+    assert not drainer.flush(5)
+    assert time.monotonic() - start < 1.0
+    drainer.stop(2)
+    assert outbox.backlog()[0] == 1
+
+
 def test_stop_waits_for_the_write_in_flight_and_keeps_the_rest(outbox):
     outbox.put(batch("a"), 1)
     outbox.put(batch("b"), 1)

@@ -11,13 +11,16 @@ drives load with `firmware-sim mqtt`, and measures at a follower (a paho subscri
   (QoS 1 all the way; here the simulator, the broker, the follower and the gateway share the machine);
 - latency at a fixed rate (default 2,000 events/s): the simulator stamps each payload with its publish time
   (`--stamp-field`), the follower subtracts it from its receive time; p50/p99 over the run after a warm-up;
-- the gateway's peak RSS (VmHWM) over the whole run, and its CPU time per event in the latency phase (the figure
-  least disturbed by other work on a shared machine).
+- the gateway's peak RSS (VmHWM) after the drain and over the whole run, the most events it held waiting for an
+  append in the drain, and its CPU time per event in the latency phase (the figure least disturbed by other work on
+  a shared machine).
 
 Each variant runs `--runs` times on fresh servers and data; medians are reported, every run is kept in `runs`.
 Variants: `full` (the defaults: fsync full, ONNX on), `no-onnx`, `fsync-normal`, `linger-0`, `linger-2` (the
-pipeline's wait for more events before a batch), and `bare-relay` (benchmarks/relay.py instead of the gateway: the
-MQTT work alone, the floor for anything built on gmqtt); all in one invocation so they share the noise.
+pipeline's wait for more events before a batch), `bare-relay` (benchmarks/relay.py instead of the gateway: the
+MQTT work alone, the floor for anything built on gmqtt) and `broker-only` (no gateway: the follower subscribes to the
+devices' topic, so the simulator, the broker and the follower alone set the pace: the harness's own ceiling; no
+drain); all in one invocation so they share the noise.
 
     python benchmarks/pipeline.py --runs 3 --events 60000 --latency-seconds 20
 """
@@ -44,6 +47,9 @@ from tests import servers  # noqa: E402  (the one place that knows how to start 
 from tests.gateway_process import GatewayProcess  # noqa: E402
 
 STAMP = "t_pub_us"
+PREFIX = "bench-"  # the simulated devices' ids
+FEED = "feeds/bench/#"  # the one follower's feed (it follows every device)
+DEVICES = "devices/+/telemetry"  # what the broker-only follower takes directly
 VARIANTS: dict[str, str] = {
     "full": "",
     "no-onnx": "[anomaly]\nenabled = false\n",
@@ -51,6 +57,7 @@ VARIANTS: dict[str, str] = {
     "linger-0": "[pipeline]\nlinger_ms = 0\n",
     "linger-2": "[pipeline]\nlinger_ms = 2\n",
     "bare-relay": "",  # not the gateway: benchmarks/relay.py, the MQTT work alone (see there)
+    "broker-only": "",  # no gateway: the follower subscribes to the devices' topic; the harness's own ceiling
 }
 
 
@@ -89,7 +96,7 @@ class RelayProcess:
         return None
 
 
-def follower(address: str, follower_id: str, ready: Any, out: Any, expect: int, timeout: float,
+def follower(address: str, topic: str, ready: Any, out: Any, expect: int, timeout: float,
              stamped: bool = True) -> None:
     """Runs in its own process so the subscriber does not share a GIL with anything else."""
     import paho.mqtt.client as mqtt
@@ -107,13 +114,14 @@ def follower(address: str, follower_id: str, ready: Any, out: Any, expect: int, 
         last = now
         count += 1
         if stamped:  # throughput phases do not parse: the follower must not be the bottleneck
-            stamp = json.loads(msg.payload)["payload"].get(STAMP)
+            data = json.loads(msg.payload)
+            stamp = data.get("payload", data).get(STAMP)  # an envelope, or the device's own message (broker-only)
             if stamp is not None:
                 latencies.append(now * 1e6 - stamp)
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{follower_id}", protocol=mqtt.MQTTv5)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-follower", protocol=mqtt.MQTTv5)
     client.on_message = on_message
-    client.on_connect = lambda c, *a: c.subscribe(f"feeds/{follower_id}/#", qos=1)
+    client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
     client.on_subscribe = lambda *a: ready.set()
     client.connect(host, int(port))
     client.loop_start()
@@ -124,6 +132,72 @@ def follower(address: str, follower_id: str, ready: Any, out: Any, expect: int, 
     client.disconnect()
     client.loop_stop()
     out.put({"count": count, "first": first, "last": last, "latencies_us": latencies})
+
+
+class PahoFollower:
+    """The paho subscriber above, in a process of its own (about 13,000 messages/s here at most)."""
+
+    def __init__(self, broker: str, topic: str, expect: int, timeout: float, stamped: bool) -> None:
+        ctx = mp.get_context("spawn")
+        self._ready, self._out = ctx.Event(), ctx.Queue()
+        self._proc = ctx.Process(target=follower, args=(broker, topic, self._ready, self._out, expect, timeout,
+                                                        stamped))
+        self._timeout = timeout
+
+    def start(self) -> None:
+        self._proc.start()
+        self._ready.wait(10)
+
+    def result(self) -> dict[str, Any]:
+        got = self._out.get(timeout=self._timeout + 60)
+        self._proc.join()
+        return got
+
+
+class SubFollower:
+    """mosquitto_sub (the C client) as the follower: it prints each message with its receipt time, and the
+    file is read after it exits, so the follower costs less CPU than anything it measures."""
+
+    def __init__(self, broker: str, topic: str, expect: int, timeout: float, stamped: bool, out: Path) -> None:
+        host, _, port = broker.rpartition(":")
+        self._out = out
+        self._stamped = stamped
+        self._argv = ["mosquitto_sub", "-h", host, "-p", port, "-V", "mqttv5", "-q", "1", "-t", topic,
+                      "-i", "bench-follower", "-C", str(expect), "-W", str(int(timeout)),
+                      "-F", "%U %p" if stamped else "%U"]
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self._out, "wb") as out:
+            self._proc = subprocess.Popen(self._argv, stdout=out, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # connected and subscribed (it says so nowhere we can wait on without slowing it)
+
+    def result(self) -> dict[str, Any]:
+        assert self._proc is not None
+        self._proc.wait()
+        first = last = 0.0
+        count = 0
+        latencies: list[float] = []
+        with open(self._out, "rb") as lines:
+            for line in lines:
+                stamp, _, payload = line.partition(b" ")
+                now = float(stamp)
+                first = first or now
+                last = now
+                count += 1
+                if self._stamped:
+                    data = json.loads(payload)
+                    sent = data.get("payload", data).get(STAMP)
+                    if sent is not None:
+                        latencies.append(now * 1e6 - sent)
+        return {"count": count, "first": first, "last": last, "latencies_us": latencies}
+
+
+def make_follower(args: argparse.Namespace, broker: str, topic: str, expect: int, timeout: float,
+                  stamped: bool) -> PahoFollower | SubFollower:
+    if args.follower == "mosquitto_sub":
+        return SubFollower(broker, topic, expect, timeout, stamped, args.scratch / f"follower-{time.time_ns()}.txt")
+    return PahoFollower(broker, topic, expect, timeout, stamped)
 
 
 def rss_peak_mb(pid: int) -> float:
@@ -147,6 +221,69 @@ def simulator(address: str, events: int, rate: float, devices: int, prefix: str,
     return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def prefixes(args: argparse.Namespace) -> list[str]:
+    """Device id prefixes, one per publisher; the first is the one the other phases use."""
+    return [PREFIX] if args.publishers == 1 else [f"{PREFIX}{k}-" for k in range(args.publishers)]
+
+
+def throughput_phase(broker: str, args: argparse.Namespace, topic: str) -> dict[str, Any]:
+    """The simulator publishes as fast as acknowledgements allow; events/s as the follower on `topic` sees them."""
+    sub = make_follower(args, broker, topic, args.events, 300, False)
+    sub.start()
+    t0 = time.time()
+    # One paho simulator publishes about 10,000 events/s here at most; more publishers, each with its own devices,
+    # lift that ceiling (they share the two cores with everything else).
+    shares = [args.events // args.publishers + (k < args.events % args.publishers) for k in range(args.publishers)]
+    sims = [simulator(broker, n, 1e6, args.devices, prefix, stamp=False) for n, prefix in zip(shares, prefixes(args))]
+    summaries = []
+    for sim in sims:
+        sim_out, _ = sim.communicate(timeout=600)
+        summaries.append(json.loads(sim_out) if sim_out.strip() else {})
+    got = sub.result()
+    span = got["last"] - got["first"]
+    return {
+        "throughput_events_per_s": round(got["count"] / span, 1) if span > 0 else None,
+        "throughput_received": got["count"],
+        "throughput_sent": sum(m.get("sent", 0) for m in summaries),
+        "simulator_publish_rate": round(sum(m.get("achieved_rate", 0) for m in summaries), 1),
+        "throughput_wall_s": round(time.time() - t0, 2),
+    }
+
+
+def latency_phase(broker: str, args: argparse.Namespace, topic: str, pid: int | None) -> dict[str, Any]:
+    """A fixed rate of stamped events, measured on a fresh follower; the CPU per event of process `pid` meanwhile."""
+    n = int(args.latency_rate * args.latency_seconds)
+    sub = make_follower(args, broker, topic, n, 120, True)
+    sub.start()
+    cpu_before = cpu_seconds(pid) if pid else 0.0
+    sim = simulator(broker, n, args.latency_rate, args.devices, prefixes(args)[0], stamp=True)
+    sim.communicate(timeout=300)
+    got = sub.result()
+    result: dict[str, Any] = {"latency_events": got["count"]}
+    if pid:
+        # CPU time per event barely depends on what else the shared machine runs, unlike latency: the figure to
+        # compare variants by when the machine is noisy.
+        result["gateway_cpu_us_per_event"] = round((cpu_seconds(pid) - cpu_before) / max(1, got["count"]) * 1e6, 1)
+    lat = sorted(got["latencies_us"][int(len(got["latencies_us"]) * 0.1):])  # drop the warm-up tenth
+    if lat:
+        result["latency_p50_ms"] = round(lat[len(lat) // 2] / 1000, 3)
+        result["latency_p99_ms"] = round(lat[int(len(lat) * 0.99)] / 1000, 3)
+        result["latency_max_ms"] = round(lat[-1] / 1000, 3)
+    return result
+
+
+def broker_only_run(args: argparse.Namespace, base: Path) -> dict[str, Any]:
+    """The harness without a gateway: the follower subscribes to the devices' topic itself. What the simulator,
+    the broker and the follower reach together on this machine is the ceiling for any gateway measured here."""
+    broker = servers.mosquitto(base)
+    broker.start()
+    try:
+        return {"variant": "broker-only", **throughput_phase(broker.address, args, DEVICES),
+                **latency_phase(broker.address, args, DEVICES, None)}
+    finally:
+        broker.stop()
+
+
 def one_run(variant: str, args: argparse.Namespace, base: Path) -> dict[str, Any]:
     broker = servers.mosquitto(base)
     broker.start()
@@ -164,12 +301,11 @@ def one_run(variant: str, args: argparse.Namespace, base: Path) -> dict[str, Any
     else:
         gw = GatewayProcess(base / "gw", broker.address, *extra, "--log-level", "WARNING", client_id="bench-gw",
                             config=config)
-    ctx = mp.get_context("spawn")
     result: dict[str, Any] = {"variant": variant}
     try:
-        prefix = "bench-"
-        for i in range(args.devices):
-            gw.run_cli("follow", "bench", f"devices/{prefix}{i + 1:04d}")
+        for prefix in prefixes(args):
+            for i in range(args.devices):
+                gw.run_cli("follow", "bench", f"devices/{prefix}{i + 1:04d}")
         # Drain: the first start makes the gateway's session and subscription; the events queue while it is down.
         gw.start()
         assert gw.proc is not None
@@ -178,18 +314,15 @@ def one_run(variant: str, args: argparse.Namespace, base: Path) -> dict[str, Any
         # drain's cost: subtracted from the draining process's total below.
         startup_cpu = cpu_seconds(gw.proc.pid)
         gw.terminate()
-        sim = simulator(broker.address, args.events, 1e6, args.devices, prefix, stamp=False)
+        sim = simulator(broker.address, args.events, 1e6, args.devices, prefixes(args)[0], stamp=False)
         sim.communicate(timeout=600)
-        ready, out = ctx.Event(), ctx.Queue()
-        sub = ctx.Process(target=follower, args=(broker.address, "bench", ready, out, args.events, 300, False))
+        sub = make_follower(args, broker.address, FEED, args.events, 300, False)
         sub.start()
-        ready.wait(10)
         assert broker.proc is not None
         broker_before = cpu_seconds(broker.proc.pid)
         gw.start()
         assert gw.proc is not None
-        got = out.get(timeout=400)
-        sub.join()
+        got = sub.result()
         span = got["last"] - got["first"]
         result["drain_events_per_s"] = round(got["count"] / span, 1) if span > 0 else None
         result["drain_received"] = got["count"]
@@ -201,44 +334,8 @@ def one_run(variant: str, args: argparse.Namespace, base: Path) -> dict[str, Any
         result["drain_rss_peak_mb"] = round(rss_peak_mb(gw.proc.pid), 1)
         result["drain_pending_peak"] = ((gw.status() or {}).get("metrics") or {}).get("ingest_pending_peak")
 
-        # Throughput: publish as fast as acknowledgements allow.
-        ready, out = ctx.Event(), ctx.Queue()
-        sub = ctx.Process(target=follower, args=(broker.address, "bench", ready, out, args.events, 300, False))
-        sub.start()
-        ready.wait(10)
-        t0 = time.time()
-        sim = simulator(broker.address, args.events, 1e6, args.devices, prefix, stamp=False)
-        sim_out, _ = sim.communicate(timeout=600)
-        got = out.get(timeout=400)
-        sub.join()
-        span = got["last"] - got["first"]
-        result["throughput_events_per_s"] = round(got["count"] / span, 1) if span > 0 else None
-        result["throughput_received"] = got["count"]
-        result["throughput_sent"] = json.loads(sim_out)["sent"] if sim_out.strip() else None
-        result["simulator_publish_rate"] = json.loads(sim_out)["achieved_rate"] if sim_out.strip() else None
-        result["throughput_wall_s"] = round(time.time() - t0, 2)
-
-        # Latency at a fixed rate, measured on a fresh follower (the graph already holds the devices).
-        n = int(args.latency_rate * args.latency_seconds)
-        ready, out = ctx.Event(), ctx.Queue()
-        sub = ctx.Process(target=follower, args=(broker.address, "bench", ready, out, n, 120))
-        sub.start()
-        ready.wait(10)
-        cpu_before = cpu_seconds(gw.proc.pid)
-        sim = simulator(broker.address, n, args.latency_rate, args.devices, prefix, stamp=True)
-        sim.communicate(timeout=300)
-        got = out.get(timeout=200)
-        sub.join()
-        # CPU time per event barely depends on what else the shared machine runs, unlike latency: the figure to
-        # compare variants by when the machine is noisy.
-        result["gateway_cpu_us_per_event"] = round((cpu_seconds(gw.proc.pid) - cpu_before) / max(1, got["count"])
-                                                   * 1e6, 1)
-        lat = sorted(got["latencies_us"][int(len(got["latencies_us"]) * 0.1):])  # drop the warm-up tenth
-        result["latency_events"] = got["count"]
-        if lat:
-            result["latency_p50_ms"] = round(lat[len(lat) // 2] / 1000, 3)
-            result["latency_p99_ms"] = round(lat[int(len(lat) * 0.99)] / 1000, 3)
-            result["latency_max_ms"] = round(lat[-1] / 1000, 3)
+        result.update(throughput_phase(broker.address, args, FEED))
+        result.update(latency_phase(broker.address, args, FEED, gw.proc.pid))
         result["gateway_rss_peak_mb"] = round(rss_peak_mb(gw.proc.pid), 1)
         status = gw.status() or {}
         result["gateway_counters"] = {k: status.get("metrics", {}).get(k) for k in
@@ -256,6 +353,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--events", type=int, default=60_000)
     parser.add_argument("--devices", type=int, default=50)
+    parser.add_argument("--publishers", type=int, default=1, help="simulator processes in the throughput phase")
+    parser.add_argument("--follower", choices=("mosquitto_sub", "paho"),
+                        default="mosquitto_sub" if shutil.which("mosquitto_sub") else "paho",
+                        help="the subscriber that measures (mosquitto_sub: Debian's mosquitto-clients)")
     parser.add_argument("--latency-rate", type=float, default=2000.0)
     parser.add_argument("--latency-seconds", type=float, default=20.0)
     parser.add_argument("--variants", default="full,no-onnx,fsync-normal")
@@ -267,7 +368,11 @@ def main() -> None:
     for i in range(args.runs):
         for variant in variants:  # interleaved, so slow phases of the shared machine hit every variant alike
             with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp:
-                run = one_run(variant, args, Path(tmp))
+                args.scratch = Path(tmp)  # the follower's receipts
+                if variant == "broker-only":
+                    run = broker_only_run(args, Path(tmp))
+                else:
+                    run = one_run(variant, args, Path(tmp))
                 run["run"] = i
                 runs.append(run)
                 print(json.dumps(run), file=sys.stderr)
@@ -283,7 +388,8 @@ def main() -> None:
                         "gateway_cpu_us_per_event", "simulator_publish_rate")
             if any(r.get(key) is not None for r in mine)
         }
-    print(json.dumps({"machine": {"cpus": os.cpu_count()}, "params": vars(args), "median": summary, "runs": runs},
+    params = {k: v for k, v in vars(args).items() if k != "scratch"}
+    print(json.dumps({"machine": {"cpus": os.cpu_count()}, "params": params, "median": summary, "runs": runs},
                      indent=1))
 
 

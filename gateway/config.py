@@ -161,7 +161,8 @@ class SocialConfig:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    batch_max: int = _f(1000, "Most events filtered and fanned out as one batch.", _positive)
+    batch_max: int = _f(250, "Most events filtered and fanned out as one batch. Larger batches cost memory while "
+                        "a backlog drains (1,000: 12 MB more peak RSS, no faster).", _positive)
     linger_ms: float = _f(2.0, "After new events are logged, wait this long for more before processing, so "
                           "the model and the publisher work on batches instead of single events.", _non_negative)
     max_unacked_batches: int = _f(32, "Batches published but not yet committed (waiting for the broker's "

@@ -81,6 +81,8 @@ _COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
 _PER_NOISE = ("z_noise", "z_step", "z_local", "roughness", "burst", "slope_t", "trend_z", "burst_short", "z_line")
 _PER_SPREAD = ("z_level", "zero_distance")
 _RATIO_COLS = np.array([_COL[name] for name in _PER_NOISE + _PER_SPREAD])
+_N = {name: i for i, name in enumerate(_PER_NOISE)}  # columns of the numerators divided by the noise
+_S = {name: i for i, name in enumerate(_PER_SPREAD)}  # and by the spread
 
 
 @lru_cache(maxsize=None)
@@ -125,12 +127,12 @@ def window_features(windows: np.ndarray) -> np.ndarray:
         spread = np.maximum(1.4826 * _median(np.abs(hist - med[:, None])), noise)
 
         dev = v - med
-        per_spread[:, 0] = dev  # z_level: the deviation in spreads
-        per_spread[:, 1] = np.abs(med)  # zero_distance: how far the level lives from 0
-        per_noise[:, 0] = dev  # z_noise
-        per_noise[:, 1] = steps[:, -1]  # z_step
-        per_noise[:, 2] = v - _median(hist[:, -RECENT:])  # z_local
-        per_noise[:, 3] = spread  # roughness
+        per_spread[:, _S["z_level"]] = dev
+        per_spread[:, _S["zero_distance"]] = np.abs(med)
+        per_noise[:, _N["z_noise"]] = dev
+        per_noise[:, _N["z_step"]] = steps[:, -1]
+        per_noise[:, _N["z_local"]] = v - _median(hist[:, -RECENT:])
+        per_noise[:, _N["roughness"]] = spread
 
         # How many values right before the scored one equal it exactly (0 = no repeat).
         run = _repeat_run(hist, v)
@@ -143,7 +145,7 @@ def window_features(windows: np.ndarray) -> np.ndarray:
         out[:, _COL["zeros_recent"]] = zero[:, -RECENT:].sum(axis=1, dtype=np.float64) / RECENT
         out[:, _COL["zeros_older"]] = zero[:, :-RECENT].sum(axis=1, dtype=np.float64) / (n - RECENT)
 
-        per_noise[:, 4] = np.sqrt((steps[:, -RECENT:] ** 2).sum(axis=1) / RECENT)  # burst
+        per_noise[:, _N["burst"]] = np.sqrt((steps[:, -RECENT:] ** 2).sum(axis=1) / RECENT)
         out[:, _COL["outliers_recent"]] = (np.abs(w[:, -RECENT:] - med[:, None]) > 3.0 * spread[:, None]).sum(
             axis=1, dtype=np.float64) / RECENT
 
@@ -151,10 +153,10 @@ def window_features(windows: np.ndarray) -> np.ndarray:
         x, xx = _centred_ramp(span)
         tail = w[:, -span:]
         slope = (tail - tail.sum(axis=1, keepdims=True) / span) @ x / xx
-        per_noise[:, 5] = slope * span  # slope_t: the total change over the span
-        per_noise[:, 6] = w[:, -RECENT:].sum(axis=1) / RECENT - _median(w[:, :-RECENT])  # trend_z
+        per_noise[:, _N["slope_t"]] = slope * span  # the total change over the span
+        per_noise[:, _N["trend_z"]] = w[:, -RECENT:].sum(axis=1) / RECENT - _median(w[:, :-RECENT])
         out[:, _COL["monotony"]] = np.abs(np.sign(steps[:, -(span - 1):]).sum(axis=1) / (span - 1))
-        per_noise[:, 7] = np.sqrt((steps[:, -3:] ** 2).sum(axis=1) / 3)  # burst_short
+        per_noise[:, _N["burst_short"]] = np.sqrt((steps[:, -3:] ** 2).sum(axis=1) / 3)
 
         # The value against a straight line through the values before it, extrapolated one step: a slow trend
         # (the daily cycle at long sample intervals) moves the median but not this.
@@ -162,7 +164,7 @@ def window_features(windows: np.ndarray) -> np.ndarray:
         xp, xpxp = _centred_ramp(span - 1)
         prev_mean = prev.sum(axis=1) / (span - 1)
         prev_slope = (prev - prev_mean[:, None]) @ xp / xpxp
-        per_noise[:, 8] = v - (prev_mean + prev_slope * (xp[-1] + 1.0))  # z_line
+        per_noise[:, _N["z_line"]] = v - (prev_mean + prev_slope * (xp[-1] + 1.0))
 
         out[:, _RATIO_COLS] = _slog(np.concatenate((per_noise / noise[:, None], per_spread / spread[:, None]),
                                                    axis=1))

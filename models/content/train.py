@@ -49,7 +49,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))  # runnable from a checkout without installing
 
-from gateway.filters.content import MAX_CHARS, NORMALISER_VERSION, ContentClassifier, normalise  # noqa: E402
+from gateway.filters.content import (  # noqa: E402
+    MAX_CHARS, NORMALISER_VERSION, TEXTS_PER_RUN, ContentClassifier, normalise)
 
 MODEL_NAME = "sensitive-content"
 MODEL_VERSION = "1.0.0"
@@ -294,8 +295,8 @@ def write_card(path: Path, r: dict) -> None:  # noqa: C901 (a long but linear do
         "`toxic`). It does not tell hate from mere profanity, does not look at images, links or context, and is "
         "English only.")
     add("")
-    add(f"The gateway (`gateway/filters/content.py`, `ContentClassifier`) scores a micro-batch of texts with one "
-        f"onnxruntime run and labels each text: score >= **{th['block']:.2f}** -> `blocked`, score >= "
+    add(f"The gateway (`gateway/filters/content.py`, `ContentClassifier`) scores a micro-batch of texts, "
+        f"{TEXTS_PER_RUN} texts per onnxruntime run (memory grows with the run), and labels each text: score >= **{th['block']:.2f}** -> `blocked`, score >= "
         f"**{th['mark']:.2f}** -> `sensitive`, otherwise `clean`; `flagged` is true for the first two. Both "
         f"thresholds are in the model's metadata and can be overridden.")
     add("")
@@ -377,7 +378,8 @@ def write_card(path: Path, r: dict) -> None:  # noqa: C901 (a long but linear do
     add("")
     add("### Latency")
     add("")
-    add(f"`ContentClassifier.score` end to end (normalising and one onnxruntime run, one intra-op thread), on test "
+    add(f"`ContentClassifier.score` end to end (normalising, then one onnxruntime run per {TEXTS_PER_RUN} texts, one "
+        f"intra-op thread), on test "
         f"texts of both sets taken in turn (each run the next batch of texts); median and 90th percentile of {LATENCY_RUNS} runs after a warm-up, on "
         f"this machine ({r['cpu']}, {r['cores']} cores shared with other work).")
     add("")

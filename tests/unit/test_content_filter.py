@@ -21,6 +21,7 @@ from gateway.filters.content import (
     BLOCKED,
     CLEAN,
     MAX_CHARS,
+    TEXTS_PER_RUN,
     SENSITIVE,
     ContentClassifier,
     ModelMetadataError,
@@ -123,19 +124,21 @@ def test_the_strongest_insults_are_blocked(classifier):
     assert sum(v.label == BLOCKED for v in verdicts) >= 3, verdicts
 
 
-def test_one_session_run_per_score_call_whatever_the_batch_size():
+def test_a_batch_is_scored_in_runs_of_a_few_texts_so_memory_does_not_grow_with_it():
     clf = ContentClassifier(MODEL)
     recorder = RecordingSession(clf.session)
     clf.session = recorder
     texts = OFFENSIVE + CLEAN_TEXTS + HOSTILE
+    assert len(texts) > 2 * TEXTS_PER_RUN
     verdicts = clf.score(texts)
-    assert recorder.runs == 1
-    assert len(recorder.feeds[0]) == len(texts)
+    assert [len(feed) for feed in recorder.feeds] == [
+        min(TEXTS_PER_RUN, len(texts) - start) for start in range(0, len(texts), TEXTS_PER_RUN)]
     assert len(verdicts) == len(texts)
+    runs = recorder.runs
     clf.score(["one"])
-    assert recorder.runs == 2
+    assert recorder.runs == runs + 1
     assert clf.score([]) == []
-    assert recorder.runs == 2  # nothing to score, nothing run
+    assert recorder.runs == runs + 1  # nothing to score, nothing run
 
 
 def test_a_text_scores_the_same_alone_and_in_any_batch(classifier):

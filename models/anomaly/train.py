@@ -51,7 +51,8 @@ from firmware_sim.signals import (  # noqa: E402
 from gateway.filters.anomaly_features import FEATURE_NAMES, MIN_HISTORY, WINDOW, series_features  # noqa: E402
 
 MODEL_NAME = "sensor-anomaly"
-MODEL_VERSION = "1.1.0"
+# 1.1.1: the 1.1.0 forest, exported without zero class weights (same probabilities, 3.3 MB less when loaded).
+MODEL_VERSION = "1.1.1"
 CLASSES: tuple[str, ...] = (NORMAL, *ANOMALY_TYPES)
 INTERVALS_MS = (1_000, 5_000, 15_000, 60_000)
 READINGS_PER_DEVICE = 2_000
@@ -140,6 +141,7 @@ def export(forest: RandomForestClassifier, threshold: float) -> onnx.ModelProto:
         # Opsets every onnxruntime >= 1.17 (the gateway's floor) runs.
         target_opset={"": 17, "ai.onnx.ml": 3},
     )
+    slim(model)
     model.doc_string = "Per-sample sensor anomaly classifier over scale-free window features (see MODEL_CARD.md)."
     onnx.helper.set_model_props(model, {
         "name": MODEL_NAME,
@@ -152,6 +154,25 @@ def export(forest: RandomForestClassifier, threshold: float) -> onnx.ModelProto:
     })
     onnx.checker.check_model(model)
     return model
+
+
+def slim(model: onnx.ModelProto) -> None:
+    """Drop what inference never reads from the tree ensemble, in place: the leaves' zero class weights (skl2onnx
+    writes one weight per class per leaf; a missing one counts as zero) and the optional per-node lists left at
+    their defaults. onnxruntime holds 3.3 MB less for the model (23.2 -> 19.9 MB) and gives the same probabilities."""
+    (node,) = [n for n in model.graph.node if n.op_type == "TreeEnsembleClassifier"]
+    attrs = {a.name: a for a in node.attribute}
+    weights = np.asarray(attrs["class_weights"].floats)
+    kept = np.flatnonzero(weights != 0)
+    for name in ("class_ids", "class_nodeids", "class_treeids"):
+        values = np.asarray(attrs[name].ints)[kept].tolist()
+        del attrs[name].ints[:]
+        attrs[name].ints.extend(values)
+    del attrs["class_weights"].floats[:]
+    attrs["class_weights"].floats.extend(weights[kept].tolist())
+    node.attribute.remove(attrs["nodes_hitrates"])  # only ever read by tools that rebuild trees, not by inference
+    if not any(attrs["nodes_missing_value_tracks_true"].ints):  # all false is the default
+        node.attribute.remove(attrs["nodes_missing_value_tracks_true"])
 
 
 def probabilities(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
@@ -346,7 +367,9 @@ def write_card(path: Path, r: dict) -> None:
     add("")
     add(f"scikit-learn RandomForestClassifier ({', '.join(f'{k}={v}' for k, v in FOREST.items() if k != 'n_jobs')}), "
         f"class weights sqrt(n_normal / n_class); exported with skl2onnx, zipmap disabled (outputs `label` and a "
-        f"`probabilities` tensor, columns in the order of metadata `classes`). File size {r['size_mb']:.2f} MB. "
+        f"`probabilities` tensor, columns in the order of metadata `classes`), then the leaves' zero class weights "
+        f"and the node lists inference never reads dropped (same probabilities, less memory in onnxruntime). File "
+        f"size {r['size_mb']:.2f} MB. "
         f"ONNX metadata_props: name, version, classes, features, window, min_history, threshold.")
     add("")
     add("## Held-out evaluation")

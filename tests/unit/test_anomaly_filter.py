@@ -59,7 +59,7 @@ def test_the_verdict_names_the_model_and_version_from_the_model_metadata(detecto
     meta = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
     verdicts = stream(detector, DeviceSignal("pump-0001", 1, "water"), 20)
     assert {(v.model, v.version) for v in verdicts} == {(meta["name"], meta["version"])}
-    assert (meta["name"], meta["version"]) == ("sensor-anomaly", "1.1.0")
+    assert (meta["name"], meta["version"]) == ("sensor-anomaly", "1.1.1")
     assert detector.threshold == float(meta["threshold"])
 
 
@@ -180,7 +180,7 @@ def test_values_that_are_not_finite_numbers_are_skipped_without_crashing(detecto
     odd: dict[str, Any] = {"flow_lpm": math.nan, "line_pressure_bar": math.inf, "water_temp_c": "warm",
                            "extra": None, "neg": -math.inf}
     verdicts = detector.score([("devices/pump-0001", odd), ("devices/pump-0001", signal.next().fields)])
-    assert verdicts[0] == Verdict("sensor-anomaly", "1.1.0", 0.0, "normal", False)
+    assert verdicts[0] == Verdict("sensor-anomaly", "1.1.1", 0.0, "normal", False)
     assert verdicts[1].label != "warming"
     assert detector.tracked == tracked
     # Huge but finite values reach the model as bounded features instead of NaNs.

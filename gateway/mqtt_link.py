@@ -264,6 +264,7 @@ class MqttLink:
         self.client.set_config({"reconnect_retries": -1, "reconnect_delay": cfg.reconnect_min})
         self._ssl = tls_context(cfg)
         self._connection_no = 0
+        self._closing = False  # close() was called: a disconnect is the one we asked for
         self._read_gate = read_gate
         if take is not None:
             self._install_fast_path(take)
@@ -335,6 +336,9 @@ class MqttLink:
     def _on_disconnect(self, client: gmqtt.Client, packet: Any, exc: Exception | None = None) -> None:
         self.connected.clear()
         self.metrics.inc("mqtt_disconnects")
+        if self._closing:
+            log.info("disconnected from %s (shutting down)", self.cfg.broker)
+            return
         delay = self._backoff.next_delay()
         client.reconnect_delay = delay
         log.warning("disconnected from %s; reconnecting in %.1fs", self.cfg.broker, delay)
@@ -358,6 +362,7 @@ class MqttLink:
             await self.tracker.wait_for_room()
 
     async def close(self) -> None:
+        self._closing = True
         if self.client.is_connected:
             await self.publish(STATUS_TOPIC, b"offline", qos=1, retain=True)
             await self.client.disconnect()

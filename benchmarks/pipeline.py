@@ -1,7 +1,8 @@
 """End-to-end benchmark of the telemetry pipeline (not a test): prints JSON.
 
 Starts the project's mosquitto, InfluxDB 1.x (when installed) and the gateway (durability on, ONNX on, v1 writes),
-drives load with `firmware-sim mqtt`, and measures at a follower (a paho subscriber in its own process):
+drives load with `firmware-sim mqtt` (one MQTT connection per simulator process, `--connections`), and measures
+at a follower in its own process (mosquitto_sub when installed, otherwise a paho subscriber):
 
 - drain: the gateway's own capacity, without a load generator competing for the two cores. The events are
   published while the gateway is stopped (the broker queues them in its persistent session), then the gateway
@@ -212,10 +213,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def simulator(address: str, events: int, rate: float, devices: int, prefix: str, stamp: bool) -> subprocess.Popen:
+def simulator(address: str, events: int, rate: float, devices: int, prefix: str, stamp: bool,
+              connections: int = 1) -> subprocess.Popen:
     argv = [sys.executable, "-m", "firmware_sim.cli", "mqtt", "--broker", address, "--devices", str(devices),
             "--events", str(events), "--rate", str(rate), "--device-prefix", prefix, "--no-progress",
-            "--drain-timeout", "60"]
+            "--drain-timeout", "60", "--connections", str(connections)]
     if stamp:
         argv += ["--stamp-field", STAMP]
     return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -231,10 +233,11 @@ def throughput_phase(broker: str, args: argparse.Namespace, topic: str) -> dict[
     sub = make_follower(args, broker, topic, args.events, 300, False)
     sub.start()
     t0 = time.time()
-    # One paho simulator publishes about 10,000 events/s here at most; more publishers, each with its own devices,
-    # lift that ceiling (they share the two cores with everything else).
+    # One simulator process publishes about 14,000 events/s here at most; more publishers, each with its own
+    # devices, lift that ceiling (they share the two cores with everything else).
     shares = [args.events // args.publishers + (k < args.events % args.publishers) for k in range(args.publishers)]
-    sims = [simulator(broker, n, 1e6, args.devices, prefix, stamp=False) for n, prefix in zip(shares, prefixes(args))]
+    sims = [simulator(broker, n, 1e6, args.devices, prefix, stamp=False, connections=args.connections)
+            for n, prefix in zip(shares, prefixes(args))]
     summaries = []
     for sim in sims:
         sim_out, _ = sim.communicate(timeout=600)
@@ -256,7 +259,8 @@ def latency_phase(broker: str, args: argparse.Namespace, topic: str, pid: int | 
     sub = make_follower(args, broker, topic, n, 120, True)
     sub.start()
     cpu_before = cpu_seconds(pid) if pid else 0.0
-    sim = simulator(broker, n, args.latency_rate, args.devices, prefixes(args)[0], stamp=True)
+    sim = simulator(broker, n, args.latency_rate, args.devices, prefixes(args)[0], stamp=True,
+                    connections=args.connections)
     sim.communicate(timeout=300)
     got = sub.result()
     result: dict[str, Any] = {"latency_events": got["count"]}
@@ -314,7 +318,8 @@ def one_run(variant: str, args: argparse.Namespace, base: Path) -> dict[str, Any
         # drain's cost: subtracted from the draining process's total below.
         startup_cpu = cpu_seconds(gw.proc.pid)
         gw.terminate()
-        sim = simulator(broker.address, args.events, 1e6, args.devices, prefixes(args)[0], stamp=False)
+        sim = simulator(broker.address, args.events, 1e6, args.devices, prefixes(args)[0], stamp=False,
+                        connections=args.connections)
         sim.communicate(timeout=600)
         sub = make_follower(args, broker.address, FEED, args.events, 300, False)
         sub.start()
@@ -354,6 +359,10 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=60_000)
     parser.add_argument("--devices", type=int, default=50)
     parser.add_argument("--publishers", type=int, default=1, help="simulator processes in the throughput phase")
+    # paho runs a network thread per connection, and the threads of one process contend for its GIL: with 50
+    # devices, one simulator process published 13,500-14,200 events/s over 1 connection, 9,300-10,100 over 8 (its
+    # default). The load generator should take as little of the shared machine as it can.
+    parser.add_argument("--connections", type=int, default=1, help="MQTT connections per simulator process")
     parser.add_argument("--follower", choices=("mosquitto_sub", "paho"),
                         default="mosquitto_sub" if shutil.which("mosquitto_sub") else "paho",
                         help="the subscriber that measures (mosquitto_sub: Debian's mosquitto-clients)")

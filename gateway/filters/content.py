@@ -39,9 +39,8 @@ BLOCKED = "blocked"
 MAX_CHARS = 2000
 
 # Texts per onnxruntime run. The TF-IDF stages produce a dense row of every n-gram in the vocabulary (50,000 floats)
-# per text, several times over, so memory grows with the run. Scoring the test posts 250 at a time raised peak RSS
-# by 336 MB in one run each, by 5 MB 4 per run; 4 per run was also faster (256 posts: 92 vs 121 ms). The scores do
-# not depend on the split.
+# per text, several times over, so memory grows with the run. Scoring the test posts in runs of 250 raised peak RSS
+# by 336 MB; in runs of 4, by 5 MB, and faster too (256 posts: 92 vs 121 ms). The scores do not depend on the split.
 TEXTS_PER_RUN = 4
 
 # Bumped whenever normalise() changes what it returns: the model records the version it was trained with and the

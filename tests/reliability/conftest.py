@@ -9,7 +9,7 @@ import pytest
 
 from tests import servers
 from tests.gateway_process import GatewayProcess
-from tests.reliability.harness import uid, write_config
+from tests.reliability.harness import kill_leftover_runs, uid, write_config
 
 MakeGateway = Callable[..., GatewayProcess]
 
@@ -49,3 +49,11 @@ def make_gateway(tmp_path: Path) -> Iterator[MakeGateway]:
     yield make
     for gw in made:
         gw.kill()
+
+
+@pytest.fixture(autouse=True)
+def no_simulator_outlives_its_test() -> Iterator[None]:
+    """A test that fails while its simulator still publishes would leave it running, and on the shared broker that
+    traffic reaches the next test's gateway (which subscribes to every device): one failure became two."""
+    yield
+    kill_leftover_runs()

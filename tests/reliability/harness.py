@@ -63,6 +63,8 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 
 # --- the simulated fleet -----------------------------------------------------------------------------------------
 
+_STARTED: list["SimRun"] = []  # every simulator run started, until kill_leftover_runs()
+
 
 @dataclass
 class Fleet:
@@ -92,7 +94,9 @@ class Fleet:
         proc = subprocess.Popen(argv, cwd=servers.REPO, stdout=subprocess.PIPE, stderr=err)
         if log is not None:
             err.close()  # type: ignore[union-attr]
-        return SimRun(self, proc)
+        run = SimRun(self, proc)
+        _STARTED.append(run)
+        return run
 
     def expected(self) -> set[Key]:
         """Every event the fleet's runs published (sent), by (device, seq)."""
@@ -109,6 +113,12 @@ class Fleet:
     @property
     def acknowledged(self) -> int:
         return sum(r["acknowledged"] for r in self.runs)
+
+
+def kill_leftover_runs() -> None:
+    """Kill every simulator run still publishing (at the end of a test: see the suite's conftest)."""
+    while _STARTED:
+        _STARTED.pop().kill()
 
 
 @dataclass

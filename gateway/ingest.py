@@ -84,16 +84,24 @@ class Ingestor:
     async def room(self) -> None:
         """Wait until `has_room()`."""
         while not self.has_room():
-            self._metrics.inc("backpressure_waits")
-            if self._room is None or self._room.done():
-                self._room = asyncio.get_running_loop().create_future()
-            await self._room
+            await self._room_changed()
+
+    async def _room_changed(self) -> None:
+        """Wait for the next change that may have made room (a batch written, the flusher stalling or resuming);
+        the waiter checks again for itself."""
+        self._metrics.inc("backpressure_waits")
+        if self._room is None or self._room.done():
+            self._room = asyncio.get_running_loop().create_future()
+        await self._room
+
+    def _wake_room_waiters(self) -> None:
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
 
     def _stall(self, stalled: bool) -> None:
         if stalled != self._stalled:
             self._stalled = stalled
-            if self._room is not None and not self._room.done():
-                self._room.set_result(None)  # room() re-checks; append() waiters loop back to waiting
+            self._wake_room_waiters()  # room() re-checks; append() waiters loop back to waiting
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._flusher(), name="ingest-flusher")
@@ -143,10 +151,7 @@ class Ingestor:
             # returns; the broker (or the device) keeps the message and redelivers it after the restart.
             await asyncio.get_running_loop().create_future()
         while self._pending >= self._max_pending:
-            self._metrics.inc("backpressure_waits")
-            if self._room is None or self._room.done():
-                self._room = asyncio.get_running_loop().create_future()
-            await self._room
+            await self._room_changed()
         self._pending += 1
         if not self._batches or self._batches[-1].sealed or len(self._batches[-1]) >= self._batch_max:
             self._batches.append(_Batch(asyncio.get_running_loop()))
@@ -207,8 +212,8 @@ class Ingestor:
                 batch.future.set_result(None)
             if batch.tokens and self._on_committed is not None:
                 self._on_committed(batch.tokens)
-            if self._room is not None and not self._room.done() and self._pending < self._max_pending:
-                self._room.set_result(None)
+            if self._pending < self._max_pending:
+                self._wake_room_waiters()
             if batch.dead and self._on_deadletters is not None:
                 self._on_deadletters(batch.dead)
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -89,7 +90,7 @@ def test_appends_wait_when_too_many_are_pending(tmp_path):
         metrics = Metrics()
         storage = ThreadPoolExecutor(1)
         ingestor = Ingestor(log, storage, metrics, batch_max=10, max_pending=10)
-        gate = asyncio.get_running_loop().run_in_executor(storage, __import__("time").sleep, 0.3)
+        gate = asyncio.get_running_loop().run_in_executor(storage, time.sleep, 0.3)
         ingestor.start()
         tasks = [asyncio.create_task(ingestor.append(item(i))) for i in range(25)]
         await asyncio.sleep(0.1)
@@ -109,7 +110,7 @@ def test_a_full_ingestor_has_no_room_until_its_batch_is_written(tmp_path):
         log = IngestLog(tmp_path / "log.db")
         storage = ThreadPoolExecutor(1)
         ingestor = Ingestor(log, storage, Metrics(), batch_max=100, max_pending=10)
-        busy = asyncio.get_running_loop().run_in_executor(storage, __import__("time").sleep, 0.3)
+        busy = asyncio.get_running_loop().run_in_executor(storage, time.sleep, 0.3)
         ingestor.start()
         for i in range(10):
             ingestor.submit(item(i), i)

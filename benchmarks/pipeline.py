@@ -97,6 +97,13 @@ class RelayProcess:
         return None
 
 
+def latency_us(payload: bytes, received: float) -> float | None:
+    """Receive time minus the simulator's stamp, for an envelope or the device's own message (broker-only)."""
+    data = json.loads(payload)
+    stamp = data.get("payload", data).get(STAMP)
+    return None if stamp is None else received * 1e6 - stamp
+
+
 def follower(address: str, topic: str, ready: Any, out: Any, expect: int, timeout: float,
              stamped: bool = True) -> None:
     """Runs in its own process so the subscriber does not share a GIL with anything else."""
@@ -115,10 +122,9 @@ def follower(address: str, topic: str, ready: Any, out: Any, expect: int, timeou
         last = now
         count += 1
         if stamped:  # throughput phases do not parse: the follower must not be the bottleneck
-            data = json.loads(msg.payload)
-            stamp = data.get("payload", data).get(STAMP)  # an envelope, or the device's own message (broker-only)
-            if stamp is not None:
-                latencies.append(now * 1e6 - stamp)
+            lat = latency_us(msg.payload, now)
+            if lat is not None:
+                latencies.append(lat)
 
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-follower", protocol=mqtt.MQTTv5)
     client.on_message = on_message
@@ -187,10 +193,9 @@ class SubFollower:
                 last = now
                 count += 1
                 if self._stamped:
-                    data = json.loads(payload)
-                    sent = data.get("payload", data).get(STAMP)
-                    if sent is not None:
-                        latencies.append(now * 1e6 - sent)
+                    lat = latency_us(payload, now)
+                    if lat is not None:
+                        latencies.append(lat)
         return {"count": count, "first": first, "last": last, "latencies_us": latencies}
 
 

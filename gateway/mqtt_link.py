@@ -167,7 +167,7 @@ def gate_reads(client: gmqtt.Client, gate: ReadGate) -> None:
     read = protocol.read
 
     async def gated_read(n: int = -1) -> bytes:
-        if not gate.has_room():
+        if not gate.has_room():  # checked first: no coroutine per read while there is room
             await gate.room()
         return await read(n)
 

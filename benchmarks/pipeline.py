@@ -9,7 +9,8 @@ at a follower in its own process (mosquitto_sub when installed, otherwise a paho
   starts; events/s = events received by the one follower / time from its first to its last receipt, and the
   gateway's CPU time per event over the drain (big batches: the per-event cost at saturation);
 - throughput: the simulator publishes as fast as the broker acknowledges while the gateway runs; events/s as above
-  (QoS 1 all the way; here the simulator, the broker, the follower and the gateway share the machine), and the
+  (QoS 1 all the way; here the simulator, the broker, the follower and the gateway share the machine; the broker
+  queues what the gateway has not taken yet, so the simulators finish first and the gateway catches up), and the
   CPU time per event of each of them over that phase (`throughput_cpu_us_per_event`): two cores give 111 us per
   event at 18,000 events/s, and this shows how much of that the harness itself takes;
 - latency at a fixed rate (default 2,000 events/s): the simulator stamps each payload with its publish time
@@ -264,10 +265,12 @@ def throughput_phase(broker: str, args: argparse.Namespace, topic: str, pids: di
         sim_out, _ = sim.communicate(timeout=600)
         summaries.append(json.loads(sim_out) if sim_out.strip() else {})
     cpu = {"simulators": children_cpu_seconds() - children_before}
-    cpu.update({name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()})
     children_before = children_cpu_seconds()
     got = sub.result()
     cpu["follower"] = children_cpu_seconds() - children_before  # reaped in result()
+    # Read after the follower has everything: the broker acknowledges the simulators at once and queues for the
+    # gateway, so the simulators finish long before the gateway does.
+    cpu.update({name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()})
     span = got["last"] - got["first"]
     received = max(1, got["count"])
     return {

@@ -19,27 +19,9 @@ from firmware_sim.signals import ANOMALY_TYPES, DeviceSignal
 from gateway.event import Verdict
 from gateway.filters.anomaly import AnomalyDetector, ModelMetadataError
 from gateway.filters.anomaly_features import FEATURE_NAMES, MIN_HISTORY, WINDOW, series_features, window_features
+from tests.recording_session import RecordingSession
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "anomaly" / "anomaly.onnx"
-
-
-class RecordingSession:
-    """Passes everything to the real session, counting `run` calls and keeping each call's feature matrix."""
-
-    def __init__(self, session: Any) -> None:
-        self.inner = session
-        self.feeds: list[np.ndarray] = []
-
-    @property
-    def runs(self) -> int:
-        return len(self.feeds)
-
-    def run(self, output_names: Any, feed: dict[str, np.ndarray]) -> Any:
-        self.feeds.append(next(iter(feed.values())))
-        return self.inner.run(output_names, feed)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 @pytest.fixture

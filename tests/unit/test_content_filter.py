@@ -8,7 +8,6 @@ sentences here are plainly neutral ones.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -27,6 +26,7 @@ from gateway.filters.content import (
     ModelMetadataError,
     normalise,
 )
+from tests.recording_session import RecordingSession
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "content" / "content.onnx"
 
@@ -60,25 +60,6 @@ HOSTILE = [
     "\r\n\t\v\f\x1c\x85\u2028\u2029",
     "ﬁ İ ǅ ß \u0301\u0301\u0301",
 ]
-
-
-class RecordingSession:
-    """Passes everything to the real session, counting `run` calls and keeping each call's batch."""
-
-    def __init__(self, session: Any) -> None:
-        self.inner = session
-        self.feeds: list[np.ndarray] = []
-
-    @property
-    def runs(self) -> int:
-        return len(self.feeds)
-
-    def run(self, output_names: Any, feed: dict[str, np.ndarray]) -> Any:
-        self.feeds.append(next(iter(feed.values())))
-        return self.inner.run(output_names, feed)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 @pytest.fixture(scope="module")

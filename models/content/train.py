@@ -302,8 +302,8 @@ def write_card(path: Path, r: dict) -> None:  # noqa: C901 (a long but linear do
     add("")
     add("## Thresholds")
     add("")
-    add(f"Chosen on the validation splits (never the test splits), on a 0.01 grid, as the figures for both sets "
-        f"separately must hold:")
+    add("Chosen on the validation splits (never the test splits), on a 0.01 grid, as the figures for both sets "
+        "separately must hold:")
     add("")
     add(f"- **mark = {th['mark']:.2f}** (high recall): the largest threshold at which the validation recall is at "
         f"least {pct(MARK_RECALL)} on each set.")

@@ -57,8 +57,8 @@ class DeviceLink(Connection):
     mid is recorded before `settle` can run on the same thread, and paho reuses a mid only after 65,535 others.
     """
 
-    def __init__(self, client_id: str) -> None:
-        super().__init__(client_id, qos=1)
+    def __init__(self, client_id: str, password: str | None = None, cafile: Path | None = None) -> None:
+        super().__init__(client_id, qos=1, password=password, cafile=cafile)
         self.client.reconnect_delay_set(0.2, 5)  # back quickly after a broker restart, not after 2 minutes
         self._answers: deque[tuple[int, bool]] = deque()
         self._outstanding: dict[int, Key] = {}
@@ -111,15 +111,22 @@ def drop_socket(client: mqtt.Client) -> None:
 
 class Follower:
     """The run's follower: a persistent session on `feeds/{id}/#` (the broker keeps its queue while it is away)
-    and, with the hostile fault, the dead-letter topic. Keeps every delivery of the run's devices."""
+    and, with the hostile fault, the dead-letter topic. Keeps every delivery of the run's devices, and sends its
+    own follow requests (a broker with accounts lets only user X publish `users/X/follows`)."""
 
     SESSION_EXPIRY_S = 600
 
-    def __init__(self, follower_id: str, device_prefix: str, deadletters: bool) -> None:
+    def __init__(self, follower_id: str, device_prefix: str, deadletters: bool, password: str | None = None,
+                 cafile: Path | None = None) -> None:
         self.follower_id = follower_id
         self.device_prefix = device_prefix
         self.deadletters = deadletters
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=follower_id, protocol=mqtt.MQTTv5)
+        if password is not None:  # a broker with accounts: the username is the follower's id
+            self.client.username_pw_set(follower_id, password)
+        if cafile is not None:
+            self.client.tls_set(ca_certs=str(cafile))
+        self.client.max_inflight_messages_set(100)
         self.client.reconnect_delay_set(0.2, 5)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *args: self.subscribed.set()
@@ -167,6 +174,9 @@ class Follower:
         with self.lock:
             self.deliveries[key].append(delivery)
 
+    def publish_all(self, messages: list[tuple[str, bytes]], timeout: float) -> int:
+        return publish_all(self.client, messages, timeout)
+
     def snapshot(self) -> dict[Key, list[Delivery]]:
         with self.lock:
             return {k: list(v) for k, v in self.deliveries.items()}
@@ -187,7 +197,8 @@ class Follower:
 
 
 class ControlClient:
-    """Follow/unfollow requests and hostile messages: a plain QoS 1 publisher that waits for the PUBACKs."""
+    """The slow follower's follow requests and the hostile messages: a plain QoS 1 publisher that waits for the
+    PUBACKs. Only against a broker without accounts (see NEEDS_OPEN_BROKER in chaos_mode.py)."""
 
     def __init__(self, client_id: str) -> None:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
@@ -199,16 +210,20 @@ class ControlClient:
         self.client.loop_start()
 
     def publish_all(self, messages: list[tuple[str, bytes]], timeout: float) -> int:
-        """Publish at QoS 1; return how many the broker acknowledged within `timeout`."""
-        infos = [self.client.publish(topic, payload, qos=1) for topic, payload in messages]
-        deadline = time.monotonic() + timeout
-        for info in infos:
-            info.wait_for_publish(max(0.01, deadline - time.monotonic()))
-        return sum(1 for info in infos if info.is_published())
+        return publish_all(self.client, messages, timeout)
 
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def publish_all(client: mqtt.Client, messages: list[tuple[str, bytes]], timeout: float) -> int:
+    """Publish at QoS 1; return how many the broker acknowledged within `timeout`."""
+    infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
+    deadline = time.monotonic() + timeout
+    for info in infos:
+        info.wait_for_publish(max(0.01, deadline - time.monotonic()))
+    return sum(1 for info in infos if info.is_published())
 
 
 # --- what every fault gets ---------------------------------------------------------------------------------------

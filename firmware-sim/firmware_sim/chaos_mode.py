@@ -7,6 +7,9 @@ The command is the fleet and a follower at once:
    gateway to follow every device (`users/{prefix}fan/follows`, the gateway's own MQTT interface), then each
    device publishes probe readings until one of each has come back on the feed: from then on the gateway is known
    to deliver every device to the follower. Probes are not counted.
+   Against a broker with accounts (`deploy/mosquitto-production.conf`), `--credentials` gives every device and the
+   follower its own login (the ids then come from a fixed `--prefix`, since the accounts exist before the run) and
+   `--cafile` turns on TLS; each device then has a connection of its own, as the broker allows one per account.
 2. Load and faults. The devices publish telemetry at QoS 1 on the same absolute schedule as `firmware-sim mqtt`
    (readings from `signals.py`, each with a unique (device, seq)), while a scheduler thread injects the chosen
    faults one at a time, at seeded random moments about `--fault-interval` apart, taking turns.
@@ -45,11 +48,24 @@ from firmware_sim.chaos_faults import (Context, ControlClient, DeviceLink, Fault
 from firmware_sim.chaos_report import (FaultRecord, HostileRecord, InfluxRecord, Key, Report, influx_tally,
                                        must_reach_influx, tally)
 from firmware_sim.mqtt_mode import (MAX_UNACKED, BrokerUnreachable, Connection, Pacer, Progress, connect_all,
-                                    make_fleet, parse_broker)
+                                    device_ids, make_fleet, parse_broker, read_credentials)
 from firmware_sim.signals import KINDS, DeviceSignal, telemetry_payload
 
 FAULTS = ("hostile", "reconnect", "slow-follower", "kill-gateway", "term-gateway", "pause-broker", "restart-broker",
           "influx-outage")
+
+# Faults whose clients cannot log in or use TLS yet: the hostile messages go out on topics of ids that have no
+# account (a broker with an ACL refuses them before the gateway sees them), and the slow follower is a raw MQTT
+# client that must never read, so it has no TLS.
+NEEDS_OPEN_BROKER = ("hostile", "slow-follower")
+DEFAULT_FAULTS = ("hostile", "reconnect", "slow-follower")
+
+
+def secured_default() -> tuple[str, ...]:
+    """The default faults that can run against a broker with accounts or TLS."""
+    return tuple(f for f in DEFAULT_FAULTS if f not in NEEDS_OPEN_BROKER)
+
+
 EXIT_FAILED = 1
 EXIT_UNREACHABLE = 3
 PROBE_EVERY_S = 1.0
@@ -68,7 +84,7 @@ class ChaosRun:
     devices: int = 10
     rate: float = 100.0
     duration: float = 60.0
-    faults: tuple[str, ...] = ("hostile", "reconnect", "slow-follower")
+    faults: tuple[str, ...] = DEFAULT_FAULTS
     fault_interval: float | None = None  # None: min(10 s, duration / 2)
     seed: int = 1
     kinds: tuple[str, ...] = ("env", "machine", "water")
@@ -88,6 +104,13 @@ class ChaosRun:
     influx_start: str | None = None
     influx_outage: float = 20.0
     progress: bool = True
+    cafile: Path | None = None  # TLS, trusting this CA
+    credentials: dict[str, str] | None = None  # account id -> password: every device and the follower log in
+
+
+def follower_id(prefix: str) -> str:
+    """The run's follower (an account of its own, with --credentials)."""
+    return f"{prefix}fan"
 
 
 def requirement_errors(cfg: ChaosRun) -> list[str]:
@@ -114,6 +137,23 @@ def requirement_errors(cfg: ChaosRun) -> list[str]:
         out.append("--influx-url and --influx-db go together")
     if cfg.prefix is not None and not re.fullmatch(r"[A-Za-z0-9_.\-]{1,40}", cfg.prefix):
         out.append(f"--prefix {cfg.prefix!r}: 1-40 characters of A-Z a-z 0-9 _ . -")
+    if cfg.credentials is not None or cfg.cafile is not None:
+        option = "--credentials" if cfg.credentials is not None else "--cafile"
+        for fault in (f for f in NEEDS_OPEN_BROKER if f in cfg.faults):
+            out.append(f"{fault} cannot run with {option} yet (it needs a broker without accounts or TLS, like the "
+                       f"development mosquitto.conf); leave it out of --faults")
+    if cfg.credentials is not None:
+        if cfg.prefix is None:
+            out.append("--credentials needs --prefix: the accounts exist before the run, so the ids cannot be random")
+        else:
+            missing = [i for i in (*device_ids(cfg.prefix, cfg.devices), follower_id(cfg.prefix))
+                       if i not in cfg.credentials]
+            if missing:
+                out.append(f"--credentials has no password for {', '.join(missing[:5])}"
+                           f"{' ...' if len(missing) > 5 else ''} (the run's devices and its follower)")
+        if cfg.connections is not None:
+            out.append("--connections does not go with --credentials: each device logs in as itself, one connection "
+                       "per account")
     scheduled = [f for f in cfg.faults if f != "slow-follower"]
     if scheduled and cfg.fault_interval is not None and cfg.duration < cfg.fault_interval:
         out.append(f"--duration {cfg.duration:g} is shorter than --fault-interval {cfg.fault_interval:g}: "
@@ -133,10 +173,18 @@ class Chaos:
         self.rng = Random(cfg.seed)
         self.signals: list[DeviceSignal] = make_fleet(self.prefix, cfg.devices, cfg.seed, cfg.rate, cfg.kinds, 0.0)
         self.topics = [f"devices/{s.device_id}/telemetry" for s in self.signals]
-        n_conn = min(cfg.devices, cfg.connections or 4)
-        self.links = [DeviceLink(f"{self.prefix}dev-{c + 1}") for c in range(n_conn)]
-        self.follower = Follower(f"{self.prefix}fan", self.prefix, deadletters="hostile" in cfg.faults)
-        self.control = ControlClient(f"{self.prefix}control")
+        creds = cfg.credentials
+        if creds is not None:  # device i publishes on link i (i % n below), logged in as itself
+            self.links = [DeviceLink(s.device_id, creds[s.device_id], cfg.cafile) for s in self.signals]
+        else:
+            n_conn = min(cfg.devices, cfg.connections or 4)
+            self.links = [DeviceLink(f"{self.prefix}dev-{c + 1}", cafile=cfg.cafile) for c in range(n_conn)]
+        fan = follower_id(self.prefix)
+        self.follower = Follower(fan, self.prefix, deadletters="hostile" in cfg.faults,
+                                 password=creds[fan] if creds is not None else None, cafile=cfg.cafile)
+        # Hostile messages and the slow follower's follow requests (it never reads, so cannot wait for PUBACKs).
+        self.control = ControlClient(f"{self.prefix}control") \
+            if any(f in cfg.faults for f in NEEDS_OPEN_BROKER) else None
         self.slow = SlowFollower(f"{self.prefix}slow", cfg.host, cfg.port) if "slow-follower" in cfg.faults else None
         self.sent_at: dict[Key, float] = {}
         self.acked: set[Key] = set()
@@ -168,8 +216,9 @@ class Chaos:
             try:
                 self.follower.start(cfg.host, cfg.port)
                 follower_up = True
-                self.control.start(cfg.host, cfg.port)
-                control_up = True
+                if self.control is not None:
+                    self.control.start(cfg.host, cfg.port)
+                    control_up = True
             except OSError as exc:
                 raise BrokerUnreachable(f"cannot reach the MQTT broker at {cfg.host}:{cfg.port}: {exc}") from exc
             connect_all(cfg.host, cfg.port, list(self.links), started)
@@ -212,6 +261,7 @@ class Chaos:
         for name in cfg.faults:
             fault: Fault | None = None
             if name == "hostile":
+                assert self.control is not None
                 fault = self.hostile = Hostile(self.control, self.prefix)
             elif name == "reconnect":
                 fault = Reconnect()
@@ -240,13 +290,24 @@ class Chaos:
                                         f"and never reads, for the whole run",))
 
     def _follow(self, follow: bool) -> None:
+        """Each follower's requests on its own topic, `users/{id}/follows`: the run's follower sends its own (a
+        broker with accounts allows nothing else); the slow follower's go through the control client."""
         verb = "follow" if follow else "unfollow"
-        followers = [self.follower.follower_id] + ([self.slow.follower_id] if self.slow is not None else [])
-        messages = [(f"users/{f}/follows", json.dumps({verb: f"devices/{s.device_id}"}).encode())
-                    for f in followers for s in self.signals]
-        acked = self.control.publish_all(messages, timeout=30.0)
-        if acked < len(messages):
-            what = f"{len(messages) - acked} of {len(messages)} {verb} requests were not acknowledged by the broker"
+
+        def requests(follower: str) -> list[tuple[str, bytes]]:
+            return [(f"users/{follower}/follows", json.dumps({verb: f"devices/{s.device_id}"}).encode())
+                    for s in self.signals]
+
+        sent = acked = 0
+        batches = [(self.follower, requests(self.follower.follower_id))]
+        if self.slow is not None:
+            assert self.control is not None
+            batches.append((self.control, requests(self.slow.follower_id)))
+        for client, messages in batches:
+            sent += len(messages)
+            acked += client.publish_all(messages, timeout=30.0)
+        if acked < sent:
+            what = f"{sent - acked} of {sent} {verb} requests were not acknowledged by the broker"
             if follow:
                 raise SetupFailed(what)
             self.problems.append(what)
@@ -376,7 +437,7 @@ class Chaos:
                 fault.close()
             except Exception as exc:  # noqa: BLE001 - the others must still be closed
                 self.problems.append(f"closing {fault.name}: {exc!r}")
-        if control_up:
+        if follower_up and (control_up or self.control is None):
             try:
                 self._follow(False)
             except Exception as exc:  # noqa: BLE001
@@ -388,6 +449,7 @@ class Chaos:
         if follower_up:
             self.follower.close()
         if control_up:
+            assert self.control is not None
             self.control.close()
 
 
@@ -441,8 +503,9 @@ def _interrupt_on_term(signum: int, frame: Any) -> None:
               help="Readings per second, across all devices.")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="Seconds of load (the drain comes on top).")
-@click.option("--faults", default="hostile,reconnect,slow-follower", show_default=True,
-              help=f"Comma-separated, any of: {', '.join(FAULTS)}; '' for none.")
+@click.option("--faults", default=None,
+              help=f"Comma-separated, any of: {', '.join(FAULTS)}; '' for none [default: {','.join(DEFAULT_FAULTS)}; "
+                   f"with --credentials or --cafile, {','.join(secured_default())}].")
 @click.option("--fault-interval", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Mean seconds between injections (each 0.5-1.5 times this, seeded); faults take turns "
                    "[default: 10, or half the duration when shorter].")
@@ -475,27 +538,38 @@ def _interrupt_on_term(signum: int, frame: Any) -> None:
 @click.option("--influx-start", metavar="CMD", default=None, help="Shell command that starts it again.")
 @click.option("--influx-outage", type=click.FloatRange(min=0), default=20.0, show_default=True,
               help="Seconds InfluxDB stays stopped per influx-outage.")
+@click.option("--cafile", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Connect over TLS, trusting this CA certificate (deploy/make-certs makes one).")
+@click.option("--credentials", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="'ID PASSWORD' per line (as `gateway credentials add` printed them) for PREFIX0001... and "
+                   "PREFIXfan: every device and the follower log in as themselves, as the production broker "
+                   "requires. Needs --prefix.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of text.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress and fault lines on stderr.")
-def chaos_command(broker: str, devices: int, rate: float, duration: float, faults: str,
+def chaos_command(broker: str, devices: int, rate: float, duration: float, faults: str | None,
                   fault_interval: float | None,
                   seed: int, kinds: str, connections: int | None, drain_timeout: float, setup_timeout: float,
                   prefix: str | None, gateway_data_dir: Path | None, gateway_restart: str | None,
                   gateway_timeout: float, broker_pid: str | None, pause_seconds: float, broker_restart: str | None,
                   influx_url: str | None, influx_db: str | None, influx_stop: str | None, influx_start: str | None,
-                  influx_outage: float, as_json: bool, progress: bool) -> None:
+                  influx_outage: float, cafile: Path | None, credentials: Path | None, as_json: bool,
+                  progress: bool) -> None:
     """Check a running installation: publish readings as a fleet, follow them through the gateway, inject
     faults, and report what was lost or duplicated. Exit status 0 when nothing acknowledged was lost."""
     host, port = parse_broker(broker)
     kind_list = tuple(k.strip() for k in kinds.split(",") if k.strip())
     if not kind_list or any(k not in KINDS for k in kind_list):
         raise click.BadParameter(f"known kinds: {', '.join(KINDS)}", param_hint="--kinds")
-    fault_list = tuple(dict.fromkeys(f.strip() for f in faults.split(",") if f.strip()))
+    if faults is None:
+        fault_list = secured_default() if credentials is not None or cafile is not None else DEFAULT_FAULTS
+    else:
+        fault_list = tuple(dict.fromkeys(f.strip() for f in faults.split(",") if f.strip()))
     cfg = ChaosRun(host, port, devices, rate, duration, fault_list, fault_interval, seed, kind_list, connections,
                    drain_timeout, setup_timeout, prefix, gateway_data_dir, gateway_restart, gateway_timeout,
                    broker_pid, broker_restart, pause_seconds, influx_url, influx_db, influx_stop, influx_start,
-                   influx_outage, progress)
+                   influx_outage, progress, cafile,
+                   read_credentials(credentials) if credentials is not None else None)
     problems = requirement_errors(cfg)
     if problems:
         raise click.UsageError("\n".join(problems))

@@ -205,6 +205,11 @@ class Progress:
             self.stream.flush()
 
 
+def device_ids(prefix: str, devices: int) -> list[str]:
+    """PREFIX0001, PREFIX0002, ...: the ids of a simulated fleet (and the accounts it logs in with)."""
+    return [f"{prefix}{i + 1:04d}" for i in range(devices)]
+
+
 def make_fleet(prefix: str, devices: int, seed: int, rate: float, kinds: tuple[str, ...],
                anomaly_rate: float) -> list[DeviceSignal]:
     """Devices PREFIX0001, PREFIX0002, ..., kinds round-robin, paced for `rate` events/s over the whole fleet
@@ -213,14 +218,14 @@ def make_fleet(prefix: str, devices: int, seed: int, rate: float, kinds: tuple[s
     wall0_ms = int(time.time() * 1000)
     return [
         DeviceSignal(
-            f"{prefix}{i + 1:04d}",
+            device_id,
             seed,
             kinds[i % len(kinds)],
             start_ms=wall0_ms + round((i + 1) * 1000.0 / rate),
             interval_ms=devices * 1000.0 / rate,
             anomaly_rate=anomaly_rate,
         )
-        for i in range(devices)
+        for i, device_id in enumerate(device_ids(prefix, devices))
     ]
 
 
@@ -438,8 +443,7 @@ def mqtt_command(broker: str, devices: int, events: int | None, rate: float, dur
     host, port = parse_broker(broker)
     passwords = read_credentials(credentials) if credentials is not None else None
     if passwords is not None:
-        missing = [f"{device_prefix}{i + 1:04d}" for i in range(devices)
-                   if f"{device_prefix}{i + 1:04d}" not in passwords]
+        missing = [d for d in device_ids(device_prefix, devices) if d not in passwords]
         if missing:
             raise click.BadParameter(f"no password for {', '.join(missing[:5])}"
                                      f"{' ...' if len(missing) > 5 else ''}", param_hint="--credentials")

@@ -120,6 +120,33 @@ def test_a_command_line_missing_what_its_faults_need_is_refused_before_anything_
     assert needs in result.output
 
 
+def test_with_credentials_every_device_and_the_follower_need_an_account_under_a_fixed_prefix(tmp_path: Path):
+    creds = tmp_path / "accounts.txt"
+    creds.write_text("# id password\nck-0001 pw1\nck-0002 pw2\n")
+
+    def refusal(*args: str) -> str:
+        result = CliRunner().invoke(main, ["chaos", "--broker", "127.0.0.1:1", "--credentials", str(creds), *args])
+        assert result.exit_code == 2, result.output
+        return " ".join(result.output.split())  # click wraps long lines
+
+    assert "--credentials needs --prefix" in refusal("--faults", "reconnect")
+    assert "no password for ck-0003, ck-fan" in refusal("--prefix", "ck-", "--devices", "3", "--faults", "reconnect")
+    assert "one connection per account" in refusal("--prefix", "ck-", "--devices", "2", "--connections", "1")
+    for fault in ("hostile", "slow-follower"):
+        assert f"{fault} cannot run with --credentials" in refusal("--prefix", "ck-", "--devices", "2",
+                                                                   "--faults", f"reconnect,{fault}")
+
+
+def test_without_faults_named_a_secured_run_leaves_out_the_ones_that_need_an_open_broker(tmp_path: Path):
+    creds = tmp_path / "accounts.txt"
+    creds.write_text("ck-0001 pw1\nck-fan pw2\n")
+    # Accepted as far as connecting: nothing listens on port 1, so the run stops as "unreachable" (3), not as a
+    # usage error (2) about hostile or slow-follower, which the default would otherwise include.
+    result = CliRunner().invoke(main, ["chaos", "--broker", "127.0.0.1:1", "--credentials", str(creds),
+                                       "--prefix", "ck-", "--devices", "1", "--no-progress"])
+    assert result.exit_code == 3, result.output
+
+
 def test_every_hostile_message_is_dead_lettered_by_the_gateway_with_the_reason_it_claims(tmp_path: Path):
     log = IngestLog(tmp_path / "log.db", fsync="off")
     graph = FollowerGraph(tmp_path / "graph.db")

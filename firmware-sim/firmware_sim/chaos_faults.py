@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import tempfile
@@ -21,7 +22,7 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -600,50 +601,89 @@ class SlowFollower:
     """A second follower of every device with a persistent session that subscribes and then never reads: its
     socket buffers fill, the broker queues for it, and the run's own follower must not be held up.
 
-    A raw MQTT 3.1.1 client (paho would keep reading). At the end its session is removed by connecting again
-    with clean session, so the broker stops queueing for it.
+    A raw MQTT 3.1.1 client (paho would keep reading), with a login and TLS when the broker wants them. It sends
+    its own follow requests before it falls silent (a broker with accounts lets only user X publish
+    `users/X/follows`). At the end it connects again with clean session, which removes its session, so the
+    broker stops queueing for it, and sends its unfollow requests on that connection.
     """
 
     name = "slow-follower"
+    WINDOW = 100  # follow requests in flight at once
 
-    def __init__(self, follower_id: str, host: str, port: int) -> None:
+    def __init__(self, follower_id: str, host: str, port: int, password: str | None = None,
+                 cafile: Path | None = None) -> None:
         self.follower_id = follower_id
         self.host, self.port = host, port
+        self.password = password
+        self.tls = ssl.create_default_context(cafile=str(cafile)) if cafile is not None else None
         self.sock: socket.socket | None = None
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.settimeout(10)
-        sock.connect((self.host, self.port))
-        # CONNECT: clean session 0, keepalive 0 (the broker never drops it for silence)
-        sock.sendall(_packet(0x10, _mqtt_string("MQTT") + bytes([4, 0x00]) + struct.pack("!H", 0)
-                             + _mqtt_string(self.follower_id)))
-        connack = _read(sock, 4)
-        if connack[0] != 0x20 or connack[3] != 0:
-            raise FaultError(f"the broker refused the slow follower: CONNACK {connack.hex()}")
+    def connect(self, sources: Sequence[str]) -> None:
+        """Log in with a persistent session, subscribe to the feed, follow `sources`, then stop reading."""
+        # Clean session 0, keepalive 0 (the broker never drops it for silence); a small receive buffer fills fast.
+        sock = self._login(clean=False, keepalive=0, receive_buffer=4096)
         sock.sendall(_packet(0x82, struct.pack("!H", 1) + _mqtt_string(f"feeds/{self.follower_id}/#") + bytes([1])))
-        suback = _read(sock, 5)
-        if suback[0] != 0x90 or suback[4] != 1:
-            raise FaultError(f"the broker refused the slow follower's subscription: SUBACK {suback.hex()}")
+        first, body = _read_packet(sock)
+        while first >> 4 != 9:  # deliveries a session left over from an earlier run may come first
+            first, body = _read_packet(sock)
+        if body[2:] != bytes([1]):
+            sock.close()
+            raise FaultError(f"the broker refused the slow follower's subscription: SUBACK {body.hex()}")
+        self._requests(sock, "follow", sources)
         self.sock = sock
 
     def inject(self, ctx: Context) -> str:
         raise FaultError("slow-follower is present for the whole run, not injected")
 
-    def close(self) -> None:
+    def close(self, sources: Sequence[str] = ()) -> None:
+        """Stop, forget the session, and unfollow `sources`."""
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-        # Forget the session: a clean-session CONNECT with the same id, then DISCONNECT.
         try:
-            with socket.create_connection((self.host, self.port), timeout=10) as sock:
-                sock.sendall(_packet(0x10, _mqtt_string("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 30)
-                                     + _mqtt_string(self.follower_id)))
-                _read(sock, 4)
+            with self._login(clean=True, keepalive=30) as sock:
+                if sources:
+                    self._requests(sock, "unfollow", sources)
                 sock.sendall(bytes([0xE0, 0]))
         except (OSError, FaultError):
             pass
+
+    def _login(self, clean: bool, keepalive: int, receive_buffer: int | None = None) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            if receive_buffer is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)  # before connect: the window
+            sock.settimeout(10)
+            sock.connect((self.host, self.port))
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+            flags = 0x02 if clean else 0x00
+            login = b""
+            if self.password is not None:  # the username is the follower's id
+                flags |= 0xC0
+                login = _mqtt_string(self.follower_id) + _mqtt_string(self.password)
+            sock.sendall(_packet(0x10, _mqtt_string("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive)
+                                 + _mqtt_string(self.follower_id) + login))
+            connack = _read(sock, 4)
+            if connack[0] != 0x20 or connack[3] != 0:
+                raise FaultError(f"the broker refused the slow follower {self.follower_id}: CONNACK {connack.hex()}")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _requests(self, sock: socket.socket, verb: str, sources: Sequence[str]) -> None:
+        """QoS 1 requests on `users/{id}/follows`, a window of them at a time, each waited for (its PUBACK)."""
+        topic = _mqtt_string(f"users/{self.follower_id}/follows")
+        for start in range(0, len(sources), self.WINDOW):
+            window = sources[start:start + self.WINDOW]
+            for mid, source in enumerate(window, 2):  # id 1 is the SUBSCRIBE's
+                sock.sendall(_packet(0x32, topic + struct.pack("!H", mid) + json.dumps({verb: source}).encode()))
+            pending = set(range(2, 2 + len(window)))
+            while pending:
+                first, body = _read_packet(sock)
+                if first >> 4 == 4 and len(body) >= 2:  # PUBACK; anything else (a queued delivery) is skipped
+                    pending.discard(struct.unpack("!H", body[:2])[0])
 
 
 def _read(sock: socket.socket, n: int) -> bytes:
@@ -654,3 +694,16 @@ def _read(sock: socket.socket, n: int) -> bytes:
             raise FaultError("the broker closed the connection")
         data += chunk
     return data
+
+
+def _read_packet(sock: socket.socket) -> tuple[int, bytes]:
+    """One MQTT packet: its first byte and its body."""
+    first = _read(sock, 1)[0]
+    length, shift = 0, 0
+    while True:
+        byte = _read(sock, 1)[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return first, _read(sock, length)

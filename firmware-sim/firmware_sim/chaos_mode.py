@@ -7,7 +7,7 @@ The command is the fleet and a follower at once:
    gateway to follow every device (`users/{prefix}fan/follows`, the gateway's own MQTT interface), then each
    device publishes probe readings until one of each has come back on the feed: from then on the gateway is known
    to deliver every device to the follower. Probes are not counted.
-   Against a broker with accounts (`deploy/mosquitto-production.conf`), `--credentials` gives every device and the
+   Against a broker with accounts (`deploy/mosquitto-production.conf`), `--credentials` gives every device and
    follower its own login (the ids then come from a fixed `--prefix`, since the accounts exist before the run) and
    `--cafile` turns on TLS; each device then has a connection of its own, as the broker allows one per account.
 2. Load and faults. The devices publish telemetry at QoS 1 on the same absolute schedule as `firmware-sim mqtt`
@@ -55,9 +55,8 @@ FAULTS = ("hostile", "reconnect", "slow-follower", "kill-gateway", "term-gateway
           "influx-outage")
 
 # Faults whose clients cannot log in or use TLS yet: the hostile messages go out on topics of ids that have no
-# account (a broker with an ACL refuses them before the gateway sees them), and the slow follower is a raw MQTT
-# client that must never read, so it has no TLS.
-NEEDS_OPEN_BROKER = ("hostile", "slow-follower")
+# account (a broker with an ACL refuses them before the gateway sees them).
+NEEDS_OPEN_BROKER = ("hostile",)
 DEFAULT_FAULTS = ("hostile", "reconnect", "slow-follower")
 
 
@@ -113,6 +112,17 @@ def follower_id(prefix: str) -> str:
     return f"{prefix}fan"
 
 
+def slow_follower_id(prefix: str) -> str:
+    """The slow-follower fault's follower (an account of its own, with --credentials)."""
+    return f"{prefix}slow"
+
+
+def accounts(cfg: ChaosRun, prefix: str) -> list[str]:
+    """Every id the run logs in with when the broker has accounts."""
+    slow = [slow_follower_id(prefix)] if "slow-follower" in cfg.faults else []
+    return [*device_ids(prefix, cfg.devices), follower_id(prefix), *slow]
+
+
 def requirement_errors(cfg: ChaosRun) -> list[str]:
     """What the chosen faults need and the command line lacks, one sentence each."""
     out: list[str] = []
@@ -146,11 +156,10 @@ def requirement_errors(cfg: ChaosRun) -> list[str]:
         if cfg.prefix is None:
             out.append("--credentials needs --prefix: the accounts exist before the run, so the ids cannot be random")
         else:
-            missing = [i for i in (*device_ids(cfg.prefix, cfg.devices), follower_id(cfg.prefix))
-                       if i not in cfg.credentials]
+            missing = [i for i in accounts(cfg, cfg.prefix) if i not in cfg.credentials]
             if missing:
                 out.append(f"--credentials has no password for {', '.join(missing[:5])}"
-                           f"{' ...' if len(missing) > 5 else ''} (the run's devices and its follower)")
+                           f"{' ...' if len(missing) > 5 else ''} (the run's devices and followers)")
         if cfg.connections is not None:
             out.append("--connections does not go with --credentials: each device logs in as itself, one connection "
                        "per account")
@@ -182,10 +191,13 @@ class Chaos:
         fan = follower_id(self.prefix)
         self.follower = Follower(fan, self.prefix, deadletters="hostile" in cfg.faults,
                                  password=creds[fan] if creds is not None else None, cafile=cfg.cafile)
-        # Hostile messages and the slow follower's follow requests (it never reads, so cannot wait for PUBACKs).
-        self.control = ControlClient(f"{self.prefix}control") \
-            if any(f in cfg.faults for f in NEEDS_OPEN_BROKER) else None
-        self.slow = SlowFollower(f"{self.prefix}slow", cfg.host, cfg.port) if "slow-follower" in cfg.faults else None
+        self.control = ControlClient(f"{self.prefix}control") if "hostile" in cfg.faults else None
+        self.slow: SlowFollower | None = None
+        if "slow-follower" in cfg.faults:
+            slow = slow_follower_id(self.prefix)
+            self.slow = SlowFollower(slow, cfg.host, cfg.port, creds[slow] if creds is not None else None,
+                                     cfg.cafile)
+        self.sources = [f"devices/{s.device_id}" for s in self.signals]
         self.sent_at: dict[Key, float] = {}
         self.acked: set[Key] = set()
         self.refused: set[Key] = set()
@@ -226,7 +238,10 @@ class Chaos:
                 raise BrokerUnreachable("the follower's subscription was not acknowledged within 10s")
             self._follow(True)
             if self.slow is not None:
-                self.slow.connect()
+                try:
+                    self.slow.connect(self.sources)
+                except (OSError, FaultError) as exc:
+                    raise SetupFailed(f"the slow follower could not follow the devices: {exc}") from exc
             self._probe()
             self.t0 = time.monotonic()
             self.say(f"setup done: {cfg.devices} devices {self.prefix}*, follower {self.follower.follower_id}; "
@@ -290,24 +305,14 @@ class Chaos:
                                         f"and never reads, for the whole run",))
 
     def _follow(self, follow: bool) -> None:
-        """Each follower's requests on its own topic, `users/{id}/follows`: the run's follower sends its own (a
-        broker with accounts allows nothing else); the slow follower's go through the control client."""
+        """The run's follower sends its own requests, on `users/{id}/follows` (a broker with accounts allows
+        nothing else; the slow follower does the same for itself)."""
         verb = "follow" if follow else "unfollow"
-
-        def requests(follower: str) -> list[tuple[str, bytes]]:
-            return [(f"users/{follower}/follows", json.dumps({verb: f"devices/{s.device_id}"}).encode())
-                    for s in self.signals]
-
-        sent = acked = 0
-        batches = [(self.follower, requests(self.follower.follower_id))]
-        if self.slow is not None:
-            assert self.control is not None
-            batches.append((self.control, requests(self.slow.follower_id)))
-        for client, messages in batches:
-            sent += len(messages)
-            acked += client.publish_all(messages, timeout=30.0)
-        if acked < sent:
-            what = f"{sent - acked} of {sent} {verb} requests were not acknowledged by the broker"
+        messages = [(f"users/{self.follower.follower_id}/follows", json.dumps({verb: source}).encode())
+                    for source in self.sources]
+        acked = self.follower.publish_all(messages, timeout=30.0)
+        if acked < len(messages):
+            what = f"{len(messages) - acked} of {len(messages)} {verb} requests were not acknowledged by the broker"
             if follow:
                 raise SetupFailed(what)
             self.problems.append(what)
@@ -437,13 +442,13 @@ class Chaos:
                 fault.close()
             except Exception as exc:  # noqa: BLE001 - the others must still be closed
                 self.problems.append(f"closing {fault.name}: {exc!r}")
-        if follower_up and (control_up or self.control is None):
+        if follower_up:
             try:
                 self._follow(False)
             except Exception as exc:  # noqa: BLE001
                 self.problems.append(f"removing the follows: {exc!r}")
         if self.slow is not None:
-            self.slow.close()
+            self.slow.close(self.sources)
         for conn in started:
             conn.stop()
         if follower_up:
@@ -541,9 +546,9 @@ def _interrupt_on_term(signum: int, frame: Any) -> None:
 @click.option("--cafile", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Connect over TLS, trusting this CA certificate (deploy/make-certs makes one).")
 @click.option("--credentials", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="'ID PASSWORD' per line (as `gateway credentials add` printed them) for PREFIX0001... and "
-                   "PREFIXfan: every device and the follower log in as themselves, as the production broker "
-                   "requires. Needs --prefix.")
+              help="'ID PASSWORD' per line (as `gateway credentials add` printed them) for PREFIX0001..., "
+                   "PREFIXfan and, with slow-follower, PREFIXslow: every device and follower logs in as itself, as "
+                   "the production broker requires. Needs --prefix.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of text.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress and fault lines on stderr.")

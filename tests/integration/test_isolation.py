@@ -43,7 +43,7 @@ ACCOUNTS = {
     "dev-a": "device", "dev-b": "device", "dev-c": "device", "dev-flood": "device", "dev-calm": "device",
     "alice": "user", "bob": "user", "carol": "user", "dave": "user", "fan": "user", "mallory": "user",
     "sim0001": "device", "sim0002": "device", "simfan": "user",
-    "chk-0001": "device", "chk-0002": "device", "chk-0003": "device", "chk-fan": "user",
+    "chk-0001": "device", "chk-0002": "device", "chk-0003": "device", "chk-fan": "user", "chk-slow": "user",
 }
 
 
@@ -544,26 +544,34 @@ def test_chaos_checks_a_production_installation_with_its_own_accounts_over_tls(b
     """`firmware-sim chaos` as README "Checking your own installation" runs it against a broker set up like
     deploy/mosquitto-production.conf: every device and the follower log in as themselves, over TLS."""
     creds = tmp_path / "chaos-accounts.txt"
-    accounts = ("chk-0001", "chk-0002", "chk-0003", "chk-fan")
+    accounts = ("chk-0001", "chk-0002", "chk-0003", "chk-fan", "chk-slow")
     creds.write_text("".join(f"{a} {broker.passwords[a]}\n" for a in accounts))
     argv = [sys.executable, "-m", "firmware_sim.cli", "chaos", "--broker", broker.address, "--cafile",
             str(broker.ca_file), "--credentials", str(creds), "--prefix", "chk-", "--devices", "3",
             # 2 readings/s per device: well under the gateway's per-source limit here (RATE)
             "--rate", "6", "--duration", "8", "--fault-interval", "2", "--drain-timeout", "20",
             "--setup-timeout", "20", "--json", "--no-progress"]
+    follows_before, unfollows_before = gateway.metric("follows"), gateway.metric("unfollows")
     run = subprocess.run(argv, cwd=servers.REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr[-2000:]
     report = json.loads(run.stdout)
     assert report["result"] == "pass"
     assert report["sent"] >= 40 and report["acknowledged"] == report["delivered"] == report["sent"]
-    # The default faults less the ones that need an open broker; each reconnect logs in again.
-    assert set(report["faults"]) == {"reconnect"} and report["faults"]["reconnect"]["injected"] >= 1
-    assert report["faults"]["reconnect"]["failed"] == 0
-    # The run removes its follows when it ends (its follower sent them itself: no one else may).
-    deadline = time.monotonic() + 10
-    while gateway.run_cli("following", "chk-fan").stdout.strip() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert gateway.run_cli("following", "chk-fan").stdout.strip() == ""
+    # The default faults less hostile, which needs an open broker; each reconnect logs in again, and the slow
+    # follower logged in over TLS and followed every device itself.
+    faults = report["faults"]
+    assert set(faults) == {"reconnect", "slow-follower"} and faults["reconnect"]["injected"] >= 1
+    assert all(f["failed"] == 0 for f in faults.values()), faults
+    assert report["failures"] == []
+    # Both followers' requests reached the gateway: 3 follows each (then as many unfollows).
+    gateway.wait_status(lambda st: st["metrics"]["follows"] >= follows_before + 6
+                        and st["metrics"]["unfollows"] >= unfollows_before + 6, timeout=10)
+    # The run removes its follows when it ends (each follower sent its own: no one else may).
+    for follower in ("chk-fan", "chk-slow"):
+        deadline = time.monotonic() + 10
+        while gateway.run_cli("following", follower).stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert gateway.run_cli("following", follower).stdout.strip() == ""
 
     creds.write_text("".join(f"{a} {broker.passwords['chk-0001']}\n" for a in accounts))  # wrong passwords
     refused = subprocess.run(argv, cwd=servers.REPO, capture_output=True, text=True, timeout=120)

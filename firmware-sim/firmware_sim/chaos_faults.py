@@ -50,6 +50,19 @@ class FaultError(Exception):
 # --- the clients -------------------------------------------------------------------------------------------------
 
 
+def paho_client(client_id: str, password: str | None, cafile: Path | None) -> mqtt.Client:
+    """A paho MQTT 5 client; with a password it logs in as `client_id` (a broker with accounts: the username is
+    the identity), with a CA file over TLS."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    if password is not None:
+        client.username_pw_set(client_id, password)
+    if cafile is not None:
+        client.tls_set(ca_certs=str(cafile))
+    client.reconnect_delay_set(0.2, 5)
+    client.max_inflight_messages_set(100)
+    return client
+
+
 class DeviceLink(Connection):
     """A device connection that knows which reading each PUBACK answers.
 
@@ -111,31 +124,23 @@ def drop_socket(client: mqtt.Client) -> None:
 
 
 class Follower:
-    """The run's follower: a persistent session on `feeds/{id}/#` (the broker keeps its queue while it is away)
-    and, with the hostile fault, the dead-letter topic. Keeps every delivery of the run's devices, and sends its
-    own follow requests (a broker with accounts lets only user X publish `users/X/follows`)."""
+    """The run's follower: a persistent session on `feeds/{id}/#` (the broker keeps its queue while it is away).
+    Keeps every delivery of the run's devices, and sends its own follow requests (a broker with accounts lets only
+    user X publish `users/X/follows`)."""
 
     SESSION_EXPIRY_S = 600
 
-    def __init__(self, follower_id: str, device_prefix: str, deadletters: bool, password: str | None = None,
+    def __init__(self, follower_id: str, device_prefix: str, password: str | None = None,
                  cafile: Path | None = None) -> None:
         self.follower_id = follower_id
         self.device_prefix = device_prefix
-        self.deadletters = deadletters
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=follower_id, protocol=mqtt.MQTTv5)
-        if password is not None:  # a broker with accounts: the username is the follower's id
-            self.client.username_pw_set(follower_id, password)
-        if cafile is not None:
-            self.client.tls_set(ca_certs=str(cafile))
-        self.client.max_inflight_messages_set(100)
-        self.client.reconnect_delay_set(0.2, 5)
+        self.client = paho_client(follower_id, password, cafile)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *args: self.subscribed.set()
         self.client.on_message = self._on_message
         self.subscribed = threading.Event()
         self.lock = threading.Lock()
         self.deliveries: dict[Key, list[Delivery]] = defaultdict(list)
-        self.deadletter_reasons: list[str] = []
         self.connects = 0
         self.undecodable = 0
 
@@ -150,20 +155,12 @@ class Follower:
         if reason.is_failure:
             return
         self.connects += 1
-        topics = [(f"feeds/{self.follower_id}/#", 1)]
-        if self.deadletters:
-            topics.append(("gateway/deadletter", 0))
-        client.subscribe(topics)
+        client.subscribe(f"feeds/{self.follower_id}/#", qos=1)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         at = time.monotonic()
         try:
             doc = json.loads(msg.payload)
-            if msg.topic == "gateway/deadletter":
-                if self.device_prefix in str(doc.get("origin", "")):
-                    with self.lock:
-                        self.deadletter_reasons.append(str(doc.get("reason")))
-                return
             device = str(doc["source"]).removeprefix("devices/")
             if not device.startswith(self.device_prefix):
                 return
@@ -197,14 +194,11 @@ class Follower:
         self.client.loop_stop()
 
 
-class ControlClient:
-    """The slow follower's follow requests and the hostile messages: a plain QoS 1 publisher that waits for the
-    PUBACKs. Only against a broker without accounts (see NEEDS_OPEN_BROKER in chaos_mode.py)."""
+class Publisher:
+    """The hostile messages: a plain QoS 1 publisher that waits for the PUBACKs."""
 
-    def __init__(self, client_id: str) -> None:
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        self.client.reconnect_delay_set(0.2, 5)
-        self.client.max_inflight_messages_set(100)
+    def __init__(self, client_id: str, password: str | None = None, cafile: Path | None = None) -> None:
+        self.client = paho_client(client_id, password, cafile)
 
     def start(self, host: str, port: int) -> None:
         self.client.connect(host, port, keepalive=30)
@@ -225,6 +219,42 @@ def publish_all(client: mqtt.Client, messages: list[tuple[str, bytes]], timeout:
     for info in infos:
         info.wait_for_publish(max(0.01, deadline - time.monotonic()))
     return sum(1 for info in infos if info.is_published())
+
+
+class DeadletterWatcher:
+    """Counts the dead letters of the run's own ids on `gateway/deadletter`, by reason. A broker with accounts
+    shows that topic only to operator accounts (deploy/mosquitto.acl), so there it logs in as one."""
+
+    def __init__(self, client_id: str, prefix: str, password: str | None = None, cafile: Path | None = None) -> None:
+        self.prefix = prefix
+        self.client = paho_client(client_id, password, cafile)
+        self.client.on_connect = lambda client, *args: client.subscribe("gateway/deadletter", qos=0)
+        self.client.on_subscribe = lambda *args: self.subscribed.set()
+        self.client.on_message = self._on_message
+        self.subscribed = threading.Event()
+        self.lock = threading.Lock()
+        self.reasons: list[str] = []
+
+    def start(self, host: str, port: int) -> None:
+        self.client.connect(host, port, keepalive=30)
+        self.client.loop_start()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            doc = json.loads(msg.payload)
+        except ValueError:
+            return
+        if isinstance(doc, dict) and self.prefix in str(doc.get("origin", "")):
+            with self.lock:
+                self.reasons.append(str(doc.get("reason")))
+
+    def snapshot(self) -> list[str]:
+        with self.lock:
+            return list(self.reasons)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
 
 
 # --- what every fault gets ---------------------------------------------------------------------------------------
@@ -522,6 +552,11 @@ def _wait(predicate: Callable[[], bool], timeout: float, abort: threading.Event)
 # --- hostile input -----------------------------------------------------------------------------------------------
 
 
+def hostile_ids(prefix: str) -> tuple[str, str]:
+    """The device and the user the hostile messages speak as (accounts of their own, on a broker with accounts)."""
+    return f"{prefix}bad", f"{prefix}troll"
+
+
 def hostile_messages(prefix: str) -> list[tuple[str, bytes, str]]:
     """(topic, payload, the dead-letter reason the gateway should give) for one round of hostile input.
 
@@ -529,7 +564,7 @@ def hostile_messages(prefix: str) -> list[tuple[str, bytes, str]]:
     real state. Wildcards (+ #) cannot appear in a topic someone publishes to (the broker refuses them), so they
     are tried where an id is data: in follow requests and event ids.
     """
-    device, user = f"{prefix}bad", f"{prefix}troll"
+    device, user = hostile_ids(prefix)
     t = f"devices/{device}/telemetry"
     good = b'{"temperature": 21.5}'
     return [
@@ -558,22 +593,31 @@ def hostile_messages(prefix: str) -> list[tuple[str, bytes, str]]:
 
 
 class Hostile:
-    """Publishes one round of hostile input per injection; the follower counts the dead letters that come back."""
+    """Publishes one round of hostile input per injection; the dead-letter watcher counts what comes back.
+
+    `senders` publish the messages whose topics name them (`devices/{id}/...`, `users/{id}/...`); `anyone`, when
+    given, the rest. On a broker with accounts there is no `anyone`: the messages with ids no account can have
+    (`bad_device_id`) are refused by the broker's ACL before the gateway could see them, so they are not sent.
+    """
 
     name = "hostile"
 
-    def __init__(self, control: ControlClient, prefix: str) -> None:
-        self.control = control
-        self.messages = hostile_messages(prefix)
+    def __init__(self, prefix: str, senders: dict[str, Publisher], anyone: Publisher | None = None) -> None:
+        rounds: dict[int, tuple[Publisher, list[tuple[str, bytes]]]] = {}
+        for topic, payload, _ in hostile_messages(prefix):
+            publisher = senders.get(topic.split("/")[1], anyone)
+            if publisher is not None:
+                rounds.setdefault(id(publisher), (publisher, []))[1].append((topic, payload))
+        self.rounds = list(rounds.values())
+        self.per_round = sum(len(batch) for _, batch in self.rounds)
         self.sent = 0
 
     def inject(self, ctx: Context) -> str:
-        acked = self.control.publish_all([(topic, payload) for topic, payload, _ in self.messages], timeout=10.0)
-        self.sent += len(self.messages)
-        if acked < len(self.messages):
-            raise FaultError(f"the broker acknowledged {acked} of {len(self.messages)} hostile messages",
-                             applied=True)
-        return f"{len(self.messages)} hostile messages published"
+        acked = sum(publisher.publish_all(batch, timeout=10.0) for publisher, batch in self.rounds)
+        self.sent += self.per_round
+        if acked < self.per_round:
+            raise FaultError(f"the broker acknowledged {acked} of {self.per_round} hostile messages", applied=True)
+        return f"{self.per_round} hostile messages published"
 
     def close(self) -> None:
         pass

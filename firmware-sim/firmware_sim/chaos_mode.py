@@ -7,9 +7,10 @@ The command is the fleet and a follower at once:
    gateway to follow every device (`users/{prefix}fan/follows`, the gateway's own MQTT interface), then each
    device publishes probe readings until one of each has come back on the feed: from then on the gateway is known
    to deliver every device to the follower. Probes are not counted.
-   Against a broker with accounts (`deploy/mosquitto-production.conf`), `--credentials` gives every device and
-   follower its own login (the ids then come from a fixed `--prefix`, since the accounts exist before the run) and
-   `--cafile` turns on TLS; each device then has a connection of its own, as the broker allows one per account.
+   Against a broker with accounts (`deploy/mosquitto-production.conf`), `--credentials` gives every client its own
+   login (the ids then come from a fixed `--prefix`, since the accounts exist before the run; the dead letters are
+   read as `--operator`) and `--cafile` turns on TLS; each device then has a connection of its own, as the broker
+   allows one per account.
 2. Load and faults. The devices publish telemetry at QoS 1 on the same absolute schedule as `firmware-sim mqtt`
    (readings from `signals.py`, each with a unique (device, seq)), while a scheduler thread injects the chosen
    faults one at a time, at seeded random moments about `--fault-interval` apart, taking turns.
@@ -42,9 +43,9 @@ from typing import IO, Any
 
 import click
 
-from firmware_sim.chaos_faults import (Context, ControlClient, DeviceLink, Fault, FaultError, Follower,
-                                       GatewayControl, GatewaySignal, Hostile, InfluxOutage, PauseBroker, Reconnect,
-                                       RestartBroker, SlowFollower)
+from firmware_sim.chaos_faults import (Context, DeadletterWatcher, DeviceLink, Fault, FaultError, Follower,
+                                       GatewayControl, GatewaySignal, Hostile, InfluxOutage, PauseBroker, Publisher,
+                                       Reconnect, RestartBroker, SlowFollower, hostile_ids)
 from firmware_sim.chaos_report import (FaultRecord, HostileRecord, InfluxRecord, Key, Report, influx_tally,
                                        must_reach_influx, tally)
 from firmware_sim.mqtt_mode import (MAX_UNACKED, BrokerUnreachable, Connection, Pacer, Progress, connect_all,
@@ -53,16 +54,7 @@ from firmware_sim.signals import KINDS, DeviceSignal, telemetry_payload
 
 FAULTS = ("hostile", "reconnect", "slow-follower", "kill-gateway", "term-gateway", "pause-broker", "restart-broker",
           "influx-outage")
-
-# Faults whose clients cannot log in or use TLS yet: the hostile messages go out on topics of ids that have no
-# account (a broker with an ACL refuses them before the gateway sees them).
-NEEDS_OPEN_BROKER = ("hostile",)
 DEFAULT_FAULTS = ("hostile", "reconnect", "slow-follower")
-
-
-def secured_default() -> tuple[str, ...]:
-    """The default faults that can run against a broker with accounts or TLS."""
-    return tuple(f for f in DEFAULT_FAULTS if f not in NEEDS_OPEN_BROKER)
 
 
 EXIT_FAILED = 1
@@ -105,6 +97,7 @@ class ChaosRun:
     progress: bool = True
     cafile: Path | None = None  # TLS, trusting this CA
     credentials: dict[str, str] | None = None  # account id -> password: every device and the follower log in
+    operator: str | None = None  # with credentials: the account that reads gateway/deadletter (hostile)
 
 
 def follower_id(prefix: str) -> str:
@@ -120,7 +113,8 @@ def slow_follower_id(prefix: str) -> str:
 def accounts(cfg: ChaosRun, prefix: str) -> list[str]:
     """Every id the run logs in with when the broker has accounts."""
     slow = [slow_follower_id(prefix)] if "slow-follower" in cfg.faults else []
-    return [*device_ids(prefix, cfg.devices), follower_id(prefix), *slow]
+    hostile = [*hostile_ids(prefix), *([cfg.operator] if cfg.operator else [])] if "hostile" in cfg.faults else []
+    return [*device_ids(prefix, cfg.devices), follower_id(prefix), *slow, *hostile]
 
 
 def requirement_errors(cfg: ChaosRun) -> list[str]:
@@ -147,19 +141,19 @@ def requirement_errors(cfg: ChaosRun) -> list[str]:
         out.append("--influx-url and --influx-db go together")
     if cfg.prefix is not None and not re.fullmatch(r"[A-Za-z0-9_.\-]{1,40}", cfg.prefix):
         out.append(f"--prefix {cfg.prefix!r}: 1-40 characters of A-Z a-z 0-9 _ . -")
-    if cfg.credentials is not None or cfg.cafile is not None:
-        option = "--credentials" if cfg.credentials is not None else "--cafile"
-        for fault in (f for f in NEEDS_OPEN_BROKER if f in cfg.faults):
-            out.append(f"{fault} cannot run with {option} yet (it needs a broker without accounts or TLS, like the "
-                       f"development mosquitto.conf); leave it out of --faults")
+    if cfg.operator is not None and cfg.credentials is None:
+        out.append("--operator goes with --credentials")
     if cfg.credentials is not None:
+        if "hostile" in cfg.faults and cfg.operator is None:
+            out.append("hostile with --credentials needs --operator ID: an account that may read gateway/deadletter "
+                       "(`operator` in deploy/mosquitto.acl), to count the dead letters")
         if cfg.prefix is None:
             out.append("--credentials needs --prefix: the accounts exist before the run, so the ids cannot be random")
         else:
             missing = [i for i in accounts(cfg, cfg.prefix) if i not in cfg.credentials]
             if missing:
                 out.append(f"--credentials has no password for {', '.join(missing[:5])}"
-                           f"{' ...' if len(missing) > 5 else ''} (the run's devices and followers)")
+                           f"{' ...' if len(missing) > 5 else ''} (the accounts the run logs in with)")
         if cfg.connections is not None:
             out.append("--connections does not go with --credentials: each device logs in as itself, one connection "
                        "per account")
@@ -189,9 +183,24 @@ class Chaos:
             n_conn = min(cfg.devices, cfg.connections or 4)
             self.links = [DeviceLink(f"{self.prefix}dev-{c + 1}", cafile=cfg.cafile) for c in range(n_conn)]
         fan = follower_id(self.prefix)
-        self.follower = Follower(fan, self.prefix, deadletters="hostile" in cfg.faults,
-                                 password=creds[fan] if creds is not None else None, cafile=cfg.cafile)
-        self.control = ControlClient(f"{self.prefix}control") if "hostile" in cfg.faults else None
+        self.follower = Follower(fan, self.prefix, password=creds[fan] if creds is not None else None,
+                                 cafile=cfg.cafile)
+        # The hostile fault's clients: who publishes its messages, and who reads the dead letters they cause.
+        self.publishers: list[Publisher] = []
+        self.watcher: DeadletterWatcher | None = None
+        self.hostile: Hostile | None = None
+        if "hostile" in cfg.faults:
+            if creds is not None:
+                assert cfg.operator is not None
+                senders = {i: Publisher(i, creds[i], cfg.cafile) for i in hostile_ids(self.prefix)}
+                self.hostile = Hostile(self.prefix, senders)
+                self.watcher = DeadletterWatcher(cfg.operator, self.prefix, creds[cfg.operator], cfg.cafile)
+                self.publishers = list(senders.values())
+            else:
+                anyone = Publisher(f"{self.prefix}control", cafile=cfg.cafile)
+                self.hostile = Hostile(self.prefix, {}, anyone)
+                self.watcher = DeadletterWatcher(f"{self.prefix}deadletters", self.prefix, cafile=cfg.cafile)
+                self.publishers = [anyone]
         self.slow: SlowFollower | None = None
         if "slow-follower" in cfg.faults:
             slow = slow_follower_id(self.prefix)
@@ -206,7 +215,6 @@ class Chaos:
         self.t0 = time.monotonic()
         self.records: dict[str, FaultRecord] = {}
         self.faults: list[Fault] = []
-        self.hostile: Hostile | None = None
         self.problems: list[str] = []
         self.interrupted_at: float | None = None
 
@@ -222,20 +230,23 @@ class Chaos:
     def run(self) -> Report:
         cfg = self.cfg
         started: list[Connection] = []
-        follower_up = control_up = False
+        follower_up = False
+        up: list[Publisher | DeadletterWatcher] = []
         try:
             self._build_faults()
             try:
                 self.follower.start(cfg.host, cfg.port)
                 follower_up = True
-                if self.control is not None:
-                    self.control.start(cfg.host, cfg.port)
-                    control_up = True
+                for client in (*self.publishers, *([self.watcher] if self.watcher is not None else [])):
+                    client.start(cfg.host, cfg.port)
+                    up.append(client)
             except OSError as exc:
                 raise BrokerUnreachable(f"cannot reach the MQTT broker at {cfg.host}:{cfg.port}: {exc}") from exc
             connect_all(cfg.host, cfg.port, list(self.links), started)
             if not self.follower.subscribed.wait(10):
                 raise BrokerUnreachable("the follower's subscription was not acknowledged within 10s")
+            if self.watcher is not None and not self.watcher.subscribed.wait(10):
+                raise BrokerUnreachable("the dead-letter watcher's subscription was not acknowledged within 10s")
             self._follow(True)
             if self.slow is not None:
                 try:
@@ -251,7 +262,7 @@ class Chaos:
             influx = self._check_influx() if cfg.influx_url is not None else None
         finally:
             self.abort.set()
-            self._teardown(started, follower_up, control_up)
+            self._teardown(started, follower_up, up)
         deliveries = self.follower.snapshot()
         records = []
         for name in cfg.faults:
@@ -265,7 +276,8 @@ class Chaos:
                                  f"with a source and a seq")
         hostile = None
         if self.hostile is not None:
-            reasons = Counter(self.follower.deadletter_reasons)
+            assert self.watcher is not None
+            reasons = Counter(self.watcher.snapshot())
             hostile = HostileRecord(self.hostile.sent, sum(reasons.values()), dict(reasons))
         return Report(self.prefix, f"{cfg.host}:{cfg.port}", cfg.devices, cfg.rate, cfg.duration, cfg.drain_timeout,
                       tally(self.sent_at, self.acked, self.refused, deliveries), tuple(records), hostile, influx,
@@ -276,8 +288,7 @@ class Chaos:
         for name in cfg.faults:
             fault: Fault | None = None
             if name == "hostile":
-                assert self.control is not None
-                fault = self.hostile = Hostile(self.control, self.prefix)
+                fault = self.hostile
             elif name == "reconnect":
                 fault = Reconnect()
             elif name in ("kill-gateway", "term-gateway"):
@@ -436,7 +447,8 @@ class Chaos:
                 return influx_tally(expected, points)
             time.sleep(1.0)
 
-    def _teardown(self, started: list[Connection], follower_up: bool, control_up: bool) -> None:
+    def _teardown(self, started: list[Connection], follower_up: bool,
+                  up: list[Publisher | DeadletterWatcher]) -> None:
         for fault in self.faults:
             try:
                 fault.close()
@@ -453,9 +465,8 @@ class Chaos:
             conn.stop()
         if follower_up:
             self.follower.close()
-        if control_up:
-            assert self.control is not None
-            self.control.close()
+        for client in up:
+            client.close()
 
 
 # --- InfluxDB 1.x ------------------------------------------------------------------------------------------------
@@ -508,9 +519,8 @@ def _interrupt_on_term(signum: int, frame: Any) -> None:
               help="Readings per second, across all devices.")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="Seconds of load (the drain comes on top).")
-@click.option("--faults", default=None,
-              help=f"Comma-separated, any of: {', '.join(FAULTS)}; '' for none [default: {','.join(DEFAULT_FAULTS)}; "
-                   f"with --credentials or --cafile, {','.join(secured_default())}].")
+@click.option("--faults", default=",".join(DEFAULT_FAULTS), show_default=True,
+              help=f"Comma-separated, any of: {', '.join(FAULTS)}; '' for none.")
 @click.option("--fault-interval", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Mean seconds between injections (each 0.5-1.5 times this, seeded); faults take turns "
                    "[default: 10, or half the duration when shorter].")
@@ -547,34 +557,34 @@ def _interrupt_on_term(signum: int, frame: Any) -> None:
               help="Connect over TLS, trusting this CA certificate (deploy/make-certs makes one).")
 @click.option("--credentials", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="'ID PASSWORD' per line (as `gateway credentials add` printed them) for PREFIX0001..., "
-                   "PREFIXfan and, with slow-follower, PREFIXslow: every device and follower logs in as itself, as "
-                   "the production broker requires. Needs --prefix.")
+                   "PREFIXfan, and with their faults PREFIXslow, PREFIXbad, PREFIXtroll and the --operator: every "
+                   "client logs in as itself, as the production broker requires. Needs --prefix.")
+@click.option("--operator", metavar="ID", default=None,
+              help="With --credentials and hostile: the account that reads gateway/deadletter (an operator "
+                   "account in the broker's ACL); its other connection, if any, is replaced for the run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of text.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress and fault lines on stderr.")
-def chaos_command(broker: str, devices: int, rate: float, duration: float, faults: str | None,
+def chaos_command(broker: str, devices: int, rate: float, duration: float, faults: str,
                   fault_interval: float | None,
                   seed: int, kinds: str, connections: int | None, drain_timeout: float, setup_timeout: float,
                   prefix: str | None, gateway_data_dir: Path | None, gateway_restart: str | None,
                   gateway_timeout: float, broker_pid: str | None, pause_seconds: float, broker_restart: str | None,
                   influx_url: str | None, influx_db: str | None, influx_stop: str | None, influx_start: str | None,
-                  influx_outage: float, cafile: Path | None, credentials: Path | None, as_json: bool,
-                  progress: bool) -> None:
+                  influx_outage: float, cafile: Path | None, credentials: Path | None, operator: str | None,
+                  as_json: bool, progress: bool) -> None:
     """Check a running installation: publish readings as a fleet, follow them through the gateway, inject
     faults, and report what was lost or duplicated. Exit status 0 when nothing acknowledged was lost."""
     host, port = parse_broker(broker)
     kind_list = tuple(k.strip() for k in kinds.split(",") if k.strip())
     if not kind_list or any(k not in KINDS for k in kind_list):
         raise click.BadParameter(f"known kinds: {', '.join(KINDS)}", param_hint="--kinds")
-    if faults is None:
-        fault_list = secured_default() if credentials is not None or cafile is not None else DEFAULT_FAULTS
-    else:
-        fault_list = tuple(dict.fromkeys(f.strip() for f in faults.split(",") if f.strip()))
+    fault_list = tuple(dict.fromkeys(f.strip() for f in faults.split(",") if f.strip()))
     cfg = ChaosRun(host, port, devices, rate, duration, fault_list, fault_interval, seed, kind_list, connections,
                    drain_timeout, setup_timeout, prefix, gateway_data_dir, gateway_restart, gateway_timeout,
                    broker_pid, broker_restart, pause_seconds, influx_url, influx_db, influx_stop, influx_start,
                    influx_outage, progress, cafile,
-                   read_credentials(credentials) if credentials is not None else None)
+                   read_credentials(credentials) if credentials is not None else None, operator)
     problems = requirement_errors(cfg)
     if problems:
         raise click.UsageError("\n".join(problems))

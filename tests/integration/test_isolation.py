@@ -26,6 +26,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from click.testing import CliRunner
 
+from firmware_sim.chaos_faults import hostile_messages
 from gateway.cli import main as gateway_cli
 from gateway.credentials import Credentials
 from tests import servers
@@ -44,6 +45,7 @@ ACCOUNTS = {
     "alice": "user", "bob": "user", "carol": "user", "dave": "user", "fan": "user", "mallory": "user",
     "sim0001": "device", "sim0002": "device", "simfan": "user",
     "chk-0001": "device", "chk-0002": "device", "chk-0003": "device", "chk-fan": "user", "chk-slow": "user",
+    "chk-bad": "device", "chk-troll": "user",
 }
 
 
@@ -544,24 +546,35 @@ def test_chaos_checks_a_production_installation_with_its_own_accounts_over_tls(b
     """`firmware-sim chaos` as README "Checking your own installation" runs it against a broker set up like
     deploy/mosquitto-production.conf: every device and the follower log in as themselves, over TLS."""
     creds = tmp_path / "chaos-accounts.txt"
-    accounts = ("chk-0001", "chk-0002", "chk-0003", "chk-fan", "chk-slow")
+    accounts = ("chk-0001", "chk-0002", "chk-0003", "chk-fan", "chk-slow", "chk-bad", "chk-troll", "operator")
     creds.write_text("".join(f"{a} {broker.passwords[a]}\n" for a in accounts))
     argv = [sys.executable, "-m", "firmware_sim.cli", "chaos", "--broker", broker.address, "--cafile",
-            str(broker.ca_file), "--credentials", str(creds), "--prefix", "chk-", "--devices", "3",
+            str(broker.ca_file), "--credentials", str(creds), "--operator", "operator", "--prefix", "chk-",
+            "--devices", "3",
             # 2 readings/s per device: well under the gateway's per-source limit here (RATE)
             "--rate", "6", "--duration", "8", "--fault-interval", "2", "--drain-timeout", "20",
             "--setup-timeout", "20", "--json", "--no-progress"]
     follows_before, unfollows_before = gateway.metric("follows"), gateway.metric("unfollows")
+    deadlettered_before = gateway.metric("deadlettered")
     run = subprocess.run(argv, cwd=servers.REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr[-2000:]
     report = json.loads(run.stdout)
     assert report["result"] == "pass"
     assert report["sent"] >= 40 and report["acknowledged"] == report["delivered"] == report["sent"]
-    # The default faults less hostile, which needs an open broker; each reconnect logs in again, and the slow
-    # follower logged in over TLS and followed every device itself.
+    # The default faults: each reconnect logs in again, the slow follower logged in over TLS and followed every
+    # device itself, and the hostile messages went out as chk-bad and chk-troll.
     faults = report["faults"]
-    assert set(faults) == {"reconnect", "slow-follower"} and faults["reconnect"]["injected"] >= 1
+    assert set(faults) == {"hostile", "reconnect", "slow-follower"}
+    assert faults["reconnect"]["injected"] >= 1 and faults["hostile"]["injected"] >= 1
     assert all(f["failed"] == 0 for f in faults.values()), faults
+    # Only the messages the two accounts may send: a topic with an id no account can have (bad_device_id) is
+    # refused by the ACL before the gateway could dead-letter it. Each one sent is dead-lettered (by its reason,
+    # or as rate_limited past the limit here), and the operator account saw some of them (QoS 0, rate-limited).
+    per_round = sum(1 for topic, _, _ in hostile_messages("chk-") if topic.split("/")[1] in ("chk-bad", "chk-troll"))
+    hostile = report["hostile"]
+    assert hostile["sent"] == per_round * faults["hostile"]["injected"]
+    assert 1 <= hostile["deadletters_seen"] <= hostile["sent"]
+    gateway.wait_status(lambda st: st["metrics"]["deadlettered"] >= deadlettered_before + hostile["sent"], timeout=10)
     assert report["failures"] == []
     # Both followers' requests reached the gateway: 3 follows each (then as many unfollows).
     gateway.wait_status(lambda st: st["metrics"]["follows"] >= follows_before + 6

@@ -120,7 +120,7 @@ def test_a_command_line_missing_what_its_faults_need_is_refused_before_anything_
     assert needs in result.output
 
 
-def test_with_credentials_every_device_and_the_follower_need_an_account_under_a_fixed_prefix(tmp_path: Path):
+def test_with_credentials_every_client_of_the_run_needs_an_account_under_a_fixed_prefix(tmp_path: Path):
     creds = tmp_path / "accounts.txt"
     creds.write_text("# id password\nck-0001 pw1\nck-0002 pw2\n")
 
@@ -134,17 +134,25 @@ def test_with_credentials_every_device_and_the_follower_need_an_account_under_a_
     assert "no password for ck-fan, ck-slow" in refusal("--prefix", "ck-", "--devices", "2",
                                                         "--faults", "slow-follower")
     assert "one connection per account" in refusal("--prefix", "ck-", "--devices", "2", "--connections", "1")
-    assert "hostile cannot run with --credentials" in refusal("--prefix", "ck-", "--devices", "2",
-                                                              "--faults", "reconnect,hostile")
+    # hostile speaks as a device and a user of its own, and reads the dead letters as an operator
+    assert "hostile with --credentials needs --operator" in refusal("--prefix", "ck-", "--devices", "2",
+                                                                    "--faults", "hostile")
+    assert "no password for ck-fan, ck-bad, ck-troll, ops" in refusal("--prefix", "ck-", "--devices", "2",
+                                                                      "--faults", "hostile", "--operator", "ops")
 
 
-def test_without_faults_named_a_secured_run_leaves_out_the_ones_that_need_an_open_broker(tmp_path: Path):
+def test_an_operator_account_means_nothing_without_credentials():
+    result = CliRunner().invoke(main, ["chaos", "--broker", "127.0.0.1:1", "--operator", "ops"])
+    assert result.exit_code == 2 and "--operator goes with --credentials" in result.output
+
+
+def test_a_run_with_every_account_it_needs_gets_as_far_as_connecting(tmp_path: Path):
     creds = tmp_path / "accounts.txt"
-    creds.write_text("ck-0001 pw1\nck-fan pw2\nck-slow pw3\n")
-    # Accepted as far as connecting: nothing listens on port 1, so the run stops as "unreachable" (3), not as a
-    # usage error (2) about hostile, which the default would otherwise include.
+    creds.write_text("".join(f"{a} pw\n" for a in ("ck-0001", "ck-fan", "ck-slow", "ck-bad", "ck-troll", "ops")))
+    # The default faults (hostile, reconnect, slow-follower). Nothing listens on port 1, so the run stops as
+    # "unreachable" (3), not with a usage error (2).
     result = CliRunner().invoke(main, ["chaos", "--broker", "127.0.0.1:1", "--credentials", str(creds),
-                                       "--prefix", "ck-", "--devices", "1", "--no-progress"])
+                                       "--operator", "ops", "--prefix", "ck-", "--devices", "1", "--no-progress"])
     assert result.exit_code == 3, result.output
 
 

@@ -662,7 +662,7 @@ class SlowFollower:
         self.tls = ssl.create_default_context(cafile=str(cafile)) if cafile is not None else None
         self.sock: socket.socket | None = None
 
-    def connect(self, sources: Sequence[str]) -> None:
+    def connect(self, sources: Sequence[str] = ()) -> None:
         """Log in with a persistent session, subscribe to the feed, follow `sources`, then stop reading."""
         # Clean session 0, keepalive 0 (the broker never drops it for silence); a small receive buffer fills fast.
         sock = self._login(clean=False, keepalive=0, receive_buffer=4096)

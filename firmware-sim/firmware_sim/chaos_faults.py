@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from firmware_sim.chaos_report import Delivery, Key
-from firmware_sim.mqtt_mode import Connection
+from firmware_sim.mqtt_mode import Connection, login_client
 
 STALE_STATUS_S = 5.0  # the gateway rewrites status.json every second; older than this, it is not running
 RECONNECT_WAIT_S = 15.0
@@ -51,13 +50,8 @@ class FaultError(Exception):
 
 
 def paho_client(client_id: str, password: str | None, cafile: Path | None) -> mqtt.Client:
-    """A paho MQTT 5 client; with a password it logs in as `client_id` (a broker with accounts: the username is
-    the identity), with a CA file over TLS."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    if password is not None:
-        client.username_pw_set(client_id, password)
-    if cafile is not None:
-        client.tls_set(ca_certs=str(cafile))
+    """`login_client`, back quickly after a broker restart, with room for a burst of QoS 1 publishes."""
+    client = login_client(client_id, password, cafile)
     client.reconnect_delay_set(0.2, 5)
     client.max_inflight_messages_set(100)
     return client
@@ -194,8 +188,8 @@ class Follower:
         self.client.loop_stop()
 
 
-class Publisher:
-    """The hostile messages: a plain QoS 1 publisher that waits for the PUBACKs."""
+class Peer:
+    """A plain client of the run with a clean session and its own network thread."""
 
     def __init__(self, client_id: str, password: str | None = None, cafile: Path | None = None) -> None:
         self.client = paho_client(client_id, password, cafile)
@@ -204,12 +198,16 @@ class Publisher:
         self.client.connect(host, port, keepalive=30)
         self.client.loop_start()
 
-    def publish_all(self, messages: list[tuple[str, bytes]], timeout: float) -> int:
-        return publish_all(self.client, messages, timeout)
-
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+class Publisher(Peer):
+    """The hostile messages: a QoS 1 publisher that waits for the PUBACKs."""
+
+    def publish_all(self, messages: list[tuple[str, bytes]], timeout: float) -> int:
+        return publish_all(self.client, messages, timeout)
 
 
 def publish_all(client: mqtt.Client, messages: list[tuple[str, bytes]], timeout: float) -> int:
@@ -221,23 +219,19 @@ def publish_all(client: mqtt.Client, messages: list[tuple[str, bytes]], timeout:
     return sum(1 for info in infos if info.is_published())
 
 
-class DeadletterWatcher:
+class DeadletterWatcher(Peer):
     """Counts the dead letters of the run's own ids on `gateway/deadletter`, by reason. A broker with accounts
     shows that topic only to operator accounts (deploy/mosquitto.acl), so there it logs in as one."""
 
     def __init__(self, client_id: str, prefix: str, password: str | None = None, cafile: Path | None = None) -> None:
+        super().__init__(client_id, password, cafile)
         self.prefix = prefix
-        self.client = paho_client(client_id, password, cafile)
         self.client.on_connect = lambda client, *args: client.subscribe("gateway/deadletter", qos=0)
         self.client.on_subscribe = lambda *args: self.subscribed.set()
         self.client.on_message = self._on_message
         self.subscribed = threading.Event()
         self.lock = threading.Lock()
         self.reasons: list[str] = []
-
-    def start(self, host: str, port: int) -> None:
-        self.client.connect(host, port, keepalive=30)
-        self.client.loop_start()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -251,10 +245,6 @@ class DeadletterWatcher:
     def snapshot(self) -> list[str]:
         with self.lock:
             return list(self.reasons)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 # --- what every fault gets ---------------------------------------------------------------------------------------

@@ -44,8 +44,8 @@ from typing import IO, Any
 import click
 
 from firmware_sim.chaos_faults import (Context, DeadletterWatcher, DeviceLink, Fault, FaultError, Follower,
-                                       GatewayControl, GatewaySignal, Hostile, InfluxOutage, PauseBroker, Publisher,
-                                       Reconnect, RestartBroker, SlowFollower, hostile_ids)
+                                       GatewayControl, GatewaySignal, Hostile, InfluxOutage, PauseBroker, Peer,
+                                       Publisher, Reconnect, RestartBroker, SlowFollower, hostile_ids)
 from firmware_sim.chaos_report import (FaultRecord, HostileRecord, InfluxRecord, Key, Report, influx_tally,
                                        must_reach_influx, tally)
 from firmware_sim.mqtt_mode import (MAX_UNACKED, BrokerUnreachable, Connection, Pacer, Progress, connect_all,
@@ -231,7 +231,7 @@ class Chaos:
         cfg = self.cfg
         started: list[Connection] = []
         follower_up = False
-        up: list[Publisher | DeadletterWatcher] = []
+        up: list[Peer] = []
         try:
             self._build_faults()
             try:
@@ -447,8 +447,7 @@ class Chaos:
                 return influx_tally(expected, points)
             time.sleep(1.0)
 
-    def _teardown(self, started: list[Connection], follower_up: bool,
-                  up: list[Publisher | DeadletterWatcher]) -> None:
+    def _teardown(self, started: list[Connection], follower_up: bool, up: list[Peer]) -> None:
         for fault in self.faults:
             try:
                 fault.close()

@@ -118,6 +118,17 @@ class Summary:
         }
 
 
+def login_client(client_id: str, password: str | None = None, cafile: Path | None = None) -> mqtt.Client:
+    """A paho MQTT 5 client. With a password it logs in as `client_id` (the production broker's accounts: the
+    username is the identity); with a CA file it connects over TLS."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    if password is not None:
+        client.username_pw_set(client_id, password)
+    if cafile is not None:
+        client.tls_set(ca_certs=str(cafile))
+    return client
+
+
 class Connection:
     """One paho client with its own network thread, counting CONNACKs, PUBACKs and disconnects.
 
@@ -127,11 +138,7 @@ class Connection:
     def __init__(self, client_id: str, qos: int, password: str | None = None, cafile: Path | None = None) -> None:
         self.client_id = client_id
         self.qos = qos
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        if password is not None:  # the production broker's accounts: the username is the device id
-            self.client.username_pw_set(client_id, password)
-        if cafile is not None:
-            self.client.tls_set(ca_certs=str(cafile))
+        self.client = login_client(client_id, password, cafile)
         self.client.on_connect = self._on_connect
         self.client.on_publish = self._on_publish
         self.client.on_disconnect = self._on_disconnect

@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "firmware-sim"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from firmware_sim.social_mode import power_law_follows  # noqa: E402
-from gateway.graph import FOLLOW, Change, FollowerGraph, GraphWriter  # noqa: E402
+from gateway.fanout.graph import FOLLOW, Change, FollowerGraph, GraphWriter  # noqa: E402
 from social import _rss_peak_mb, counter, post, publisher  # noqa: E402
 from tests import servers  # noqa: E402
 from tests.gateway_process import GatewayProcess  # noqa: E402
@@ -109,7 +109,7 @@ def graph_layer(edges: list[tuple[str, str]], users: list[str], base: Path) -> d
         with ThreadPoolExecutor(1) as storage:
             writer = GraphWriter(g, storage)
             t0 = time.perf_counter()
-            await asyncio.gather(*(writer.submit(Change(FOLLOW, f"newcomer{i}", f"users/{users[i % 5000]}"))
+            await asyncio.gather(*(writer.submit([Change(FOLLOW, f"newcomer{i}", f"users/{users[i % 5000]}")])
                                    for i in range(20_000)))
             return 20_000 / (time.perf_counter() - t0)
 

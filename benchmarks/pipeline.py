@@ -20,11 +20,12 @@ at a follower in its own process (mosquitto_sub when installed, otherwise a paho
   a shared machine).
 
 Each variant runs `--runs` times on fresh servers and data; medians are reported, every run is kept in `runs`.
-Variants: `full` (the defaults: fsync full, ONNX on), `no-onnx`, `fsync-normal`, `linger-0`, `linger-2` (the
-pipeline's wait for more events before a batch), `bare-relay` (benchmarks/relay.py instead of the gateway: the
-MQTT work alone, the floor for anything built on gmqtt) and `broker-only` (no gateway: the follower subscribes to the
-devices' topic, so the simulator, the broker and the follower alone set the pace: the harness's own ceiling; no
-drain); all in one invocation so they share the noise.
+Variants: `full` (the defaults: fsync full, ONNX on), `no-onnx`, `fsync-normal`, `window-0`, `window-1`,
+`window-5`, `window-10`, `window-20` (the log's commit window, storage.commit_window_ms; the latency phase also
+reports the bytes the gateway wrote to disk per event, `disk_bytes_per_event`), `bare-relay` and `lean-relay` (benchmarks/relay.py instead of the
+gateway, on gmqtt or on the gateway's own MQTT client: the MQTT work alone, the floor under each) and `broker-only`
+(no gateway: the follower subscribes to the devices' topic, so the simulator, the broker and the follower alone set
+the pace: the harness's own ceiling; no drain); all in one invocation so they share the noise.
 
     python benchmarks/pipeline.py --runs 3 --events 60000 --latency-seconds 20
 """
@@ -59,9 +60,13 @@ VARIANTS: dict[str, str] = {
     "full": "",
     "no-onnx": "[anomaly]\nenabled = false\n",
     "fsync-normal": '[storage]\nfsync = "normal"\n',
-    "linger-0": "[pipeline]\nlinger_ms = 0\n",
-    "linger-2": "[pipeline]\nlinger_ms = 2\n",
-    "bare-relay": "",  # not the gateway: benchmarks/relay.py, the MQTT work alone (see there)
+    "window-0": "[storage]\ncommit_window_ms = 0\n",
+    "window-1": "[storage]\ncommit_window_ms = 1\n",
+    "window-5": "[storage]\ncommit_window_ms = 5\n",
+    "window-10": "[storage]\ncommit_window_ms = 10\n",
+    "window-20": "[storage]\ncommit_window_ms = 20\n",
+    "bare-relay": "",  # not the gateway: benchmarks/relay.py on gmqtt, the MQTT work alone (see there)
+    "lean-relay": "",  # benchmarks/relay.py on the gateway's own MQTT client
     "broker-only": "",  # no gateway: the follower subscribes to the devices' topic; the harness's own ceiling
 }
 
@@ -69,10 +74,11 @@ VARIANTS: dict[str, str] = {
 class RelayProcess:
     """benchmarks/relay.py behind the few methods of GatewayProcess the harness uses."""
 
-    def __init__(self, base: Path, broker: str, follower: str) -> None:
+    def __init__(self, base: Path, broker: str, follower: str, client: str = "gmqtt") -> None:
         self.ready = base / "relay.ready"
         self.argv = [sys.executable, str(REPO / "benchmarks" / "relay.py"), "--broker", broker,
-                     "--client-id", "bench-relay", "--follower", follower, "--ready-file", str(self.ready)]
+                     "--client-id", "bench-relay", "--follower", follower, "--ready-file", str(self.ready),
+                     "--client", client]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def run_cli(self, *args: str) -> None:
@@ -217,6 +223,15 @@ def rss_peak_mb(pid: int) -> float:
     return float("nan")
 
 
+def disk_bytes_written(pid: int) -> int:
+    """What the process caused to be written to storage so far (/proc/PID/io `write_bytes`: page-cache pages it
+    dirtied, 4 KiB each however little of a page changed): what an SD card wears by."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
@@ -289,6 +304,7 @@ def latency_phase(broker: str, args: argparse.Namespace, topic: str, pid: int | 
     sub = make_follower(args, broker, topic, n, 120, True)
     sub.start()
     cpu_before = cpu_seconds(pid) if pid else 0.0
+    written_before = disk_bytes_written(pid) if pid else 0
     sim = simulator(broker, n, args.latency_rate, args.devices, prefixes(args)[0], stamp=True,
                     connections=args.connections)
     sim.communicate(timeout=300)
@@ -298,6 +314,8 @@ def latency_phase(broker: str, args: argparse.Namespace, topic: str, pid: int | 
         # CPU time per event barely depends on what else the shared machine runs, unlike latency: the figure to
         # compare variants by when the machine is noisy.
         result["gateway_cpu_us_per_event"] = round((cpu_seconds(pid) - cpu_before) / max(1, got["count"]) * 1e6, 1)
+        time.sleep(1.0)  # the last commits reach the disk
+        result["disk_bytes_per_event"] = round((disk_bytes_written(pid) - written_before) / max(1, got["count"]))
     lat = sorted(got["latencies_us"][int(len(got["latencies_us"]) * 0.1):])  # drop the warm-up tenth
     if lat:
         result["latency_p50_ms"] = round(lat[len(lat) // 2] / 1000, 3)
@@ -332,8 +350,8 @@ def one_run(variant: str, args: argparse.Namespace, base: Path) -> dict[str, Any
     config = base / "gateway.toml"
     config.write_text(VARIANTS[variant])
     gw: GatewayProcess | RelayProcess
-    if variant == "bare-relay":
-        gw = RelayProcess(base, broker.address, "bench")
+    if variant in ("bare-relay", "lean-relay"):
+        gw = RelayProcess(base, broker.address, "bench", "gmqtt" if variant == "bare-relay" else "gateway")
     else:
         gw = GatewayProcess(base / "gw", broker.address, *extra, "--log-level", "WARNING", client_id="bench-gw",
                             config=config)
@@ -369,7 +387,7 @@ def one_run(variant: str, args: argparse.Namespace, base: Path) -> dict[str, Any
                                                         / got["count"] * 1e6, 1)
         # Memory after a backlog: what the drain left in VmHWM, and the most events it held waiting for an append.
         result["drain_rss_peak_mb"] = round(rss_peak_mb(gw.proc.pid), 1)
-        result["drain_pending_peak"] = ((gw.status() or {}).get("metrics") or {}).get("ingest_pending_peak")
+        result["drain_pending_peak"] = ((gw.status() or {}).get("metrics") or {}).get("log_pending_peak")
 
         pids = {"broker": broker.proc.pid, "gateway": gw.proc.pid}
         if influx is not None and influx.proc is not None:
@@ -429,7 +447,7 @@ def main() -> None:
             for key in ("drain_events_per_s", "drain_cpu_us_per_event", "drain_broker_cpu_us_per_event",
                         "drain_rss_peak_mb", "drain_pending_peak",
                         "throughput_events_per_s", "latency_p50_ms", "latency_p99_ms", "gateway_rss_peak_mb",
-                        "gateway_cpu_us_per_event", "simulator_publish_rate")
+                        "gateway_cpu_us_per_event", "disk_bytes_per_event", "simulator_publish_rate")
             if any(r.get(key) is not None for r in mine)
         }
         shares = [r["throughput_cpu_us_per_event"] for r in mine if r.get("throughput_cpu_us_per_event")]

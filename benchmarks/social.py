@@ -30,7 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gateway.graph import FollowerGraph  # noqa: E402
+from gateway.fanout.graph import FollowerGraph  # noqa: E402
 from tests import servers  # noqa: E402
 from tests.gateway_process import GatewayProcess  # noqa: E402
 

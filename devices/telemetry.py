@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 # Field names become InfluxDB field keys and JSON keys on subscribers' feeds: keep them boring.
 FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
 RESERVED = frozenset({"seq", "ts"})
@@ -64,18 +66,40 @@ def decode(payload: bytes, *, max_bytes: int = 16_384, max_fields: int = 64) -> 
     if len(payload) > max_bytes:
         raise TelemetryError("oversize", f"payload is {len(payload)} bytes, the limit is {max_bytes}")
     try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        # orjson is the fast path; what it refuses is parsed again by the standard library, whose errors name the
+        # reason the way this codec always has (NaN is `non_finite`, 10**400 `out_of_range`, ...).
+        doc = _slow_decode(payload)
+    if not isinstance(doc, dict):
+        raise TelemetryError("not_an_object", f"telemetry must be a JSON object, got {type(doc).__name__}")
+    try:
+        return from_mapping(doc, max_fields=max_fields)
+    except TelemetryError as exc:
+        if exc.reason != "non_finite":
+            raise
+        # orjson reads an integer beyond 64 bits as a float, so -10**301 would look like a non-finite float; the
+        # standard library keeps it an integer, which is `out_of_range`. Only on this error path.
+        return from_mapping(_slow_decode(payload), max_fields=max_fields)
+
+
+def _slow_decode(payload: bytes) -> Any:
+    try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise TelemetryError("invalid_utf8", f"payload is not UTF-8 (byte {exc.start})") from None
     try:
-        doc = json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant)
     except TelemetryError:
         raise
     except (ValueError, RecursionError) as exc:
         raise TelemetryError("malformed_json", f"payload is not JSON: {str(exc)[:120]}") from None
-    if not isinstance(doc, dict):
-        raise TelemetryError("not_an_object", f"telemetry must be a JSON object, got {type(doc).__name__}")
-    return from_mapping(doc, max_fields=max_fields)
+
+
+# Field names that passed FIELD_NAME: a fleet sends the same few names in every message, and a set lookup is much
+# cheaper than the regular expression. Bounded, so a device inventing names cannot grow it.
+_GOOD_NAMES: set[str] = set()
+_GOOD_NAMES_MAX = 4096
 
 
 def from_mapping(doc: dict[str, Any], *, max_fields: int = 64) -> Telemetry:
@@ -94,8 +118,11 @@ def from_mapping(doc: dict[str, Any], *, max_fields: int = 64) -> Telemetry:
     for key, value in doc.items():
         if key in RESERVED:
             continue
-        if not FIELD_NAME.fullmatch(key):
-            raise TelemetryError("bad_field_name", f"field name {_show(key)} is not allowed")
+        if key not in _GOOD_NAMES:
+            if not FIELD_NAME.fullmatch(key):
+                raise TelemetryError("bad_field_name", f"field name {_show(key)} is not allowed")
+            if len(_GOOD_NAMES) < _GOOD_NAMES_MAX:
+                _GOOD_NAMES.add(key)
         if type(value) is int:
             if abs(value) > MAX_ABS_VALUE:
                 raise TelemetryError("out_of_range", f"field {key!r}: {_show(value)} is too large")

@@ -65,7 +65,10 @@ def run(config_path: str | None, broker: str | None, influx_url: str | None, inf
     if tls_problems:
         _fail(ConfigError(tls_problems), config_path or "command line")
         return
-    logging.getLogger(__name__).info("config: %s", config_mod.as_dict(cfg, redact=True))
+    logger = logging.getLogger(__name__)
+    for warning in config_mod.WARNINGS:
+        logger.warning("%s: %s", config_path, warning)
+    logger.info("config: %s", config_mod.as_dict(cfg, redact=True))
     from gateway.runtime import run as run_gateway
 
     run_gateway(cfg)
@@ -85,7 +88,7 @@ def check_config(path: str) -> None:
         problems.append(f"anomaly.model = {cfg.anomaly.model!r}: file not found")
     problems += [str(p) for p in config_mod.tls_files(cfg.mqtt)]
     if not problems and cfg.mqtt.tls:
-        from gateway.mqtt_link import tls_context
+        from gateway.mqtt.tls import tls_context
 
         try:
             tls_context(cfg.mqtt)
@@ -115,7 +118,7 @@ def config_reference() -> None:
 
 
 def _graph(config_path: str | None, data_dir: str | None) -> Any:
-    from gateway.graph import FollowerGraph
+    from gateway.fanout.graph import FollowerGraph
 
     cfg = _load(config_path)
     root = Path(data_dir or cfg.storage.data_dir)
@@ -140,7 +143,7 @@ def _with_graph_options(f: Any) -> Any:
 @_with_graph_options
 def follow(follower: str, source: str, config_path: str | None, data_dir: str | None) -> None:
     """FOLLOWER starts following SOURCE (devices/ID or users/ID). A running gateway picks it up within a second."""
-    from gateway.graph import GraphError
+    from gateway.fanout.graph import GraphError
 
     try:
         added = _graph(config_path, data_dir).follow(follower, source)
@@ -155,7 +158,7 @@ def follow(follower: str, source: str, config_path: str | None, data_dir: str | 
 @_with_graph_options
 def unfollow(follower: str, source: str, config_path: str | None, data_dir: str | None) -> None:
     """FOLLOWER stops following SOURCE."""
-    from gateway.graph import GraphError
+    from gateway.fanout.graph import GraphError
 
     try:
         removed = _graph(config_path, data_dir).unfollow(follower, source)
@@ -171,7 +174,7 @@ def import_follows(edges: Any, config_path: str | None, data_dir: str | None) ->
     """Add the follows listed in EDGES ('-': standard input), one `FOLLOWER SOURCE` pair per line ('#' starts a
     comment), in large transactions: the way to load a whole graph. A line that is not a valid pair is reported
     and skipped (exit status 1); the others are imported."""
-    from gateway.graph import FOLLOW, Change, GraphError
+    from gateway.fanout.graph import FOLLOW, Change, GraphError
 
     bad: list[str] = []
 
@@ -213,7 +216,7 @@ def following(follower: str, config_path: str | None, data_dir: str | None) -> N
 @click.option("--seconds", type=float, help="Stop after this long (default: until Ctrl-C).")
 def watch(broker: str, follower: str, data_dir: str | None, seconds: float | None) -> None:
     """Live view of a follower's feed, alerts and dead letters."""
-    from gateway.watch import watch as run_watch
+    from gateway.ops.watch import watch as run_watch
 
     run_watch(broker, follower, data_dir, seconds)
 
@@ -231,7 +234,7 @@ _reload_pid = click.option("--reload-pid", type=int, metavar="PID",
 
 
 def _credentials_done(reload_pid: int | None) -> None:
-    from gateway.credentials import RELOAD_HINT, CredentialsError, reload
+    from gateway.ops.credentials import RELOAD_HINT, CredentialsError, reload
 
     if reload_pid is None:
         click.echo(RELOAD_HINT, err=True)
@@ -250,7 +253,7 @@ def _credentials_done(reload_pid: int | None) -> None:
 @_reload_pid
 def credentials_add(role: str, account_id: str, password_file: str, reload_pid: int | None) -> None:
     """Create account ID; its password is printed once, alone on standard output."""
-    from gateway.credentials import Credentials, CredentialsError
+    from gateway.ops.credentials import Credentials, CredentialsError
 
     try:
         password = Credentials(password_file).add(account_id, role)
@@ -267,7 +270,7 @@ def credentials_add(role: str, account_id: str, password_file: str, reload_pid: 
 @_reload_pid
 def credentials_remove(account_id: str, password_file: str, reload_pid: int | None) -> None:
     """Delete account ID (connected clients of it are cut off when mosquitto reloads)."""
-    from gateway.credentials import Credentials, CredentialsError
+    from gateway.ops.credentials import Credentials, CredentialsError
 
     try:
         account = Credentials(password_file).remove(account_id)
@@ -281,7 +284,7 @@ def credentials_remove(account_id: str, password_file: str, reload_pid: int | No
 @_password_file
 def credentials_list(password_file: str) -> None:
     """Every account and its role, one `ID ROLE` per line."""
-    from gateway.credentials import Credentials, CredentialsError
+    from gateway.ops.credentials import Credentials, CredentialsError
 
     try:
         accounts = Credentials(password_file).list()

@@ -86,15 +86,23 @@ class MqttConfig:
 
 @dataclass(frozen=True)
 class StorageConfig:
-    data_dir: str = _f("var/gateway", "Folder for the ingest log, follower graph and outbox (SQLite files).")
-    fsync: str = _f("full", "'full': fsync every group commit (survives power loss); 'normal': survives a crash "
+    data_dir: str = _f("var/gateway", "Folder for the log (`log.db`: events, consumers' progress, engagement counts, "
+                       "dead letters) and the follower graph (`graph.db`).")
+    fsync: str = _f("full", "'full': fsync every commit of the log (survives power loss); 'normal': survives a crash "
                     "of the gateway but the last commits may be lost on power loss; 'off': tests only.",
                     _one_of("full", "normal", "off"))
-    batch_max: int = _f(1000, "Most events in one group commit.", _positive)
-    retention_hours: float = _f(24.0, "Processed events older than this are trimmed from the log. Duplicate "
-                                "detection by (device, seq, ts) covers this window.", _positive)
-    max_log_bytes: int = _f(1 << 30, "Disk budget for the ingest log; when it is reached the gateway stops "
-                            "acknowledging new events.", _positive)
+    commit_window_ms: float = _f(3.0, "Under load, a commit of the log waits up to this long after the previous "
+                                 "one began, unless its events fill a page sooner: the trade-off between latency "
+                                 "and disk wear (each commit rewrites whole pages; an SD card wears by what is "
+                                 "written). An idle gateway commits a lone event at once. 0: commit as soon as the "
+                                 "disk allows (benchmarks/RESULTS.md has the measured trade-off).", _non_negative)
+    batch_max: int = _f(2000, "Most events in one commit.", _positive)
+    retention_hours: float = _f(24.0, "Events every consumer is done with are trimmed from the log after this long "
+                                "(sooner when the log reaches `max_log_bytes`).", _positive)
+    max_log_bytes: int = _f(1 << 30, "Disk budget for the log (its pages in use; the WAL beside it stays near 1 MiB). "
+                            "Events are kept until every consumer (feeds, InfluxDB, live counts) is done with them; "
+                            "when the log reaches this size with nothing left to trim, the gateway stops "
+                            "acknowledging new events and the broker and devices hold them.", _positive)
 
 
 @dataclass(frozen=True)
@@ -161,12 +169,8 @@ class SocialConfig:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    batch_max: int = _f(250, "Most events filtered and fanned out as one batch. Larger batches cost memory while "
-                        "a backlog drains (1,000: 12 MB more peak RSS, no faster).", _positive)
-    linger_ms: float = _f(2.0, "After new events are logged, wait this long for more before processing, so "
-                          "the model and the publisher work on batches instead of single events.", _non_negative)
-    max_unacked_batches: int = _f(32, "Batches published but not yet committed (waiting for the broker's "
-                                  "acknowledgements, the outbox and the progress commit).", _positive)
+    batch_max: int = _f(500, "Most events a consumer reads back from the log at a time (after a restart, or when "
+                        "its output was slower than the log).", _positive)
     feed_qos: int = _f(1, "QoS of deliveries to followers' feeds (1: at least once; 0: at most once).",
                        lambda v: None if v in (0, 1) else "must be 0 or 1")
 
@@ -180,11 +184,9 @@ class InfluxConfig:
     org: str = _f("gateway", "v2 organisation.")
     token: str = _f("", "v2 token (v1: 'user:password' or empty).", secret=True)
     timeout: float = _f(10.0, "HTTP timeout in seconds.", _positive)
-    outbox_max_bytes: int = _f(256 << 20, "Disk budget for points waiting for the database; when full, the "
-                               "pipeline stops taking new events (nothing is dropped).", _positive)
-    flush_interval: float = _f(0.2, "Once the outbox is written, seconds to wait before the next write, so points "
-                               "go in batches (a backlog goes at once, in requests of up to 5,000 points); 0: "
-                               "one request per pipeline commit.", _non_negative)
+    flush_interval: float = _f(0.2, "Once everything waiting was written, seconds to wait before the next write, so "
+                               "points go in batches (a backlog goes at once, in requests of up to 5,000 points); "
+                               "0: a request per batch of the log.", _non_negative)
     metrics_interval: float = _f(5.0, "Seconds between the gateway's self-metric points.", _positive)
 
 
@@ -258,8 +260,20 @@ class ConfigError(ValueError):
         self.problems = problems
 
 
+# Settings of earlier versions that no longer mean anything: accepted with a warning, so an upgrade does not stop a
+# daemon over a tuning knob that went away. (What they tuned: the pipeline between the log and its outputs, and the
+# InfluxDB outbox file; both are gone: the log's consumers read it directly, and the log's budget is the one budget.)
+REMOVED = {
+    "pipeline.linger_ms": "batches go from the log to its consumers in memory, without a linger",
+    "pipeline.max_unacked_batches": "the broker's receive maximum bounds what is published and not acknowledged",
+    "influx.outbox_max_bytes": "points wait in the log, under storage.max_log_bytes",
+}
+WARNINGS: list[str] = []  # what the last parse accepted but ignored, for the daemon to log
+
+
 def parse(text: str) -> Config:
     """Validate TOML text into a Config; raise ConfigError listing every problem."""
+    WARNINGS.clear()
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -331,7 +345,10 @@ def _section(cls: type, prefix: str, table: dict[str, Any], problems: list[Confi
     for key, value in table.items():
         spec = fields.get(key)
         if spec is None:
-            problems.append(ConfigProblem(f"{prefix}.{key}", value, "unknown setting"))
+            if f"{prefix}.{key}" in REMOVED:
+                WARNINGS.append(f"{prefix}.{key} is ignored: no longer used ({REMOVED[f'{prefix}.{key}']})")
+            else:
+                problems.append(ConfigProblem(f"{prefix}.{key}", value, "unknown setting"))
             continue
         checked = _value(spec, f"{prefix}.{key}", value, problems)
         if checked is not None:

@@ -1,4 +1,6 @@
-"""Per-source rate limits: one token bucket per key, cheap enough for the per-message hot path.
+"""Rate limits: the gateway's one token bucket, per source (`TokenBuckets`) or alone (`TokenBucket`).
+
+Per-source limits are cheap enough for the per-message hot path.
 
 A bucket holds up to `burst` tokens and refills at `rate` tokens per second; an event takes one token or is refused.
 Per event that is one clock read, one dict lookup and a few float operations on a two-item list kept per key (no
@@ -56,3 +58,28 @@ class TokenBuckets:
             del self._buckets[key]
         # Many sources active at once: let the table grow, and sweep again only when it has doubled (amortised).
         self._sweep_at = max(self._min_keys, 2 * len(self._buckets))
+
+
+class TokenBucket:
+    """One bucket: `take()` is True while the rate (and its burst) allows. For limits that are not per source
+    (dead letters published per second, noise dead letters per serial port)."""
+
+    __slots__ = ("rate", "burst", "_tokens", "_at", "_clock")
+
+    def __init__(self, rate: float, burst: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if not rate > 0:
+            raise ValueError("rate must be greater than 0")
+        self.rate = float(rate)
+        self.burst = float(burst) if burst > 0 else max(1.0, self.rate)
+        self._tokens = self.burst
+        self._clock = clock
+        self._at = clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False

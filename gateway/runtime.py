@@ -1,14 +1,18 @@
-"""The supervisor: builds the stages, starts them in order, and shuts them down in order under a deadline.
+"""The supervisor: builds the event path, starts it in order, and stops it in order under a deadline.
 
-    MQTT source ─▶ Ingestor (group commit) ─▶ ingest log ─▶ Pipeline ─▶ feeds / alerts (MQTT)
-                                                                  └──▶ outbox ─▶ Drainer thread ─▶ InfluxDB
+    MQTT (MqttClient) ─▶ sources/mqtt ─┐                                        ┌─▶ fanout/feeds  ─▶ MQTT feeds, alerts
+    serial ports ─────▶ sources/serial ┴─▶ log/appender ─▶ log.db (one fsync) ─┼─▶ sinks/influx  ─▶ InfluxDB
+                                           (filters score                       └─▶ fanout/stats  ─▶ events/{id}/stats
+                                            before the append)      each a log/consumers.Consumer at its own offset
 
-Start: storage, graph, model, outbox drainer, pipeline, then the MQTT connection (sources last, so nothing is
-acknowledged before the stages behind it run). Stop (SIGTERM/SIGINT): stop taking messages (disconnect from the
-broker: unacknowledged messages stay queued there for our session), flush the ingestor, let the pipeline finish
-what is in the log, flush the outbox to the database briefly, close files. If the deadline passes, the rest is
-cancelled; everything acknowledged is already in the log, so the next start resumes it (followers may then see
-some events twice).
+Start: the log and the graph, the consumers (a consumer behind the log starts reading back at once), the appender,
+then the MQTT connection and the serial ports (sources last, so nothing is acknowledged before what is behind it
+runs). Stop (SIGTERM/SIGINT): serial ports closed; the log stops taking input (what arrives now is never
+acknowledged, so the broker keeps it for our session); what was handed in is committed; the consumers finish what
+they were given live (feeds wait for the broker's acknowledgements, InfluxDB is written without pauses); their
+progress is committed; the retained status says `offline`; files close. Past 80 % of the deadline the rest is
+cancelled: everything acknowledged is in the log, and the next start resumes each consumer at its committed offset
+(followers may see some events twice).
 """
 
 from __future__ import annotations
@@ -23,41 +27,38 @@ import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Sequence
 
 from devices.profiles import ProfileIndex, load_dir
 from gateway.config import Config, InfluxConfig
-from gateway.fanout import DEADLETTER_TOPIC
-from gateway.graph import FollowerGraph
-from gateway.health import HealthServer
-from gateway.ingest import Ingestor
-from gateway.ingest_log import DeadLetter, IngestLog
-from gateway.metrics import Metrics
-from gateway.mqtt_link import MqttLink
-from gateway.outbox import Drainer, Outbox
-from gateway.engagement import Engagement
-from gateway.pipeline import Detector, Pipeline, TextScorer
-from gateway.stats import StatsPublisher
-from gateway.sinks.influx import InfluxV1Writer, InfluxV2Writer, Writer
-from gateway.sinks.lineprotocol import Point, encode
+from gateway.event import DeadLetter, FollowRequest, Point, dead
+from gateway.fanout import engagement
+from gateway.fanout.engagement import Engagement
+from gateway.fanout.envelope import DEADLETTER_TOPIC
+from gateway.fanout.feeds import FeedsSink
+from gateway.fanout.graph import Change, FollowerGraph, GraphWriter
+from gateway.fanout.stats import StatsSink
+from gateway.filters.stage import Detector, Filters, TextScorer
+from gateway.log.appender import Appender
+from gateway.log.consumers import Consumer, Reader
+from gateway.log.dedup import RecentKeys
+from gateway.log.migrate import ENGAGEMENT_AFTER
+from gateway.log.store import LogStore
+from gateway.mqtt.client import MqttClient, Settings
+from gateway.mqtt.tls import tls_context
+from gateway.ops.health import HealthServer
+from gateway.ops.metrics import Metrics
+from gateway.ops.systemd import Notifier
+from gateway.ratelimit import TokenBucket
+from gateway.sinks.influx import InfluxSink
+from gateway.sinks.influx_writers import InfluxV1Writer, InfluxV2Writer, Writer
 from gateway.sources.mqtt import MqttSource
 from gateway.sources.serial import SerialSettings, SerialSources
-from gateway.systemd import Notifier
 
 log = logging.getLogger(__name__)
 
-
-class TokenBucket:
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst, self.tokens, self.at = rate, burst, burst, time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
+STATUS_TOPIC = "gateway/status"
+TRIM_EVERY = 30.0  # seconds between trims of the log (more often when over its budget)
 
 
 def make_writer(cfg: InfluxConfig) -> Writer:
@@ -85,101 +86,186 @@ def load_content_filter(cfg: Config) -> TextScorer | None:
                              block_threshold=cfg.content.block_threshold or None)
 
 
+def mqtt_settings(cfg: Config) -> Settings:
+    m = cfg.mqtt
+    host, _, port = m.broker.rpartition(":")
+    if m.password and not m.tls and host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("mqtt.password is sent to %s without TLS: set mqtt.tls", m.broker)
+    return Settings(host=host, port=int(port), client_id=m.client_id, protocol=m.protocol, username=m.username,
+                    password=m.password, keepalive=m.keepalive, session_expiry=m.session_expiry,
+                    receive_maximum=m.max_inflight, tls=tls_context(m), reconnect_min=m.reconnect_min,
+                    reconnect_max=m.reconnect_max, status_topic=STATUS_TOPIC,
+                    subscriptions=(m.telemetry_topic, m.follows_topic, "users/+/posts", "users/+/interactions"))
+
+
 class Gateway:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.metrics = Metrics()
         data = Path(cfg.storage.data_dir)
         data.mkdir(parents=True, exist_ok=True)
-        # One thread owns the ingest log (appends, reads, commits); one the outbox writes; the drainer has its own.
-        self.storage = ThreadPoolExecutor(1, thread_name_prefix="ingest-log")
-        self.outbox_storage = ThreadPoolExecutor(1, thread_name_prefix="outbox")
-        self.log = IngestLog(data / "log.db", cfg.storage.fsync)
+        # One thread writes the log (appends, progress, trims, graph writes); one reads it back for consumers that
+        # are behind; InfluxDB has its writer thread. Nothing else blocks.
+        self.storage = ThreadPoolExecutor(1, thread_name_prefix="log-writer")
+        self.reading = ThreadPoolExecutor(1, thread_name_prefix="log-reader")
+        self.store = LogStore(data / "log.db", cfg.storage.fsync)
+        engagement.create(self.store.connection)
+        self.reader = Reader(LogStore(data / "log.db", cfg.storage.fsync, reader=True), self.reading)
         self.graph = FollowerGraph(data / "graph.db")
-        self.outbox = Outbox(data / "outbox.db", cfg.influx.outbox_max_bytes,
-                             synchronous="normal" if cfg.storage.fsync == "normal" else "full")
-        self.drainer: Drainer | None = None
+        self._finish_upgrade(data)
+        self.graph_writer = GraphWriter(self.graph, self.storage)
+        self.profiles = ProfileIndex(load_dir(cfg.profiles_path()))
+        self.filters = Filters(load_detector(cfg), load_content_filter(cfg), self.metrics)
         self.failed = False
         self.health_address: str | None = None
         self.notifier = Notifier()
-        if cfg.influx.api != "none":
-            self.drainer = Drainer(self.outbox, make_writer(cfg.influx), flush_interval=cfg.influx.flush_interval)
-        self.profiles = ProfileIndex(load_dir(cfg.profiles_path()))
-        self.detector = load_detector(cfg)
-        self.content = load_content_filter(cfg)
-        self.engagement = Engagement(self.log.connection)
-        self._deadletter_bucket = TokenBucket(cfg.limits.deadletter_per_second, cfg.limits.deadletter_per_second)
+        self._deadletter_bucket = TokenBucket(cfg.limits.deadletter_per_second)
         self._log_bytes = 0
-        self.ingestor: Ingestor
-        self.link: MqttLink
-        self.pipeline: Pipeline
+        self.consumers: list[Consumer] = []
+        self.influx: InfluxSink | None = None
         self.serial: SerialSources | None = None
+        self._build()
+
+    # --- wiring ----------------------------------------------------------------------------------------------------
+
+    def _finish_upgrade(self, data: Path) -> None:
+        """What converting a log of the earlier layout (gateway/log/migrate.py) leaves to do with the rest of the
+        gateway at hand: posts and interactions the old pipeline had not applied yet, and an old outbox file."""
+        after = self.store.meta(ENGAGEMENT_AFTER)
+        if after is not None:
+            pending = [e for e in self.store.read(after, 10_000_000) if engagement.is_social(e)]
+            hook = Engagement(self.graph.followers).hook(pending)
+            self.store.commit_progress({}, [hook] if hook is not None else [])
+            self.store.connection.execute("DELETE FROM meta WHERE key = ?", (ENGAGEMENT_AFTER,))
+            log.info("upgrade: applied %d posts and interactions logged before the upgrade", len(pending))
+        self._legacy_outbox = data / "outbox.db" if (data / "outbox.db").exists() else None
+
+    async def _drain_legacy_outbox(self) -> None:
+        """Points the earlier gateway's outbox still held (for events no longer in the log, say): written once,
+        then the file is renamed so it is never written twice."""
+        path = self._legacy_outbox
+        if path is None:
+            return
+        if self.influx is None:
+            log.warning("%s holds points of an earlier version; they stay there (influx.api is none)", path)
+            return
+        db = sqlite3.connect(path)
+        rows = db.execute("SELECT body, points FROM batches ORDER BY id").fetchall()
+        db.close()
+        if rows:
+            await asyncio.gather(*(self.influx.put(bytes(body), int(points)) for body, points in rows))
+        path.rename(path.with_name("outbox.db.written"))
+        log.info("upgrade: wrote the %d batches left in the old outbox; renamed it to outbox.db.written", len(rows))
+
+    def _build(self) -> None:
+        cfg, m = self.cfg, self.metrics
+        keys = RecentKeys(recent=4 * cfg.mqtt.max_inflight)
+        for source, key in self.store.tail_keys(4 * cfg.mqtt.max_inflight):
+            keys.add(source, key)
+        self.appender = Appender(
+            self.store, self.storage, m, next_offset=self.store.last_offset() + 1, keys=keys,
+            commit_window=cfg.storage.commit_window_ms / 1000, batch_max=cfg.storage.batch_max,
+            max_pending=cfg.mqtt.max_inflight, score=self.filters.score, hook=Engagement(self.graph.followers).hook,
+            over_budget=self._log_over_budget, on_deadletters=self._publish_deadletters)
+        self.source = MqttSource(self.appender, self._follow, self.profiles, cfg.limits, m, cfg.social)
+        self.client = MqttClient(mqtt_settings(cfg), self.source.take)
+        self.source.attach(self.client)
+
+        committed = self.store.progress()
+        log_end = lambda: self.appender.last_offset  # noqa: E731 - read on every catch-up check
+
+        def consumer(sink: Any, **kw: Any) -> Consumer:
+            c = Consumer(sink, self.reader, log_end, committed.get(sink.name, 0), m,
+                         batch_max=cfg.pipeline.batch_max, **kw)
+            self.appender.listen(c.offer)
+            self.appender.track(c)
+            self.consumers.append(c)
+            return c
+
+        reader = self.reader
+        self.feeds = consumer(FeedsSink(self.client, self.graph.followers,
+                                        lambda events: reader.run(engagement.plan, events), m,
+                                        qos=cfg.pipeline.feed_qos,
+                                        micros_per_impression=cfg.social.micros_per_impression))
+        put_points = None
+        if cfg.influx.api != "none":
+            self.influx = InfluxSink(make_writer(cfg.influx), m, flush_interval=cfg.influx.flush_interval,
+                                     on_rejected=self._influx_rejected)
+            self.influx_consumer = consumer(self.influx)
+            put_points = self.influx.put_points
+        self.stats = consumer(
+            StatsSink(self.client, lambda ids: reader.run(engagement.counts, ids), put_points or (lambda p: True),
+                      cfg.social.stats_interval_ms / 1000, m),
+            accept=engagement.is_social, gate=lambda: self.feeds.committed_offset)
+        self.feeds.on_committed = lambda _offset: self.stats.gate_moved()
+        self.stats.on_gated = self.appender.request_progress
+
+        if cfg.serial.ports:
+            sc = cfg.serial
+            self.serial = SerialSources(
+                sc.ports, self.appender, load_dir(cfg.profiles_path()),
+                SerialSettings(sc.baud, sc.profile, sc.reopen_min, sc.reopen_max, sc.rescan_interval,
+                               sc.max_queued_frames, cfg.limits.max_fields, sc.noise_deadletters_per_second), m)
+            serial = self.serial
+            m.gauge("serial_connected", lambda: serial.connected())
+
+        client, appender = self.client, self.appender
+        m.gauge("mqtt_connected", lambda: float(client.connected.is_set()))
+        m.gauge("mqtt_connects", lambda: client.stats.connects)
+        m.gauge("mqtt_disconnects", lambda: client.stats.disconnects)
+        m.gauge("mqtt_connect_failures", lambda: client.stats.connect_failures)
+        m.gauge("mqtt_in_flight", lambda: client.in_flight)
+        m.gauge("mqtt_resent", lambda: client.stats.resent)
+        m.gauge("log_pending", lambda: appender.pending)
+        m.gauge("log_pending_peak", lambda: appender.pending_peak)
+        m.gauge("log_bytes", lambda: self._log_bytes)
+        m.gauge("log_offset", lambda: appender.last_offset)
+        m.gauge("committed", lambda: self.feeds.done_events)
+        m.gauge("graph_edges", self.graph.edges)
+        for c in self.consumers:
+            m.gauge(f"{c.name}_lag", functools.partial(lambda c: c.lag, c))
+        m.gauge("log_lag", lambda: max(c.lag for c in self.consumers))
+        if self.influx is not None:
+            influx = self.influx
+            m.gauge("written", lambda: influx.stats().written)
+            m.gauge("retried", lambda: influx.stats().retried)
+            m.gauge("write_dropped", lambda: influx.stats().dropped)
+            m.gauge("influx_buffered", lambda: influx.stats().buffered)
+
+    async def _follow(self, requests: list[FollowRequest]) -> None:
+        await self.graph_writer.submit([Change(r.action, r.follower, r.source) for r in requests])
 
     def _log_over_budget(self) -> bool:
         return self._log_bytes >= self.cfg.storage.max_log_bytes
 
     def _publish_deadletters(self, letters: list[DeadLetter]) -> None:
         for letter in letters:
-            if self.link.connected.is_set() and self._deadletter_bucket.take():
-                self.link.try_publish(DEADLETTER_TOPIC, json.dumps(letter.as_dict()).encode(), qos=0)
+            if self.client.connected.is_set() and self._deadletter_bucket.take():
+                self.client.publish(DEADLETTER_TOPIC.encode(), json.dumps(letter.as_dict()).encode(), qos=0)
                 self.metrics.inc("deadletters_published")
             else:
                 self.metrics.inc("deadletters_suppressed")
 
-    def _build(self) -> None:
-        cfg = self.cfg
-        self.ingestor = Ingestor(self.log, self.storage, self.metrics, batch_max=cfg.storage.batch_max,
-                                 max_pending=cfg.mqtt.max_inflight, on_deadletters=self._publish_deadletters,
-                                 over_budget=self._log_over_budget,
-                                 on_committed=lambda tokens: self.link.puback(tokens))
-        source = MqttSource(self.ingestor, self.graph, self.storage, self.profiles, cfg.limits, self.metrics,
-                            cfg.social)
-        self.link = MqttLink(cfg.mqtt, self.metrics, source.handle,
-                             [cfg.mqtt.telemetry_topic, cfg.mqtt.follows_topic, "users/+/posts",
-                              "users/+/interactions"], take=source.take, read_gate=self.ingestor)
-        link = self.link
-        self.stats = StatsPublisher(self.engagement, self.storage,
-                                    lambda topic, body: link.publish(topic, body, qos=1, retain=True),
-                                    self.outbox.put, self.outbox_storage, cfg.social.stats_interval_ms / 1000,
-                                    self.metrics)
-        self.pipeline = Pipeline(cfg, self.log, self.storage, self.outbox, self.outbox_storage, self.graph,
-                                 self.link, self.detector, self.ingestor, self.metrics, content=self.content,
-                                 engagement=self.engagement, on_changed=self.stats.mark)
-        m = self.metrics
-        m.gauge("ingest_pending", lambda: self.ingestor.pending)
-        m.gauge("ingest_pending_peak", lambda: self.ingestor.pending_peak)
-        m.gauge("mqtt_in_flight", lambda: self.link.tracker.in_flight)
-        m.gauge("mqtt_connected", lambda: float(self.link.connected.is_set()))
-        m.gauge("outbox_points", lambda: self.outbox.backlog()[1])
-        m.gauge("outbox_bytes", lambda: self.outbox.backlog()[2])
-        m.gauge("log_bytes", lambda: self._log_bytes)
-        m.gauge("graph_edges", self.graph.edges)
-        if cfg.serial.ports:
-            sc = cfg.serial
-            self.serial = SerialSources(
-                sc.ports, self.ingestor, load_dir(cfg.profiles_path()),
-                SerialSettings(sc.baud, sc.profile, sc.reopen_min, sc.reopen_max, sc.rescan_interval,
-                               sc.max_queued_frames, cfg.limits.max_fields, sc.noise_deadletters_per_second),
-                self.metrics)
-            serial = self.serial
-            m.gauge("serial_connected", lambda: serial.connected())
-        if self.drainer is not None:
-            drainer = self.drainer
-            m.gauge("written", lambda: drainer.stats().written_points)
-            m.gauge("retried", lambda: drainer.stats().retried)
-            m.gauge("write_dropped", lambda: drainer.stats().dead_points)
+    def _influx_rejected(self, body: bytes, points: int, reason: str) -> None:
+        """InfluxDB refused points for what they are: kept as a dead letter, like any other bad input."""
+        self.appender.submit([dead(f"influx:{self.cfg.influx.database}", "influx_rejected",
+                                   f"{points} points: {reason}"[:300], body)])
+
+    # --- running ---------------------------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event, deadline: float = 20.0) -> None:
-        loop = asyncio.get_running_loop()
-        self._build()
-        self.ingestor.start()
-        if self.drainer is not None:
-            self.drainer.start()
-        pipeline = asyncio.create_task(self.pipeline.run(), name="pipeline")
-        housekeeping = asyncio.create_task(self._housekeeping(), name="housekeeping")
-        stats = asyncio.create_task(self.stats.run(), name="stats")
-        for task in (self.ingestor.task, pipeline, housekeeping, stats):
+        if self.influx is not None:
+            self.influx.start()
+        tasks = [asyncio.create_task(c.run(), name=f"consumer {c.name}") for c in self.consumers]
+        self.appender.start()
+        tasks.append(self.appender.task)
+        tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        for task in tasks:
             task.add_done_callback(functools.partial(self._supervise, stop))
+        upgrade = asyncio.create_task(self._drain_legacy_outbox(), name="upgrade: old outbox")
+        upgrade.add_done_callback(lambda t: t.cancelled() or t.exception() is None or log.error(
+            "upgrade: the old outbox could not be written (%r); it stays for the next start", t.exception()))
+        tasks.append(upgrade)
         health = None
         if self.cfg.health.listen:
             health = HealthServer(self.cfg.health.listen, self.status, self._problem)
@@ -192,38 +278,34 @@ class Gateway:
         # Ready once the local stages run: the broker may be down at boot, and the gateway's job then is to keep
         # trying (STATUS says so), not to be killed by systemd's start timeout.
         self.notifier.ready(f"connecting to {self.cfg.mqtt.broker}")
-        await self.link.connect()
-        if self.serial is not None:  # after the MQTT link, like the MQTT source: the stages behind it are running
+        link = asyncio.create_task(self.client.run(), name="mqtt")
+        if self.serial is not None:
             self.serial.start()
-        log.info("gateway running: broker %s, data %s, influx %s", self.cfg.mqtt.broker,
-                 self.cfg.storage.data_dir, self.cfg.influx.api)
+        log.info("gateway running: broker %s, data %s, influx %s, log at offset %d", self.cfg.mqtt.broker,
+                 self.cfg.storage.data_dir, self.cfg.influx.api, self.appender.last_offset)
         await stop.wait()
         log.info("shutting down (deadline %.0fs)", deadline)
         self.notifier.stopping()
         try:
-            await asyncio.wait_for(self._shutdown(pipeline), deadline * 0.8)
+            await asyncio.wait_for(self._shutdown(), deadline * 0.8)
         except (asyncio.TimeoutError, TimeoutError):
-            log.error("shutdown deadline passed; cancelling. Everything acknowledged is in the log; events after "
-                      "offset %d will be processed again on the next start (duplicates are possible)",
-                      self.pipeline.committed)
-            pipeline.cancel()
-        housekeeping.cancel()
-        stats.cancel()
+            log.error("shutdown deadline passed; cancelling. Everything acknowledged is in the log; each output "
+                      "resumes at its committed offset on the next start (duplicates are possible)")
+        for task in tasks:
+            task.cancel()
         if health is not None:
             await health.close()
-        if self.link.client.is_connected:  # the deadline passed before the orderly disconnect
-            await self.link.close()
-        await self._write_metrics_point(loop)
+        if not link.done():
+            await self.client.close(timeout=max(1.0, deadline * 0.1))
+            link.cancel()
         self._write_status()  # the final word: what was appended and committed when we stopped
-        if self.drainer is not None:
-            budget = max(1.0, deadline * 0.15)
-            await loop.run_in_executor(None, self.drainer.flush, budget / 2)  # the points of the last moments too
-            await loop.run_in_executor(None, self.drainer.stop, budget / 2)
-        self.storage.submit(self.log.close).result()
-        self.outbox_storage.submit(self.outbox.close).result()
+        if self.influx is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.influx.stop, 2.0)
+        self.storage.submit(self.store.close).result()
+        self.reading.submit(self.reader.close).result()
         self.graph.close()
         self.storage.shutdown()
-        self.outbox_storage.shutdown()
+        self.reading.shutdown()
         self.notifier.close()
 
     def _supervise(self, stop: asyncio.Event, task: asyncio.Task[None]) -> None:
@@ -236,18 +318,21 @@ class Gateway:
         self.failed = True
         stop.set()
 
-    async def _shutdown(self, pipeline: asyncio.Task[None]) -> None:
+    async def _shutdown(self) -> None:
         if self.serial is not None:
             await self.serial.close()  # first: no new frames; what is not yet ACKed, the devices resend
-        # Stop logging new MQTT messages but stay connected: what is logged still has to be delivered, and the
+        # The log stops taking input but the connection stays: what is logged still has to be delivered, and the
         # broker keeps every message we have not acknowledged for our session.
-        self.ingestor.stop_accepting()
-        await self.ingestor.close()
-        self.pipeline.drain()
-        if not pipeline.done():  # a pipeline that died is reported by _supervise; there is nothing to drain
-            await pipeline
-        await self.stats.flush(asyncio.get_running_loop())
-        await self.link.close()
+        self.appender.stop_accepting()
+        await self.appender.close()
+        if self.influx is not None:
+            self.influx.hurry()
+        await asyncio.gather(*(c.drain() for c in self.consumers))
+        await self.appender.commit_progress()
+        self._write_metrics_point()  # the last word of the self-metrics: what was done when we stopped
+        if self.influx is not None:
+            await self.influx.flush(timeout=2.0)
+        await self.client.close()
 
     async def _housekeeping(self) -> None:
         loop = asyncio.get_running_loop()
@@ -256,29 +341,39 @@ class Gateway:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             try:
-                self._log_bytes = await loop.run_in_executor(self.storage, self.log.size_bytes)
-                await loop.run_in_executor(self.storage, self.graph.refresh_if_changed)
                 self._write_status()
+                # On the reader's thread: the writer's may be busy with a slow disk, and the budget must be known.
+                self._log_bytes = await loop.run_in_executor(self.reading, self.reader.size_bytes)
+                await loop.run_in_executor(self.storage, self.graph.refresh_if_changed)
                 if now - last_metrics >= self.cfg.influx.metrics_interval:
                     last_metrics = now
-                    await self._write_metrics_point(loop)
-                if now - last_trim >= 60:
+                    self._write_metrics_point()
+                if now - last_trim >= TRIM_EVERY or self._log_over_budget():
                     last_trim = now
-                    cutoff = int(time.time() * 1000 - self.cfg.storage.retention_hours * 3_600_000)
-                    await loop.run_in_executor(self.storage, self.log.trim, cutoff)
+                    await self._trim(loop)
             except (sqlite3.Error, OSError) as exc:  # a full disk: say so, keep going, try again next second
                 self.metrics.inc("storage_errors")
                 log.error("housekeeping: %s", exc)
             self._notify_systemd()
 
+    async def _trim(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Keep the log back to the slowest consumer; within that, `retention_hours`, or less when over budget."""
+        upto = min(c.committed_offset for c in self.consumers)
+        over = self._log_over_budget()
+        cutoff = None if over else int(time.time() * 1000 - self.cfg.storage.retention_hours * 3_600_000)
+        gone = await loop.run_in_executor(self.storage, functools.partial(self.store.trim, upto, cutoff,
+                                                                          shrink=over))
+        if gone:
+            log.debug("trimmed %d events up to offset %d", gone, upto)
+
     def _notify_systemd(self) -> None:
         """Status text every second, and the watchdog keep-alive: sent from here because this loop needs both the
-        event loop and the storage thread to make progress, so a hung loop or a hung disk stops the keep-alives and
+        event loop and the log's thread to make progress, so a hung loop or a hung disk stops the keep-alives and
         systemd restarts the daemon. A broker or database outage does not: restarting cannot cure those."""
         if not self.notifier.enabled:
             return
         problem = self._problem()
-        text = f"committed offset {self.pipeline.committed}; " + (problem or "healthy")
+        text = f"log offset {self.appender.last_offset}; " + (problem or "healthy")
         if self.notifier.watchdog_seconds is not None:
             self.notifier.send("WATCHDOG=1", f"STATUS={text}")
         else:
@@ -289,8 +384,10 @@ class Gateway:
             "pid": os.getpid(),
             "time": time.time(),
             "broker": self.cfg.mqtt.broker,
-            "mqtt_connected": self.link.connected.is_set(),
-            "committed_offset": self.pipeline.committed,
+            "mqtt_connected": self.client.connected.is_set(),
+            "log_offset": self.appender.last_offset,
+            "consumers": {c.name: {"done": c.done, "committed": c.committed_offset, "lag": c.lag,
+                                   "reading_back": c.behind} for c in self.consumers},
             "health_endpoint": self.health_address,
             "healthy": self._problem() is None,
             "problem": self._problem(),
@@ -300,12 +397,10 @@ class Gateway:
 
     def _problem(self) -> str | None:
         """Why the gateway is not healthy, or None."""
-        if not self.link.connected.is_set():
+        if not self.client.connected.is_set():
             return "not connected to the MQTT broker"
         if self._log_over_budget():
-            return "ingest log disk budget reached: not acknowledging new events"
-        if self.outbox.over_budget():
-            return "InfluxDB outbox over its disk budget: pipeline held"
+            return "log disk budget reached: not acknowledging new events"
         return None
 
     def _write_status(self) -> None:
@@ -315,12 +410,12 @@ class Gateway:
         tmp.write_text(json.dumps(self.status(), indent=1, sort_keys=True))
         os.replace(tmp, path)
 
-    async def _write_metrics_point(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _write_metrics_point(self) -> None:
+        if self.influx is None:
+            return
         snap = self.metrics.snapshot()
-        point = Point("gateway", (("gateway", self.cfg.mqtt.client_id),), tuple(sorted(snap.items())),
-                      time.time_ns())
-        await loop.run_in_executor(self.outbox_storage, self.outbox.put, encode([point]), 1)
-        log.debug("metrics %s", snap)
+        self.influx.put_points([Point("gateway", (("gateway", self.cfg.mqtt.client_id),),
+                                      tuple(sorted(snap.items())), time.time_ns())])
 
 
 def _quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
@@ -335,12 +430,13 @@ def run(cfg: Config) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.set_exception_handler(_quiet_cancellations)
         gateway = Gateway(cfg)
         await gateway.run(stop)
         if gateway.failed:
             raise SystemExit(1)
-        # Handlers of messages that arrived during shutdown never returned (so were never acknowledged); the
-        # loop cancels them on exit and gmqtt's done-callback would report each cancellation as an error.
-        loop.set_exception_handler(_quiet_cancellations)
 
     asyncio.run(main())
+
+
+__all__: Sequence[str] = ["Gateway", "run"]

@@ -118,6 +118,21 @@ def mosquitto(base: Path) -> Server:
     return Server("mosquitto", [exe, "-c", str(conf)], port, data, data / "mosquitto.log", env=dict(os.environ))
 
 
+def stock_mosquitto(base: Path) -> Server:
+    """mosquitto as many users already run it: its defaults for flow control (20 QoS 1 messages in flight per
+    client) and Nagle's algorithm left on; only the loopback listener, anonymous access and an unlimited queue (so a
+    lost message is the gateway's fault, not a queue limit's) are set."""
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = free_port()
+    data = base / "stock-mosquitto"
+    data.mkdir(parents=True, exist_ok=True)
+    conf = data / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    "max_queued_messages 0\nmax_queued_bytes 0\nlog_dest stderr\nlog_type error\n"
+                    "log_type warning\n" + ("user root\n" if os.geteuid() == 0 else ""))
+    return Server("mosquitto-stock", [exe, "-c", str(conf)], port, data, data / "mosquitto.log", env=dict(os.environ))
+
+
 def mosquitto_production_conf_for_test(tls_port: int, plain_port: int, data_dir: Path, password_file: Path,
                                        certs: Path) -> str:
     """deploy/mosquitto-production.conf with only its ports, persistence folder and file paths changed.

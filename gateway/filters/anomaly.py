@@ -182,7 +182,7 @@ class AnomalyDetector:
                 label = WARMING if warming[i] else NORMAL
                 verdicts.append(Verdict(self.name, self.version, 0.0, label, False))
                 continue
-            score = scores[i]
+            score = round(scores[i], 6)
             if i in flagged_fields:
                 assert row_label is not None
                 verdicts.append(Verdict(self.name, self.version, score, self.classes[row_label[best]], True,

@@ -25,12 +25,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from gateway.event import Verdict
+from gateway.event import BLOCKED, Verdict
 from gateway.filters.onnx_session import open_session
 
 CLEAN = "clean"
 SENSITIVE = "sensitive"
-BLOCKED = "blocked"
 
 # Texts are cut to this many characters (code points) before and after normalising. Posts are short; the longest
 # training comments (Jigsaw) reach 5,000 characters, their 95th percentile is about 1,300. Cutting first bounds the
@@ -142,7 +141,7 @@ class ContentClassifier:
         out: list[Verdict] = []
         for s in self.scores(texts).tolist():
             label = self.label(s)
-            out.append(Verdict(self.name, self.version, s, label, label != CLEAN))
+            out.append(Verdict(self.name, self.version, round(s, 6), label, label != CLEAN))
         return out
 
 

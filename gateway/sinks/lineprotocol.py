@@ -27,21 +27,14 @@ import functools
 import math
 import numbers
 import re
-from dataclasses import dataclass
 from typing import Iterable
+
+from gateway.event import Point
 
 FieldValue = float | int | bool | str
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
-
-
-@dataclass(frozen=True, slots=True)
-class Point:
-    measurement: str
-    tags: tuple[tuple[str, str], ...]
-    fields: tuple[tuple[str, FieldValue], ...]
-    ts_ns: int
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -124,19 +117,25 @@ def _head(measurement: str, tags: tuple[tuple[str, str], ...]) -> str:
 
 def encode_point(point: Point) -> str | None:
     """One line without the newline, or None when the point has nothing writable."""
-    head = _head(point.measurement, point.tags)
+    return encode_line(point.measurement, point.tags, point.fields, point.ts_ns)
+
+
+def encode_line(measurement: str, tags: tuple[tuple[str, str], ...], fields: Iterable[tuple[str, FieldValue]],
+                ts_ns: int) -> str | None:
+    """`encode_point` from the parts, for a caller that has them at hand (no Point made per line)."""
+    head = _head(measurement, tags)
     if not head:
         return None
-    fields: dict[str, str] = {}  # later duplicates win, as in a dict
-    for key, value in point.fields:
+    out: dict[str, str] = {}  # later duplicates win, as in a dict
+    for key, value in fields:
         k = _key(key, "field")
         text = format_value(value)
         if k and text is not None:
-            fields[k] = text
-    if not fields:
+            out[k] = text
+    if not out:
         return None
-    body = ",".join([f"{k}={v}" for k, v in fields.items()])
-    return f"{head} {body} {int(point.ts_ns)}"
+    body = ",".join([f"{k}={v}" for k, v in out.items()])
+    return f"{head} {body} {int(ts_ns)}"
 
 
 def encode(points: Iterable[Point]) -> bytes:

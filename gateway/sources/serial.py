@@ -1,7 +1,7 @@
 """Serial source: devices speaking the framed protocol of docs/serial-protocol.md on serial ports.
 
     port (pyserial, non-blocking fd, loop.add_reader) ─▶ FrameDecoder ─▶ frames of one read, as a batch
-        DATA  ─▶ profile + from_mapping ─▶ ingestor.append ... all appends of the batch ─▶ one write of their ACKs
+        DATA  ─▶ profile + from_mapping ─▶ one group for the log ... committed ─▶ one write of their ACKs
         bad   ─▶ counted; NACK when the damaged frame still names its device and seq; a sample dead-lettered
 
 Three layers, each small:
@@ -11,12 +11,12 @@ Three layers, each small:
   reports HUP and reads EOF/EIO) with jittered, capped exponential backoff, and turns frames into log appends.
 - `SerialSources` owns every configured path and glob; globs are rescanned so a newly plugged adapter is opened.
 
-Acknowledged means logged, as for MQTT: a DATA frame's ACK is written only after `ingestor.append` returned (the
-event is durably in the log, or was already there: a retransmission is recognised by the log's (source, dedup) index
-and acknowledged again). Backpressure follows from that and from a bounded read-ahead: while appends wait (the
-ingestor is saturated or the log is over its disk budget) no ACK goes out, and once `max_queued_frames` frames are
-waiting the fd is taken off the event loop, so the kernel buffer fills and the device's own writes stop. The device
-keeps its data; nothing is dropped here.
+Acknowledged means logged, as for MQTT: a DATA frame's ACK is written only after the log committed its group (the
+event is durably in the log, or was already there: a retransmission is recognised by its (device, seq, ts) and
+acknowledged again). Backpressure follows from that and from a bounded read-ahead: while commits wait (the log is
+saturated or over its disk budget) no ACK goes out, and once `max_queued_frames` frames are waiting the fd is taken
+off the event loop, so the kernel buffer fills and the device's own writes stop. The device keeps its data; nothing
+is dropped here.
 
 Frames that did not decode are line noise as far as the gateway can tell: every one is counted, NACKed when it still
 names a device and seq, and a few per second are dead-lettered so an operator can see what the line carries. A
@@ -30,11 +30,10 @@ import asyncio
 import glob
 import logging
 import os
-import random
 import termios
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Protocol, Sequence
 
 import serial  # pyserial
 
@@ -42,11 +41,10 @@ from devices import serial_frame as sf
 from devices.profiles import DeviceProfile, ProfileIndex
 from devices.serial_frame import Frame, FrameDecoder, FrameError, FrameType, NackReason
 from devices.telemetry import TelemetryError, from_mapping
-from gateway.event import KIND_TELEMETRY, Ingested, new_event_id
-from gateway.graph import ID
-from gateway.ingest import Ingestor
-from gateway.ingest_log import DeadLetter
-from gateway.metrics import Metrics
+from gateway.backoff import Backoff
+from gateway.event import ID, KIND_TELEMETRY, DeadLetter, Ingested, compact_json
+from gateway.ops.metrics import Metrics
+from gateway.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -117,28 +115,22 @@ class SerialPort:
             pass
 
 
-class _Bucket:
-    def __init__(self, rate: float) -> None:
-        self.rate, self.tokens, self.at = rate, max(1.0, rate), time.monotonic()
+class Sink(Protocol):
+    """Where records go (the log's appender)."""
 
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(max(1.0, self.rate), self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
+    def submit(self, records: Sequence[Ingested | DeadLetter], done: Callable[[], None] | None = None) -> None: ...
+
+    async def room(self) -> None: ...
 
 
 class SerialSource:
     """Keeps one path open and turns its frames into appends. `run()` until `close()`."""
 
-    def __init__(self, path: str, ingestor: Ingestor, profiles: Sequence[DeviceProfile], settings: SerialSettings,
+    def __init__(self, path: str, sink: Sink, profiles: Sequence[DeviceProfile], settings: SerialSettings,
                  metrics: Metrics, *, forget_when_gone: bool = False) -> None:
         self.path = path
         self.origin = f"serial:{path}"
-        self._ingestor = ingestor
+        self._sink = sink
         self._by_name = {p.name: p for p in profiles}
         self._by_id = ProfileIndex(list(profiles))
         self._settings = settings
@@ -146,7 +138,7 @@ class SerialSource:
         self._forget_when_gone = forget_when_gone  # found by a glob: when the file is gone, stop; a rescan finds it
         self._closing = False
         self._task: asyncio.Task[None] | None = None
-        self._noise = _Bucket(settings.noise_deadletters_per_second)
+        self._noise = TokenBucket(settings.noise_deadletters_per_second)
         self.connected = False
         # Per connection:
         self._port: SerialPort | None = None
@@ -182,20 +174,18 @@ class SerialSource:
                 pass
 
     async def run(self) -> None:
-        failures = 0
+        retry = Backoff(self._settings.reopen_min, self._settings.reopen_max)
         while not self._closing:
             try:
                 port = SerialPort(self.path, self._settings.baud)
             except (OSError, serial.SerialException, termios.error) as exc:
                 if self._forget_when_gone and not os.path.exists(self.path):
                     return
-                failures += 1
-                delay = backoff(failures, self._settings.reopen_min, self._settings.reopen_max)
-                if failures == 1:
+                if not retry.failing:
                     log.warning("serial %s: cannot open (%s); retrying with backoff", self.path, exc)
-                await self._sleep(delay)
+                await self._sleep(retry.next_delay())
                 continue
-            failures = 0
+            retry.reset()
             self._metrics.inc("serial_connects")
             log.info("serial %s: connected at %d baud", self.path, self._settings.baud)
             try:
@@ -207,7 +197,7 @@ class SerialSource:
                 self._metrics.inc("serial_disconnects")
                 log.warning("serial %s: disconnected (%s); reopening", self.path, self._gone)
                 # A first short pause: a replugged adapter or recreated pty is usually back within it.
-                await self._sleep(backoff(1, self._settings.reopen_min, self._settings.reopen_max))
+                await self._sleep(Backoff(self._settings.reopen_min, self._settings.reopen_max).next_delay())
 
     async def _sleep(self, seconds: float) -> None:
         self._wake.clear()
@@ -298,9 +288,11 @@ class SerialSource:
         if replies:
             self._send(replies)
         if appends or dead:
-            # One coroutine per frame of this read, all joining the ingestor's open batch: one commit, one wake-up.
-            await asyncio.gather(*(self._ingestor.append(i) for i in appends),
-                                 *(self._ingestor.dead_letter(d) for d in dead))
+            # The frames of this read are one group for the log: one commit, one wake-up, then their ACKs.
+            await self._sink.room()
+            committed = asyncio.get_running_loop().create_future()
+            self._sink.submit([*appends, *dead], lambda: committed.done() or committed.set_result(None))
+            await committed
         if acks and self._gone is None:
             self._send(acks)
 
@@ -327,14 +319,9 @@ class SerialSource:
             return
         # Exactly the record the MQTT source builds for the same reading, dedup key included, so followers,
         # dashboards and the log's duplicate detection cannot tell the transports apart.
-        appends.append(Ingested(
-            id=new_event_id(now_ms),
-            source=f"devices/{device_id}",
-            kind=KIND_TELEMETRY,
-            ts_ms=t.ts_ms if t.ts_ms is not None else now_ms,
-            payload=t.as_payload(),
-            dedup_key=f"{t.seq}@{t.ts_ms}",
-        ))
+        payload = t.as_payload()
+        appends.append(Ingested(f"devices/{device_id}", KIND_TELEMETRY, t.ts_ms if t.ts_ms is not None else now_ms,
+                                payload, compact_json(payload), f"{t.seq}@{t.ts_ms}"))
         acks.append(sf.ack(device_id, frame.seq))
 
     def _profile(self, device_id: str) -> DeviceProfile | None:
@@ -408,20 +395,14 @@ class SerialSource:
             loop.remove_writer(port.fd)
 
 
-def backoff(failures: int, base: float, cap: float) -> float:
-    """Capped exponential backoff with jitter: between base/2 and min(cap, base * 2^(failures-1))."""
-    top = min(cap, base * 2 ** min(failures - 1, 30))
-    return random.uniform(min(base / 2, top), top)
-
-
 class SerialSources:
     """Every configured serial path and glob. Plain paths are kept open (reopened while missing); globs are
     rescanned every `rescan_interval` seconds and each new match gets its own SerialSource."""
 
-    def __init__(self, patterns: Sequence[str], ingestor: Ingestor, profiles: Sequence[DeviceProfile],
+    def __init__(self, patterns: Sequence[str], sink: Sink, profiles: Sequence[DeviceProfile],
                  settings: SerialSettings, metrics: Metrics) -> None:
         self._patterns = list(patterns)
-        self._ingestor = ingestor
+        self._sink = sink
         self._profiles = list(profiles)
         self._settings = settings
         self._metrics = metrics
@@ -444,7 +425,7 @@ class SerialSources:
                 current = self.sources.get(path)
                 if current is not None and not current.done:
                     continue
-                source = SerialSource(path, self._ingestor, self._profiles, self._settings, self._metrics,
+                source = SerialSource(path, self._sink, self._profiles, self._settings, self._metrics,
                                       forget_when_gone=is_glob)
                 self.sources[path] = source
                 source.start()
@@ -463,4 +444,4 @@ class SerialSources:
         await asyncio.gather(*(s.close() for s in self.sources.values()))
 
 
-__all__ = ["SerialPort", "SerialSettings", "SerialSource", "SerialSources", "PortGone", "backoff"]
+__all__ = ["SerialPort", "SerialSettings", "SerialSource", "SerialSources", "PortGone"]

@@ -1,5 +1,5 @@
 """Telemetry reaches InfluxDB from the real gateway: v1 into InfluxDB 1.x, v2 (influxdb-client) into
-victoria-metrics, and through the durable outbox across a database outage."""
+victoria-metrics, and across a database outage (the readings wait in the log)."""
 
 from __future__ import annotations
 
@@ -91,14 +91,15 @@ def test_v2_through_influxdb_client_into_victoria_metrics(mosquitto, victoria_me
     assert {ts for _, ts, _ in samples} == {BASE_TS + s * 1000 for s in range(n)}
 
 
-def test_points_wait_in_the_outbox_while_the_database_is_down_and_drain_once_it_is_back(
+def test_readings_wait_in_the_log_while_the_database_is_down_and_are_written_once_it_is_back(
         mosquitto, private_influxdb, run_gateway):
     db, device = uid("db"), uid("dev")
     private_influxdb.stop()
     gw = run_gateway("--influx-api", "v1", "--influx-url", private_influxdb.url, "--influx-db", db)
     n = 300
     publish_all(mosquitto.address, readings(device, n))
-    status = gw.wait_status(lambda s: s["metrics"]["committed"] >= n and s["metrics"]["outbox_points"] >= n)
+    # Followers get everything meanwhile; the InfluxDB consumer is behind by every reading.
+    status = gw.wait_status(lambda s: s["metrics"]["committed"] >= n and s["metrics"]["influx_lag"] >= n)
     assert status["metrics"]["written"] == 0
     assert status["metrics"]["retried"] >= 1
 
@@ -109,16 +110,69 @@ def test_points_wait_in_the_outbox_while_the_database_is_down_and_drain_once_it_
     assert sorted(r["seq"] for r in rows) == list(range(n))
 
 
-def test_the_outbox_survives_a_gateway_crash_during_an_outage(mosquitto, private_influxdb, run_gateway):
+def test_readings_not_yet_written_survive_a_gateway_crash_during_an_outage(mosquitto, private_influxdb, run_gateway):
     db, device = uid("db"), uid("dev")
     private_influxdb.stop()
     gw = run_gateway("--influx-api", "v1", "--influx-url", private_influxdb.url, "--influx-db", db)
     n = 100
     publish_all(mosquitto.address, readings(device, n))
-    gw.wait_status(lambda s: s["metrics"]["outbox_points"] >= n)
+    gw.wait_status(lambda s: s["metrics"]["influx_lag"] >= n and s["metrics"]["committed"] >= n)
     gw.kill()
     private_influxdb.start()
     gw.start()
     rows = wait_until(lambda: (r := servers.influx_rows(private_influxdb, db, "telemetry", f"device = '{device}'"))
                       and len(r) >= n and r, timeout=60, what="points after restart")
     assert sorted(r["seq"] for r in rows) == list(range(n))  # once each: re-written points are identical
+
+
+def test_a_data_folder_of_the_earlier_version_is_upgraded_without_losing_a_point_or_a_count(
+        mosquitto, influxdb, tmp_path):
+    """The previous layout: events and verdicts in log.db, points still waiting in outbox.db, a post whose like the
+    old pipeline had not applied yet. After the first start every reading is in InfluxDB once, the outbox's points
+    are written and the file set aside, the like is counted, and the gateway goes on from the old offsets."""
+    import sqlite3
+
+    from tests.unit.test_log_store import write_v1_log
+
+    db, data = uid("up"), tmp_path / "gw"
+    data.mkdir()
+    write_v1_log(data / "log.db")  # events 3..12 of devices/d-1 in the log, 8 processed
+    post_id, liker = "0" * 27 + "f", "fan"
+    log = sqlite3.connect(data / "log.db", isolation_level=None)
+    log.execute("INSERT INTO events (id, source, kind, ts_ms, dedup, payload, logged_ms) VALUES (?,?,?,?,?,?,?)",
+                (post_id, "users/author", "post", BASE_TS, "n:1", '{"text":"hello"}', 0))
+    log.execute("INSERT INTO events (id, source, kind, ts_ms, dedup, payload, logged_ms) VALUES (?,?,?,?,?,?,?)",
+                ("0" * 27 + "e", f"users/{liker}", "interaction", BASE_TS, None,
+                 json.dumps({"type": "like", "event_id": post_id}), 0))
+    log.execute("CREATE TABLE posts (event_id TEXT PRIMARY KEY, author TEXT NOT NULL, sponsor TEXT, reply_to TEXT,"
+                " blocked INTEGER NOT NULL, envelope BLOB NOT NULL)")
+    log.execute("INSERT INTO posts VALUES (?, 'author', NULL, NULL, 0, x'7b7d')", (post_id,))  # applied: 13
+    log.execute("UPDATE engagement_progress SET offset = 13")
+    log.close()
+    outbox = sqlite3.connect(data / "outbox.db", isolation_level=None)
+    outbox.execute("CREATE TABLE batches (id INTEGER PRIMARY KEY AUTOINCREMENT, body BLOB NOT NULL,"
+                   " points INTEGER NOT NULL, bytes INTEGER NOT NULL, created_ns INTEGER NOT NULL)")
+    body = f"telemetry,anomaly=false,device=trimmed-dev temperature=1.5,seq=1i {BASE_TS * 1_000_000}\n".encode()
+    outbox.execute("INSERT INTO batches (body, points, bytes, created_ns) VALUES (?, 1, ?, 0)", (body, len(body)))
+    outbox.close()
+
+    gw = GatewayProcess(data, mosquitto.address, "--influx-api", "v1", "--influx-url", influxdb.url,
+                        "--influx-db", db, client_id=uid("up-gw"))
+    try:
+        gw.start()
+        old = wait_until(lambda: (r := servers.influx_rows(influxdb, db, "telemetry", "device = 'd-1'"))
+                         and len(r) >= 10 and r, what="the retained readings in InfluxDB")
+        assert sorted(r["seq"] for r in old) == list(range(3, 13))
+        assert wait_until(lambda: servers.influx_rows(influxdb, db, "telemetry", "device = 'trimmed-dev'"),
+                          what="the old outbox's point")
+        wait_until(lambda: (data / "outbox.db.written").exists(), what="the old outbox set aside")
+        assert not (data / "outbox.db").exists()
+        publish_all(mosquitto.address, [("devices/d-1/telemetry", json.dumps(
+            {"seq": 99, "ts": BASE_TS + 99, "temperature": 1.0}).encode())])
+        status = gw.wait_status(lambda s: s["log_offset"] == 15 and s["consumers"]["influx"]["done"] == 15)
+        assert status["consumers"]["feeds"]["committed"] >= 8
+    finally:
+        gw.terminate()
+    counts = sqlite3.connect(data / "log.db").execute("SELECT likes FROM counts WHERE event_id = ?",
+                                                      (post_id,)).fetchall()
+    assert counts == [(1,)], "the like logged before the upgrade and not yet applied is counted, once"

@@ -271,7 +271,8 @@ def test_the_health_endpoint_answers_on_loopback_and_reports_a_lost_broker(priva
 
 def test_a_queued_backlog_is_drained_with_at_most_max_inflight_messages_waiting_in_memory(mosquitto, tmp_path):
     """mosquitto overruns the receive maximum once acknowledgements flow (docs/ARCHITECTURE.md); the gateway stops
-    reading its socket while the ingestor is full, so what waits in memory stays near the limit anyway."""
+    reading its socket while the log has `max_inflight` records waiting, so what waits in memory stays near the
+    limit anyway."""
     config = tmp_path / "gateway.toml"
     config.write_text("[mqtt]\nmax_inflight = 100\n")
     gw = GatewayProcess(tmp_path / "gw", mosquitto.address, "--influx-api", "none", client_id=uid("gw"),
@@ -286,7 +287,7 @@ def test_a_queued_backlog_is_drained_with_at_most_max_inflight_messages_waiting_
         gw.start()
         status = gw.wait_status(lambda s: s["metrics"]["appended"] >= backlog, timeout=120)
         # One read of the socket (64 KiB, about 800 of these messages) may cross the limit; nothing after it.
-        assert status["metrics"]["ingest_pending_peak"] <= 100 + 1000
+        assert status["metrics"]["log_pending_peak"] <= 100 + 1000
         assert status["metrics"]["appended"] == backlog
     finally:
         gw.kill()

@@ -1,10 +1,11 @@
-"""The InfluxDB sinks against real servers: InfluxDB 1.6 for the v1 path (read back with InfluxQL),
+"""The InfluxDB writers and sink against real servers: InfluxDB 1.6 for the v1 path (read back with InfluxQL),
 victoria-metrics for the v2 path through influxdb-client (read back through /api/v1/export), and a scripted
 stdlib HTTP server for the answers a healthy database never gives (429, 503, 500, slow, dropped connections).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import threading
@@ -17,8 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.outbox import Drainer, Outbox
-from gateway.sinks.influx import (
+from gateway.ops.metrics import Metrics
+from gateway.sinks.influx import InfluxSink
+from gateway.sinks.influx_writers import (
     InfluxV1Writer,
     InfluxV2Writer,
     RejectedWriteError,
@@ -43,6 +45,21 @@ def wait_until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "con
     while not cond():
         assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
         time.sleep(0.02)
+
+
+async def until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
+        await asyncio.sleep(0.02)
+
+
+def sink_of(writer: object, **options: object) -> InfluxSink:
+    """An InfluxDB sink that keeps what the server rejected (the gateway makes dead letters of them)."""
+    sink = InfluxSink(writer, Metrics(), **options)  # type: ignore[arg-type]
+    sink.rejected = []  # type: ignore[attr-defined]
+    sink._on_rejected = lambda body, points, reason: sink.rejected.append((body, reason))  # type: ignore
+    return sink
 
 
 def v1_writer(server: servers.Server, db: str, timeout: float = 5.0) -> InfluxV1Writer:
@@ -147,53 +164,54 @@ def test_v1_arbitrary_names_and_values_read_back_as_sanitized(influxdb, measurem
     assert row["time"] == NOW_NS
 
 
-def test_outbox_drains_a_backlog_built_while_influxdb_was_down(private_influxdb, tmp_path):
-    db = unique("backlog")
-    box = Outbox(tmp_path / "outbox.sqlite", max_bytes=1 << 30)
-    drainer = Drainer(box, v1_writer(private_influxdb, db, timeout=2.0), backoff_initial=0.05, backoff_max=0.2,
-                      max_lines=300)
-    drainer.start()
-    private_influxdb.stop()
-    expected = {}
-    for b in range(20):
-        pts = [Point("b", (("dev", f"d{i % 5}"),), (("v", float(b * 100 + i)),), NOW_NS + b * 100 + i)
-               for i in range(100)]
-        expected.update({(p.tags[0][1], p.ts_ns): p.fields[0][1] for p in pts})
-        box.put(encode(pts), len(pts))
-    wait_until(lambda: drainer.stats().retried >= 2, what="drainer retrying against the stopped server")
-    assert box.backlog()[:2] == (20, 2000)
-    private_influxdb.start()
-    wait_until(lambda: box.backlog() == (0, 0, 0), what="backlog drained")
-    drainer.stop(5)
-    drainer.writer.close()
-    rows = servers.influx_rows(private_influxdb, db, "b")
-    assert len(rows) == 2000
-    assert {(r["dev"], r["time"]): r["v"] for r in rows} == expected
-    stats = drainer.stats()
-    assert stats.written_points == 2000 and stats.dead_rows == 0 and "cannot reach" in (stats.last_error or "")
-    box.close()
+def test_the_sink_writes_a_backlog_built_while_influxdb_was_down(private_influxdb):
+    async def scenario() -> None:
+        db = unique("backlog")
+        sink = sink_of(v1_writer(private_influxdb, db, timeout=2.0), backoff_initial=0.05, backoff_max=0.2,
+                       max_lines=300, flush_interval=0)
+        sink.start()
+        private_influxdb.stop()
+        expected, futures = {}, []
+        for b in range(20):
+            pts = [Point("b", (("dev", f"d{i % 5}"),), (("v", float(b * 100 + i)),), NOW_NS + b * 100 + i)
+                   for i in range(100)]
+            expected.update({(p.tags[0][1], p.ts_ns): p.fields[0][1] for p in pts})
+            futures.append(sink.put(encode(pts), len(pts)))
+        await until(lambda: sink.stats().retried >= 2, what="the sink retrying against the stopped server")
+        assert sink.stats().buffered == 2000 and not any(f.done() for f in futures)
+        private_influxdb.start()
+        await asyncio.wait_for(asyncio.gather(*futures), 30)
+        sink.stop(5)
+        rows = servers.influx_rows(private_influxdb, db, "b")
+        assert len(rows) == 2000
+        assert {(r["dev"], r["time"]): r["v"] for r in rows} == expected
+        stats = sink.stats()
+        assert stats.written == 2000 and stats.dropped == 0 and stats.buffered == 0
+        assert "cannot reach" in (stats.last_error or "")
+
+    asyncio.run(scenario())
 
 
-def test_outbox_dead_letters_a_conflicting_batch_and_later_batches_go_through(influxdb, tmp_path):
-    db = unique("dead")
-    box = Outbox(tmp_path / "outbox.sqlite", max_bytes=1 << 20)
-    box.put(encode([Point("c", (), (("x", 1),), NOW_NS + 1)]), 1)
-    box.put(encode([Point("c", (), (("x", "s"),), NOW_NS + 2)]), 1)
-    box.put(encode([Point("c", (), (("x", 3),), NOW_NS + 3)]), 1)
-    drainer = Drainer(box, v1_writer(influxdb, db))
-    drainer.start()
-    wait_until(lambda: box.backlog()[0] == 0, what="outbox drained")
-    box.put(encode([Point("c", (), (("x", 4),), NOW_NS + 4)]), 1)
-    wait_until(lambda: box.backlog()[0] == 0, what="later batch drained")
-    drainer.stop(5)
-    drainer.writer.close()
-    [dead] = box.dead()
-    assert dead.status == 400 and dead.body == b'c x="s" ' + str(NOW_NS + 2).encode() + b"\n"
-    assert "field type conflict" in dead.reason
-    assert [(r["time"], r["x"]) for r in servers.influx_rows(influxdb, db, "c")] == [
-        (NOW_NS + 1, 1), (NOW_NS + 3, 3), (NOW_NS + 4, 4)]
-    assert drainer.stats().dead_rows == 1
-    box.close()
+def test_a_batch_influxdb_rejects_is_dropped_as_a_dead_letter_and_the_others_go_through(influxdb):
+    async def scenario() -> None:
+        db = unique("dead")
+        sink = sink_of(v1_writer(influxdb, db), flush_interval=0.3)
+        sink.start()
+        # Sent together: the request is rejected, and the sink narrows it down to the one bad batch.
+        done = [sink.put(encode([Point("c", (), (("x", 1),), NOW_NS + 1)]), 1),
+                sink.put(encode([Point("c", (), (("x", "s"),), NOW_NS + 2)]), 1),
+                sink.put(encode([Point("c", (), (("x", 3),), NOW_NS + 3)]), 1)]
+        await asyncio.wait_for(asyncio.gather(*done), 15)
+        await asyncio.wait_for(sink.put(encode([Point("c", (), (("x", 4),), NOW_NS + 4)]), 1), 15)
+        sink.stop(5)
+        [(body, reason)] = sink.rejected  # type: ignore[attr-defined]
+        assert body == b'c x="s" ' + str(NOW_NS + 2).encode() + b"\n"
+        assert "field type conflict" in reason and "400" in reason
+        assert [(r["time"], r["x"]) for r in servers.influx_rows(influxdb, db, "c")] == [
+            (NOW_NS + 1, 1), (NOW_NS + 3, 3), (NOW_NS + 4, 4)]
+        assert sink.stats().dropped == 1
+
+    asyncio.run(scenario())
 
 
 # --- victoria-metrics through the InfluxDB v2 API -----------------------------------------------------------------
@@ -233,27 +251,29 @@ def test_v2_victoria_metrics_keeps_milliseconds_and_every_sample_within_one(vict
     assert [(ts, v) for _, ts, v in got] == [(ms, 1.0), (ms + 1, 2.0), (ms + 1, 3.0)]
 
 
-def test_outbox_drains_a_backlog_into_victoria_metrics_after_it_restarts_exactly_once(tmp_path):
+def test_the_sink_writes_a_backlog_into_victoria_metrics_after_it_restarts_exactly_once(tmp_path):
     vm = servers.victoria_metrics(tmp_path)
     vm.start()
-    try:
+
+    async def scenario() -> None:
         m = unique("vmbacklog")
-        box = Outbox(tmp_path / "outbox.sqlite", max_bytes=1 << 30)
-        drainer = Drainer(box, v2_writer(vm, timeout=2.0), backoff_initial=0.05, backoff_max=0.2, max_lines=250)
-        drainer.start()
+        sink = sink_of(v2_writer(vm, timeout=2.0), backoff_initial=0.05, backoff_max=0.2, max_lines=250)
+        sink.start()
         vm.stop()
+        futures = []
         for b in range(10):
             pts = [Point(m, (("dev", "x"),), (("v", float(b * 100 + i)),), NOW_NS + (b * 100 + i) * 1_000_000)
                    for i in range(100)]
-            box.put(encode(pts), len(pts))
-        wait_until(lambda: drainer.stats().retried >= 2, what="drainer retrying against the stopped server")
+            futures.append(sink.put(encode(pts), len(pts)))
+        await until(lambda: sink.stats().retried >= 2, what="the sink retrying against the stopped server")
         vm.start()
-        wait_until(lambda: box.backlog() == (0, 0, 0), what="backlog drained")
-        drainer.stop(5)
-        drainer.writer.close()
+        await asyncio.wait_for(asyncio.gather(*futures), 30)
+        sink.stop(5)
         got = servers.vm_samples(vm, f"{m}_v", expect=1000)
         assert [v for _, _, v in got] == [float(i) for i in range(1000)]  # none lost, none twice
-        box.close()
+
+    try:
+        asyncio.run(scenario())
     finally:
         vm.kill()
 
@@ -406,27 +426,25 @@ def test_v1_reuses_its_connection_and_recovers_from_one_the_server_closed(script
     assert scripted.connections == 2  # one until the server dropped it, then one more
 
 
-def test_the_drainer_waits_as_long_as_retry_after_says_then_delivers(scripted, tmp_path):
+def test_the_sink_waits_as_long_as_retry_after_says_then_delivers(scripted):
     scripted.script = [Answer(429, {"Retry-After": "0.4"}), Answer(503), Answer(500)]
-    box = Outbox(tmp_path / "o.sqlite", 1 << 20)
-    box.put(BODY, 1)
-    drainer = Drainer(box, make_writer("v2", scripted), backoff_initial=0.02, backoff_max=0.05)
-    drainer.start()
-    wait_until(lambda: box.backlog()[0] == 0, what="delivered")
-    drainer.stop(2)
-    drainer.writer.close()
+
+    async def scenario() -> None:
+        sink = sink_of(make_writer("v2", scripted), backoff_initial=0.02, backoff_max=0.05)
+        sink.start()
+        await asyncio.wait_for(sink.put(BODY, 1), 15)
+        sink.stop(2)
+        assert sink.stats().retried == 3 and sink.stats().written == 1
+
+    asyncio.run(scenario())
     times = [t for t, _ in scripted.writes]
     assert len(times) == 4 and all(body == BODY for _, body in scripted.writes)
     assert times[1] - times[0] >= 0.4, "Retry-After honoured"
     assert all(0.01 <= b - a < 0.4 for a, b in zip(times[1:], times[2:])), "own backoff after 503 and 500"
-    assert drainer.stats().retried == 3 and drainer.stats().written_points == 1
-    box.close()
 
 
-def test_the_drainer_splits_on_413_against_a_server(scripted, tmp_path):
-    box = Outbox(tmp_path / "o.sqlite", 1 << 20)
+def test_the_sink_splits_on_413_against_a_server(scripted):
     body = b"".join(f"m v={i} {i}\n".encode() for i in range(8))
-    box.put(body, 8)
     writer = make_writer("v1", scripted)
     original = writer.write
 
@@ -435,15 +453,17 @@ def test_the_drainer_splits_on_413_against_a_server(scripted, tmp_path):
         original(b)
 
     writer.write = write  # type: ignore[method-assign]
-    drainer = Drainer(box, writer)
-    drainer.start()
-    wait_until(lambda: box.backlog()[0] == 0, what="delivered in pieces")
-    drainer.stop(2)
-    writer.close()
+
+    async def scenario() -> None:
+        sink = sink_of(writer)
+        sink.start()
+        await asyncio.wait_for(sink.put(body, 8), 15)
+        sink.stop(2)
+        assert sink.stats().splits == 3 and sink.stats().written == 8 and not sink.rejected  # type: ignore
+
+    asyncio.run(scenario())
     delivered = [b for b in (w for _, w in scripted.writes) if b.count(b"\n") <= 2]
     assert b"".join(delivered) == body
-    assert drainer.stats().splits == 3
-    box.close()
 
 
 def test_influxdb_fixture_is_healthy_and_answers_influxql(influxdb):

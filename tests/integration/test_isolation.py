@@ -28,7 +28,7 @@ from click.testing import CliRunner
 
 from firmware_sim.chaos_faults import hostile_messages
 from gateway.cli import main as gateway_cli
-from gateway.credentials import Credentials
+from gateway.ops.credentials import Credentials
 from tests import servers
 from tests.gateway_process import GatewayProcess
 

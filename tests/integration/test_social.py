@@ -207,7 +207,7 @@ def test_the_social_simulator_drives_the_gateway_to_exact_counts(mosquitto, soci
 def test_a_post_to_thousands_of_followers_with_live_stats_keeps_the_window_bounded(mosquitto, social):
     """Stats, quarantine and alerts publish while fan-out fills the broker's in-flight window: every QoS 1
     publish must wait for room (gmqtt raises when it runs out of packet ids)."""
-    from gateway.graph import FollowerGraph
+    from gateway.fanout.graph import FollowerGraph
 
     star = uid("star")
     graph = FollowerGraph(social.data_dir / "graph.db")

@@ -38,7 +38,7 @@ def test_the_daemon_notifies_systemd_of_readiness_watchdog_and_stopping(mosquitt
         lines = received(notify_socket, 3.5)
         assert "READY=1" in lines
         assert lines.count("WATCHDOG=1") >= 2, lines
-        assert any(line.startswith("STATUS=committed offset") and line.endswith("healthy") for line in lines), lines
+        assert any(line.startswith("STATUS=log offset") and line.endswith("healthy") for line in lines), lines
         assert gw.terminate() == 0
         assert "STOPPING=1" in received(notify_socket, 1.0)
     finally:

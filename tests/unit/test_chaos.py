@@ -3,25 +3,17 @@ that lacks what its faults need, and the hostile messages against the gateway's 
 
 from __future__ import annotations
 
-import asyncio
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from devices import profiles
 from firmware_sim.chaos_faults import hostile_messages
 from firmware_sim.chaos_report import (Delivery, FaultRecord, HostileRecord, Report, influx_tally, must_reach_influx,
                                        percentile, tally)
 from firmware_sim.cli import main
-from gateway import config
-from gateway.graph import FollowerGraph
-from gateway.ingest_log import IngestLog
-from gateway.metrics import Metrics
-from gateway.sources.mqtt import MqttSource
-from tests.unit.test_hostile_input import RecordingIngestor
+from tests.recording_sink import SourceUnderTest
 
 
 def d(at: float, event_id: str = "e") -> Delivery:
@@ -157,22 +149,15 @@ def test_a_run_with_every_account_it_needs_gets_as_far_as_connecting(tmp_path: P
 
 
 def test_every_hostile_message_is_dead_lettered_by_the_gateway_with_the_reason_it_claims(tmp_path: Path):
-    log = IngestLog(tmp_path / "log.db", fsync="off")
-    graph = FollowerGraph(tmp_path / "graph.db")
-    storage = ThreadPoolExecutor(1)
-    ingestor = RecordingIngestor(log)
-    source = MqttSource(ingestor, graph, storage, profiles.ProfileIndex([]), config.LimitsConfig(),  # type: ignore[arg-type]
-                        Metrics(), config.SocialConfig())
+    source = SourceUnderTest(tmp_path)
     try:
         messages = hostile_messages("chaos-abc123-")
         for topic, payload, reason in messages:
-            before = len(ingestor.dead)
-            asyncio.run(source.handle(topic, payload, {}))
-            assert len(ingestor.dead) == before + 1, (topic, payload)
-            assert ingestor.dead[-1].reason == reason, (topic, payload[:80], ingestor.dead[-1].message)
-        assert ingestor.appended == [] and graph.edges() == 0
+            before = len(source.dead)
+            source.handle(topic, payload)
+            assert len(source.dead) == before + 1, (topic, payload)
+            assert source.dead[-1].reason == reason, (topic, payload[:80], source.dead[-1].message)
+        assert source.appended == [] and source.graph.edges() == 0
         assert len({reason for _, _, reason in messages}) >= 12
     finally:
-        storage.shutdown()
-        graph.close()
-        log.close()
+        source.close()

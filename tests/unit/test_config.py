@@ -73,3 +73,10 @@ def test_the_reference_documents_every_setting():
 def test_the_readme_carries_the_current_configuration_reference():
     readme = (config.REPO / "README.md").read_text()
     assert config.reference() in readme, "regenerate the README's table with `gateway config-reference`"
+
+
+def test_settings_an_upgrade_removed_are_ignored_with_a_warning_not_refused():
+    cfg = config.parse("[pipeline]\nlinger_ms = 2.0\nmax_unacked_batches = 32\n[influx]\noutbox_max_bytes = 1000\n")
+    assert cfg == Config()
+    assert len(config.WARNINGS) == 3 and all("is ignored: no longer used" in w for w in config.WARNINGS)
+    assert config.parse("") == Config() and config.WARNINGS == []

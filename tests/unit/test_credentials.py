@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from gateway.cli import main
-from gateway.credentials import Credentials, CredentialsError
+from gateway.ops.credentials import Credentials, CredentialsError
 
 
 def cli(pwfile: Path, *args: str) -> tuple[int, str, str]:

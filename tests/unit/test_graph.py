@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from gateway.graph import FOLLOW, UNFOLLOW, Change, FollowerGraph, GraphError, GraphWriter
+from gateway.fanout.graph import FOLLOW, UNFOLLOW, Change, FollowerGraph, GraphError, GraphWriter
 
 
 def test_follow_and_unfollow_persist(tmp_path):
@@ -85,14 +85,15 @@ def test_live_requests_arriving_together_share_one_transaction(tmp_path):
     real_apply = g.apply
     g.apply = lambda changes: calls.append(len(changes)) or real_apply(changes)  # type: ignore[method-assign]
 
-    async def burst() -> list[bool]:
+    async def burst() -> list[list[bool]]:
         with ThreadPoolExecutor(1) as storage:
             writer = GraphWriter(g, storage)
-            return await asyncio.gather(*(writer.submit(Change(FOLLOW, f"f{i}", "users/star")) for i in range(200)),
-                                        writer.submit(Change(FOLLOW, "f0", "users/star")))
+            return await asyncio.gather(*(writer.submit([Change(FOLLOW, f"f{i}", "users/star")]) for i in range(199)),
+                                        writer.submit([Change(FOLLOW, "f199", "users/star"),
+                                                       Change(FOLLOW, "f0", "users/star")]))
 
     results = asyncio.run(burst())
-    assert results == [True] * 200 + [False]
+    assert results == [[True]] * 199 + [[True, False]]
     assert sum(calls) == 201
     assert len(calls) <= 3, f"{len(calls)} transactions for one burst"
     assert len(g.followers("users/star")) == 200
@@ -110,10 +111,10 @@ def test_a_storage_failure_keeps_the_requests_waiting_and_retries(tmp_path):
 
     g.apply = flaky  # type: ignore[method-assign]
 
-    async def one() -> bool:
+    async def one() -> list[bool]:
         with ThreadPoolExecutor(1) as storage:
-            return await GraphWriter(g, storage).submit(Change(FOLLOW, "a", "users/x"))
+            return await GraphWriter(g, storage).submit([Change(FOLLOW, "a", "users/x")])
 
-    assert asyncio.run(one()) is True
+    assert asyncio.run(one()) == [True]
     assert not failures
     assert g.followers("users/x") == {"a"}

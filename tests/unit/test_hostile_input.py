@@ -9,13 +9,11 @@ A bug found here is recorded as a strict xfail with a one-line diagnosis until i
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import math
 import re
 import tomllib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +25,11 @@ from devices import profiles, serial_frame
 from devices.telemetry import MAX_ABS_VALUE, MAX_SEQ, MAX_TS_MS, MIN_TS_MS, TelemetryError, decode
 from gateway import config
 from gateway.config import ConfigError
-from gateway.event import Ingested
-from gateway.graph import FollowerGraph, GraphError, check_id, check_source
-from gateway.ingest_log import DeadLetter, IngestLog
-from gateway.metrics import Metrics
-from gateway.sources.mqtt import MqttSource
-from gateway.user_events import UserEventError, decode_interaction, decode_post
+from gateway.event import DeadLetter, Event, Ingested
+from gateway.fanout.graph import GraphError, check_id, check_source
+from gateway.log.store import LogStore
+from gateway.sources.user_events import UserEventError, decode_interaction, decode_post
+from tests.recording_sink import SourceUnderTest, parse_only
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "tests" / "corpus"
@@ -443,7 +440,7 @@ def test_config_huge_integer_for_a_float_setting_is_a_config_error() -> None:
     ("[social.cpm]\nacme = nan\n", "social.cpm"),
     ("[social.cpm]\nacme = inf\n", "social.cpm"),
     ("[social]\ndefault_cpm = inf\n", "social.default_cpm"),
-    ("[pipeline]\nlinger_ms = inf\n", "pipeline.linger_ms"),
+    ("[storage]\ncommit_window_ms = inf\n", "storage.commit_window_ms"),
     ("[influx]\ntimeout = inf\n", "influx.timeout"),
 ])
 def test_config_non_finite_numbers_are_rejected(text: str, field: str) -> None:
@@ -555,64 +552,35 @@ def test_the_corpus_is_small_named_for_reasons_and_covers_every_payload_reason()
                                                              "unparseable", "unstorable", "rate_limited"}
 
 
-class RecordingIngestor:
-    """Stands in for the ingestor: every record MqttSource hands over is written to a real IngestLog."""
-
-    def __init__(self, log: IngestLog) -> None:
-        self.log = log
-        self.dead: list[DeadLetter] = []
-        self.appended: list[Ingested] = []
-
-    async def append(self, item: Ingested) -> None:
-        self.log.append([item])
-        self.appended.append(item)
-
-    async def dead_letter(self, letter: DeadLetter) -> None:
-        self.log.append([], [letter])
-        self.dead.append(letter)
-
-
 @pytest.fixture
 def source(tmp_path: Path) -> Any:
-    log = IngestLog(tmp_path / "log.db", fsync="off")
-    graph = FollowerGraph(tmp_path / "graph.db")
-    storage = ThreadPoolExecutor(1)
-    ingestor = RecordingIngestor(log)
-    src = MqttSource(ingestor, graph, storage, profiles.ProfileIndex([]), config.LimitsConfig(), Metrics(),  # type: ignore[arg-type]
-                     config.SocialConfig())
-    src.test_ingestor = ingestor  # type: ignore[attr-defined]
-    src.test_graph = graph  # type: ignore[attr-defined]
+    src = SourceUnderTest(tmp_path)
     yield src
-    storage.shutdown()
-    graph.close()
-    log.close()
+    src.close()
 
 
 @pytest.mark.parametrize("path", corpus_params())
-def test_every_corpus_item_is_dead_lettered_with_its_reason(source: Any, path: Path) -> None:
+def test_every_corpus_item_is_dead_lettered_with_its_reason(source: SourceUnderTest, path: Path) -> None:
     topic, payload = corpus_message(path)
-    asyncio.run(source.handle(topic, payload, {}))
-    ingestor: RecordingIngestor = source.test_ingestor
-    assert ingestor.appended == [], f"accepted: {ingestor.appended}"
-    assert source.test_graph.edges() == 0, "a follow was stored"
-    assert len(ingestor.dead) == 1
-    letter = ingestor.dead[0]
+    source.handle(topic, payload)
+    assert source.appended == [], f"accepted: {source.appended}"
+    assert source.graph.edges() == 0, "a follow was stored"
+    assert len(source.dead) == 1
+    letter = source.dead[0]
     assert letter.reason == corpus_reason(path), letter
     assert letter.message and letter.origin == topic and letter.payload == payload
     # What runtime publishes on gateway/deadletter must be JSON.
     assert json.loads(json.dumps(letter.as_dict()))["reason"] == letter.reason
-    stored = ingestor.log.deadletters(1)[0]
+    stored = source.store.deadletters(1)[0]
     assert (stored.reason, stored.origin) == (letter.reason, topic)
+    assert source.link.acked == [1], "a dead-lettered message is handled, so it is acknowledged"
 
 
 def test_profile_reasons_and_unknown_topic_through_the_source(tmp_path: Path) -> None:
     profile = profiles.parse('name = "strict-env"\nmatch = ["env-*"]\nstrict = true\n'
                              "[fields.temperature]\nmin = -40.0\nmax = 85.0\n"
                              '[fields.count]\ntype = "int"\n')
-    log = IngestLog(tmp_path / "log.db", fsync="off")
-    ingestor = RecordingIngestor(log)
-    src = MqttSource(ingestor, FollowerGraph(tmp_path / "g.db"), ThreadPoolExecutor(1),  # type: ignore[arg-type]
-                     profiles.ProfileIndex([profile]), config.LimitsConfig(), Metrics())
+    src = SourceUnderTest(tmp_path, [profile])
     cases = [("devices/env-1/telemetry", b'{"temperature": 21.0, "pressure": 1013}', "unknown_field"),
              ("devices/env-1/telemetry", b'{"temperature": 85.5}', "out_of_range"),
              ("devices/env-1/telemetry", b'{"temperature": -1e300}', "out_of_range"),
@@ -620,16 +588,16 @@ def test_profile_reasons_and_unknown_topic_through_the_source(tmp_path: Path) ->
              ("devices/env-1/status", b'{"temperature": 21.0}', "unknown_topic"),
              ("users/alice/likes", b'{}', "unknown_topic")]
     for topic, payload, reason in cases:
-        asyncio.run(src.handle(topic, payload, {}))
-        assert ingestor.dead[-1].reason == reason, (topic, payload, ingestor.dead[-1])
-    assert ingestor.appended == []
-    asyncio.run(src.handle("devices/env-1/telemetry", b'{"temperature": 21.0, "count": 3}', {}))
-    assert len(ingestor.appended) == 1
+        src.handle(topic, payload)
+        assert src.dead[-1].reason == reason, (topic, payload, src.dead[-1])
+    assert src.appended == []
+    src.handle("devices/env-1/telemetry", b'{"temperature": 21.0, "count": 3}')
+    assert len(src.appended) == 1
+    src.close()
 
 
 def _source_record(topic: str, payload: bytes) -> Ingested | DeadLetter:
-    src = MqttSource(None, None, None, profiles.ProfileIndex([]), config.LimitsConfig(), Metrics())  # type: ignore[arg-type]
-    return src.parse(topic, topic.split("/"), payload)
+    return parse_only(topic, payload)  # type: ignore[no-any-return]
 
 
 @FAST
@@ -646,23 +614,24 @@ def test_every_record_the_source_makes_is_storable_in_the_log(tmp_path_factory: 
     if isinstance(record, DeadLetter):
         assert record.reason in REASONS and record.message
         json.dumps(record.as_dict())
-        rows: tuple[list[Ingested], list[DeadLetter]] = ([], [record])
+        _scratch_log(tmp_path_factory).append([], [], [record])
     else:
         assert ID_RULE.fullmatch(ident)
-        if what == "posts" and record.dedup_key and not _utf8_ok(record.dedup_key):
+        if what == "posts" and record.dedup and not _utf8_ok(record.dedup):
             return  # test_a_lone_surrogate_nonce_is_rejected_not_stored
-        rows = ([record], [])
-    log = _scratch_log(tmp_path_factory)
-    log.append(*rows)
+        log = _scratch_log(tmp_path_factory)
+        _LOGS["next"] = offset = int(_LOGS.get("next", 0)) + 1  # type: ignore[call-overload]
+        log.append([Event(offset, "0" * 28, record.source, record.kind, record.ts_ms, record.payload, record.body,
+                          None)], [record.dedup])
 
 
-_LOGS: dict[int, IngestLog] = {}
+_LOGS: dict[str, Any] = {}
 
 
-def _scratch_log(factory: Any) -> IngestLog:
-    if not _LOGS:
-        _LOGS[0] = IngestLog(factory.mktemp("scratch") / "log.db", fsync="off")
-    return _LOGS[0]
+def _scratch_log(factory: Any) -> LogStore:
+    if "log" not in _LOGS:
+        _LOGS["log"] = LogStore(factory.mktemp("scratch") / "log.db", fsync="off")
+    return _LOGS["log"]  # type: ignore[no-any-return]
 
 
 def test_a_lone_surrogate_nonce_is_rejected_not_stored() -> None:

@@ -3,7 +3,7 @@
 import os
 import socket
 
-from gateway.systemd import Notifier
+from gateway.ops.systemd import Notifier
 
 
 def listen(address: str) -> socket.socket:

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from gateway import config
 from gateway.cli import main
 from gateway.config import ConfigError, MqttConfig
-from gateway.mqtt_link import tls_context
+from gateway.mqtt.tls import tls_context
 from tests.servers import REPO, make_certs
 
 

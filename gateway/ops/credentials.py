@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from gateway.graph import ID
+from gateway.event import ID
 
 ROLES = ("device", "user", "service")
 DEFAULT_PASSWORD_FILE = "/etc/mosquitto/gateway.passwd"

@@ -16,9 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from devices.telemetry import TelemetryError
-
-KIND_POST = "post"
-KIND_INTERACTION = "interaction"
 INTERACTION_TYPES = ("like", "unlike", "repost")
 EVENT_ID = re.compile(r"^[0-9a-f]{28}$")
 ADVERTISER_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")

@@ -19,13 +19,15 @@ import asyncio
 import itertools
 import logging
 import operator
-import re
 import sqlite3
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from gateway.backoff import Backoff
+from gateway.event import FOLLOW, ID, SOURCE_KINDS, UNFOLLOW  # noqa: F401  (FOLLOW, UNFOLLOW: for the CLI)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS follows (
@@ -36,11 +38,6 @@ CREATE TABLE IF NOT EXISTS follows (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS follows_by_follower ON follows (follower);
 """
-
-# An id is one MQTT topic level: no wildcards, no separators, nothing a subscriber could use to reach another feed.
-ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-SOURCE_KINDS = ("devices", "users")
-FOLLOW, UNFOLLOW = "follow", "unfollow"
 
 log = logging.getLogger(__name__)
 
@@ -199,21 +196,22 @@ def _chunks(items: Iterable[Change], size: int) -> Iterator[list[Change]]:
 
 class GraphWriter:
     """Group commit for live follow requests: whatever arrives while one batch is being written goes into the
-    next, so a burst of N requests costs a few transactions instead of N fsyncs. `submit` returns once its change
-    is durable (the MQTT PUBACK waits for it). A storage failure (disk full) keeps the batch and retries, so the
+    next, so a burst of N requests costs a few transactions instead of N fsyncs. `submit` returns once its changes
+    are durable (the MQTT PUBACKs wait for it). A storage failure (disk full) keeps the batch and retries, so the
     requests stay unacknowledged instead of failing."""
 
     def __init__(self, graph: FollowerGraph, storage: Executor, batch_max: int = 5000) -> None:
         self._graph = graph
         self._storage = storage
         self._batch_max = batch_max
-        self._queue: list[tuple[Change, asyncio.Future[bool]]] = []
+        self._queue: list[tuple[list[Change], asyncio.Future[list[bool]]]] = []
         self._writing = False
         self._task: asyncio.Future[None] | None = None
 
-    async def submit(self, change: Change) -> bool:
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queue.append((change, future))
+    async def submit(self, changes: list[Change]) -> list[bool]:
+        """Apply `changes` in order; for each, whether it changed the graph."""
+        future: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
+        self._queue.append((changes, future))
         if not self._writing:
             self._writing = True
             self._task = asyncio.ensure_future(self._write())
@@ -221,21 +219,29 @@ class GraphWriter:
 
     async def _write(self) -> None:
         loop = asyncio.get_running_loop()
-        delay = 0.05
+        retry = Backoff(0.05, 5.0)
         try:
             while self._queue:
-                batch = self._queue[:self._batch_max]
+                groups, size = [], 0
+                for group in self._queue:
+                    if groups and size + len(group[0]) > self._batch_max:
+                        break
+                    groups.append(group)
+                    size += len(group[0])
                 try:
-                    done = await loop.run_in_executor(self._storage, self._graph.apply, [c for c, _ in batch])
+                    done = await loop.run_in_executor(self._storage, self._graph.apply,
+                                                      [c for changes, _ in groups for c in changes])
                 except (sqlite3.OperationalError, OSError) as exc:  # disk full, locked: keep the batch, retry
+                    delay = retry.next_delay()
                     log.error("follower graph write failed (%s); retrying in %.2fs", exc, delay)
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
                     continue
-                delay = 0.05
-                del self._queue[:len(batch)]
-                for (_, future), changed in zip(batch, done):
+                retry.reset()
+                del self._queue[:len(groups)]
+                at = 0
+                for changes, future in groups:
                     if not future.done():
-                        future.set_result(changed)
+                        future.set_result(done[at:at + len(changes)])
+                    at += len(changes)
         finally:
             self._writing = False

@@ -77,8 +77,8 @@ def watch(broker: str, follower: str, data_dir: str | None, seconds: float | Non
             if data_dir:
                 try:
                     s = json.loads((Path(data_dir) / "status.json").read_text())["metrics"]
-                    line += (f" | logged {s['appended']:.0f} committed {s['committed']:.0f}"
-                             f" outbox {s['outbox_points']:.0f} pts")
+                    line += (f" | logged {s['appended']:.0f} delivered {s['committed']:.0f}"
+                             f" influx behind {s.get('influx_lag', 0):.0f}")
                 except (OSError, ValueError, KeyError):
                     pass
             for text in lines:

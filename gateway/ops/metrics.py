@@ -16,27 +16,23 @@ COUNTERS = (
     "received",            # messages taken from sources (MQTT, serial), good or bad
     "appended",            # events durably logged
     "duplicates",          # retransmissions recognised and not logged twice
-    "deadlettered",        # bad input rejected with a reason
+    "deadlettered",        # bad input rejected with a reason (stored in the log)
     "deadletters_published",
     "deadletters_suppressed",  # over the publish rate limit (still logged and counted)
     "rate_limited",        # events over limits.per_source_rate (dead-lettered with reason rate_limited)
-    "filtered",            # events scored by the anomaly model
-    "anomalies",           # events flagged anomalous
-    "delivered",           # publishes to followers' feeds acknowledged by the broker
+    "filtered",            # events scored by a model
+    "filter_errors",       # batches a model failed on (logged without verdicts)
+    "anomalies",           # readings the anomaly model flagged
+    "delivered",           # publishes to followers' feeds (acknowledged when their batch is committed)
     "alerts",              # publishes to alerts/{device}
-    "committed",           # events whose processing finished (progress committed)
-    "points",              # points handed to the InfluxDB outbox
     "quarantined",         # posts blocked by the content policy
     "interactions_ignored",  # likes/reposts of unknown or blocked events
     "stats_published",     # events/{id}/stats updates (coalesced)
     "follows",
     "unfollows",
-    "mqtt_connects",
-    "mqtt_disconnects",
-    "mqtt_connect_failures",
-    "session_lost",
     "storage_errors",
     "backpressure_waits",
+    "consumer_fell_behind",  # a consumer's output fell behind and it read back from the log
     "serial_connects",     # serial ports opened (first open and every reopen after an unplug)
     "serial_disconnects",  # serial ports that went away (EOF, EIO, HUP)
     "serial_frames",       # frames with a valid CRC read from serial ports
@@ -57,7 +53,7 @@ class Metrics:
 
     def inc(self, name: str, n: int = 1) -> None:
         if name not in self._counts:
-            raise KeyError(f"unknown metric {name!r}; add it to gateway.metrics.COUNTERS")
+            raise KeyError(f"unknown metric {name!r}; add it to gateway.ops.metrics.COUNTERS")
         self._counts[name] += n
 
     def get(self, name: str) -> int:

@@ -1,0 +1,72 @@
+"""The filter stage: every model's verdict on a batch, computed before the batch is logged.
+
+    records of one commit ──▶ telemetry: anomaly model (one ONNX run) ──▶ a verdict per record, stored with it
+                         └──▶ posts: content model (one run per few texts)
+
+Verdicts are computed before the append and stored in the event's row because a model's answer is not a pure
+function of the event: the anomaly model scores a reading against its device's recent history, which starts empty
+after a restart. Stored once, the verdict is what every consumer sees, live or reading back, before and after a
+crash: the InfluxDB point (whose `anomaly` tag is part of its identity) and the follower's envelope stay identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping, Protocol, Sequence
+
+from gateway.event import KIND_POST, KIND_TELEMETRY, Ingested, Verdict
+from gateway.ops.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Detector(Protocol):
+    def score(self, items: Sequence[tuple[str, Mapping[str, float]]]) -> list[Verdict]: ...
+
+
+class TextScorer(Protocol):
+    def score(self, texts: Sequence[Any]) -> list[Verdict]: ...
+
+
+def measurements(payload: Mapping[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in payload.items() if k != "seq" and k != "ts"}
+
+
+class Filters:
+    def __init__(self, detector: Detector | None, content: TextScorer | None, metrics: Metrics) -> None:
+        self.detector = detector
+        self.content = content
+        self._metrics = metrics
+
+    def score(self, records: Sequence[Ingested]) -> list[Verdict | None]:
+        """One verdict per record (None where no model applies), one model run per kind per batch."""
+        out: list[Verdict | None] = [None] * len(records)
+        if self.detector is not None:
+            at = [i for i, r in enumerate(records) if r.kind == KIND_TELEMETRY]
+            if at:
+                verdicts = self._finite(self.detector.score(
+                    [(records[i].source, measurements(records[i].payload)) for i in at]))
+                for i, v in zip(at, verdicts):
+                    out[i] = v
+                flagged = sum(1 for v in verdicts if v is not None and v.flagged)
+                self._metrics.inc("filtered", len(at))
+                if flagged:
+                    self._metrics.inc("anomalies", flagged)
+        if self.content is not None:
+            at = [i for i, r in enumerate(records) if r.kind == KIND_POST]
+            if at:
+                verdicts = self._finite(self.content.score([records[i].payload["text"] for i in at]))
+                for i, v in zip(at, verdicts):
+                    out[i] = v
+                self._metrics.inc("filtered", len(at))
+        return out
+
+    def _finite(self, verdicts: list[Verdict]) -> list[Verdict | None]:
+        """A score that is not a number is a broken model, not a verdict: the event goes on without one."""
+        if all(math.isfinite(v.score) for v in verdicts):
+            return verdicts  # type: ignore[return-value]
+        bad = sum(1 for v in verdicts if not math.isfinite(v.score))
+        self._metrics.inc("filter_errors", bad)
+        log.error("a model gave %d non-finite scores; those events are logged without a verdict", bad)
+        return [v if math.isfinite(v.score) else None for v in verdicts]

@@ -1,0 +1,228 @@
+"""The gateway's own MQTT client against a real mosquitto: batches in, acknowledgements only when told, the broker's
+window, keepalive, reconnects that lose nothing, the status and its will."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any, Callable
+
+import pytest
+
+from gateway.mqtt.client import MqttClient, Settings
+from tests import servers
+from tests.mqtt_helpers import Collector, publish_all
+
+pytestmark = pytest.mark.integration
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+class Taken:
+    """What the client hands over: every batch, as (topic, payload, packet id) lists, with its connection."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[list[tuple[str, bytes, int]], int]] = []
+
+    def __call__(self, messages: list[tuple[str, bytes, int]], connection_no: int) -> None:
+        self.batches.append((list(messages), connection_no))
+
+    @property
+    def messages(self) -> list[tuple[str, bytes, int]]:
+        return [m for batch, _ in self.batches for m in batch]
+
+
+def settings(broker: servers.Server, client_id: str, *topics: str, **kw: Any) -> Settings:
+    host, _, port = broker.address.rpartition(":")
+    return Settings(host=host, port=int(port), client_id=client_id, subscriptions=topics,
+                    status_topic=f"status/{client_id}", **kw)
+
+
+async def until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
+        await asyncio.sleep(0.02)
+
+
+async def connected(s: Settings, taken: Taken) -> tuple[MqttClient, asyncio.Task[None]]:
+    client = MqttClient(s, taken)
+    task = asyncio.create_task(client.run())
+    await asyncio.wait_for(client.connected.wait(), 15)
+    return client, task
+
+
+async def closed(client: MqttClient, task: asyncio.Task[None]) -> None:
+    await client.close()
+    await asyncio.wait_for(task, 10)
+
+
+def test_a_backlog_arrives_in_batches_and_only_what_was_acknowledged_is_not_sent_again(mosquitto):
+    client_id, topic = uid("batch-gw-"), f"batch/{uid('d')}/telemetry"
+    s = settings(mosquitto, client_id, "batch/+/telemetry")
+
+    async def session(ack: bool) -> Taken:
+        taken = Taken()
+        client, task = await connected(s, taken)
+        await asyncio.sleep(1.0)  # the broker sends what it holds for us
+        if ack:
+            for batch, connection_no in taken.batches:
+                client.ack([pid for _, _, pid in batch], connection_no)
+            await asyncio.sleep(0.3)
+        await closed(client, task)
+        return taken
+
+    asyncio.run(session(ack=True))  # makes the persistent session and its subscription
+    sent = [b'{"n": %d}' % i for i in range(300)]
+    sent[150] = b"x" * 300_000  # larger than a read: the client's buffer grows for it, then shrinks back
+    publish_all(mosquitto.address, [(topic, p) for p in sent])
+    first = asyncio.run(session(ack=False))
+    assert [p for _, p, _ in first.messages] == sent
+    assert len(first.batches) < 60, "a socket read's publishes come as one batch, not one call each"
+    again = asyncio.run(session(ack=True))  # nothing was acknowledged: the broker sends all of it again
+    assert [p for _, p, _ in again.messages] == [p for _, p, _ in first.messages]
+    assert asyncio.run(session(ack=False)).messages == []  # acknowledged: gone from the session
+
+
+def test_an_acknowledgement_meant_for_an_earlier_connection_is_not_sent_on_a_new_one(mosquitto):
+    client_id, topic = uid("stale-gw-"), f"stale/{uid('d')}/telemetry"
+    s = settings(mosquitto, client_id, "stale/+/telemetry")
+
+    async def run() -> Taken:
+        taken = Taken()
+        client, task = await connected(s, taken)
+        publish_all(mosquitto.address, [(topic, b"1")])
+        await until(lambda: len(taken.messages) == 1, what="the message")
+        (_, _, pid), = taken.messages
+        old = taken.batches[0][1]
+        client._lost_now("test")  # the connection drops before the log committed the message
+        await until(lambda: client.connection_no > old and client.connected.is_set(), what="a reconnect")
+        client.ack([pid], old)  # the commit finishes now: too late for that connection
+        await until(lambda: len(taken.messages) == 2, what="the broker's resend")
+        (_, payload, pid2), = taken.batches[-1][0]
+        client.ack([pid2], taken.batches[-1][1])
+        await asyncio.sleep(0.3)
+        await closed(client, task)
+        return taken
+
+    taken = asyncio.run(run())
+    assert [p for _, p, _ in taken.messages] == [b"1", b"1"]
+
+
+def test_publishes_keep_to_the_brokers_window_and_room_opens_as_acknowledgements_arrive(mosquitto):
+    async def run() -> None:
+        client, task = await connected(settings(mosquitto, uid("win-gw-")), Taken())
+        assert client.window == 1000  # mosquitto.conf: max_inflight_messages 1000 (its CONNACK's receive maximum)
+        acked: list[int] = []
+
+        class Tracker:
+            def acked(self) -> None:
+                acked.append(1)
+
+        sent = 0
+        while client.publish(b"win/out", b"x", qos=1, tracker=Tracker()):
+            sent += 1
+        assert sent == 1000 and client.in_flight == 1000  # nothing went out yet: this loop pass never yielded
+        await asyncio.wait_for(client.room(), 10)
+        assert client.publish(b"win/out", b"x", qos=1, tracker=Tracker())
+        await until(lambda: len(acked) == 1001, what="every PUBACK")
+        await closed(client, task)
+
+    asyncio.run(run())
+
+
+def test_a_silent_broker_is_noticed_by_the_keepalive_and_nothing_in_flight_is_lost(private_mosquitto):
+    broker = private_mosquitto
+    feed = Collector(broker.address, "silent/#", client_id=uid("silent-sub-"), clean_start=False)
+    s = settings(broker, uid("silent-gw-"), keepalive=1, reconnect_min=0.2, reconnect_max=0.5, connect_timeout=2)
+
+    async def run() -> MqttClient:
+        client, task = await connected(s, Taken())
+        broker.pause()
+        try:
+            for i in range(50):  # written to the socket, never read: no PUBACK comes back
+                assert client.publish(b"silent/out", b"%d" % i, qos=1)
+            await until(lambda: not client.connected.is_set(), timeout=4, what="the keepalive noticing")
+        finally:
+            broker.resume()
+        await until(lambda: client.connected.is_set(), timeout=20, what="the reconnect")
+        await until(lambda: client.in_flight == 0, what="the resent publishes acknowledged")
+        await closed(client, task)
+        return client
+
+    client = asyncio.run(run())
+    assert client.stats.disconnects >= 1 and client.stats.resent >= 1
+    assert feed.wait_for(lambda m: {p for _, p, _ in m} >= {b"%d" % i for i in range(50)})
+    feed.close()
+
+
+def test_the_status_is_online_while_connected_and_offline_after_close_or_a_crash(mosquitto):
+    s = settings(mosquitto, uid("status-gw-"))
+
+    async def run(crash: bool) -> None:
+        client, task = await connected(s, Taken())
+        status = Collector(mosquitto.address, s.status_topic)
+        assert status.wait_for(lambda m: m and m[-1][1] == b"online")
+        if crash:
+            client._lost_now("test")  # no DISCONNECT: the broker publishes the will
+            await asyncio.sleep(0.5)
+            client._closing = True
+            await closed(client, task)
+        else:
+            await closed(client, task)
+        assert status.wait_for(lambda m: m[-1][1] == b"offline")
+        status.close()
+
+    asyncio.run(run(crash=False))
+    asyncio.run(run(crash=True))
+
+
+def test_mqtt_3_1_1_works_the_same_way(mosquitto):
+    topic = f"v311/{uid('d')}/telemetry"
+
+    async def run() -> Taken:
+        taken = Taken()
+        client, task = await connected(settings(mosquitto, uid("v311-gw-"), "v311/+/telemetry", protocol="3.1.1"),
+                                       taken)
+        publish_all(mosquitto.address, [(topic, b"a"), (topic, b"b")])
+        await until(lambda: len(taken.messages) == 2, what="both messages")
+        client.ack([pid for _, _, pid in taken.messages], taken.batches[-1][1])
+        await closed(client, task)
+        return taken
+
+    assert [p for _, p, _ in asyncio.run(run()).messages] == [b"a", b"b"]
+
+
+def test_pausing_the_reads_holds_the_broker_back_and_resuming_delivers_the_rest(mosquitto):
+    topic = f"gate/{uid('d')}/telemetry"
+    payload = b"x" * 2000  # a socket read holds a few dozen of these, far fewer than the broker's window
+
+    async def run() -> tuple[int, int]:
+        taken = Taken()
+        client: MqttClient | None = None
+
+        def take(messages: list[tuple[str, bytes, int]], connection_no: int) -> None:
+            taken(messages, connection_no)
+            assert client is not None
+            client.pause_reading()  # what the MQTT source does when the log has no room
+
+        client = MqttClient(settings(mosquitto, uid("gate-gw-"), "gate/+/telemetry"), take)
+        task = asyncio.create_task(client.run())
+        await asyncio.wait_for(client.connected.wait(), 15)
+        publish_all(mosquitto.address, [(topic, payload)] * 500)
+        await until(lambda: taken.messages, what="the first read")
+        await asyncio.sleep(1.0)
+        while_paused = len(taken.messages)
+        client.take = taken  # type: ignore[attr-defined]
+        client._on_publishes = taken
+        client.resume_reading()
+        await until(lambda: len(taken.messages) == 500, what="the rest")
+        client.ack([pid for _, _, pid in taken.messages], taken.batches[-1][1])
+        await closed(client, task)
+        return while_paused, len(taken.messages)
+
+    while_paused, total = asyncio.run(run())
+    assert 1 <= while_paused < 100 and total == 500

@@ -1,0 +1,31 @@
+"""Recognising retransmissions in memory: the newest keys of all sources, and the last few of each source."""
+
+from gateway.log.dedup import RecentKeys
+
+
+def test_a_key_among_the_newest_of_all_sources_is_seen_whichever_source_sent_it():
+    keys = RecentKeys(recent=100, per_source=2)
+    for i in range(100):
+        keys.add(f"devices/d-{i % 7}", f"{i}@t")
+    assert all(keys.seen(f"devices/d-{i % 7}", f"{i}@t") for i in range(100))
+    assert not keys.seen("devices/d-1", "0@t")  # same key, other source
+
+
+def test_a_source_keeps_its_last_keys_however_much_traffic_other_sources_make_meanwhile():
+    keys = RecentKeys(recent=10, per_source=4)
+    for seq in range(1, 7):
+        keys.add("devices/quiet", f"{seq}@t")
+    for i in range(10_000):
+        keys.add("devices/busy", f"{i}@t")
+    assert [keys.seen("devices/quiet", f"{seq}@t") for seq in range(1, 7)] == [False, False, True, True, True, True]
+
+
+def test_memory_is_bounded_by_the_number_of_sources_least_recently_seen_forgotten_first():
+    keys = RecentKeys(recent=1, per_source=8, max_sources=3)
+    for source in ("a", "b", "c"):
+        keys.add(source, "k1")
+    keys.add("a", "k2")  # a is the most recent now
+    keys.add("d", "k1")  # evicts b
+    assert keys.seen("a", "k1") and keys.seen("c", "k1") and keys.seen("d", "k1")
+    assert not keys.seen("b", "k1")
+    assert len(keys) == 1

@@ -335,6 +335,7 @@ class Appender:
                 break
         self._backoff.reset()
         self._stall(False)
+        self._metrics.inc("log_commits")
         self._committed(sealed)
 
     def _append(self, sealed: _Sealed) -> None:

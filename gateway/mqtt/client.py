@@ -38,6 +38,7 @@ import logging
 import socket
 import ssl
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -100,7 +101,7 @@ class MqttClient:
     """`run()` keeps the connection up until `close()`. Every method is for the event loop's thread."""
 
     def __init__(self, settings: Settings, on_publishes: PublishHandler,
-                 on_connected: Callable[[bool], None] | None = None) -> None:
+                 on_connected: Callable[[bool], None] | None = None, queue_limit: int = 4096) -> None:
         self.settings = settings
         self._on_publishes = on_publishes
         self._on_connected = on_connected
@@ -120,6 +121,9 @@ class MqttClient:
         self.window = 1  # the broker's Receive Maximum, from its CONNACK
         self._max_packet = pk.MAX_REMAINING_LENGTH + 5
         self._room: asyncio.Future[None] | None = None
+        # QoS 1 publishes beyond the broker's window: (topic, payload, retain, tracker), sent in order as it opens.
+        self._queue: deque[tuple[bytes, bytes, bool, Tracker | None]] = deque()
+        self._queue_limit = queue_limit
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._paused = False
@@ -135,23 +139,26 @@ class MqttClient:
         return len(self._inflight)
 
     def has_room(self) -> bool:
-        return self._ready and len(self._inflight) < self.window
+        return len(self._queue) < self._queue_limit
+
+    @property
+    def queued(self) -> int:
+        """QoS 1 publishes waiting for room in the broker's window (or for the connection)."""
+        return len(self._queue)
 
     def publish(self, topic: bytes, payload: bytes, qos: int = 1, retain: bool = False,
                 tracker: Tracker | None = None) -> bool:
-        """Queue a publish for this loop pass's write. False (and nothing queued) for QoS 1 when the broker's window
-        is full or we are not connected: wait for `room()` and call again. QoS 0 publishes while disconnected are
-        dropped (and True is returned: there is nothing to wait for)."""
+        """Send a publish with this loop pass's write. QoS 1 beyond the broker's window waits in a bounded queue
+        and goes out as PUBACKs make room, in the same callback that read them, so the window is refilled without
+        a trip through the event loop; also while disconnected, until the reconnect. False (nothing taken) only
+        when that queue is full: wait for `room()`. QoS 0 publishes while disconnected are dropped."""
         if qos:
-            if not self._ready or len(self._inflight) >= self.window:
-                return False
-            packet_id = self._allocate()
-            packet = pk.publish(topic, payload, packet_id, qos=1, retain=retain, version=self.version)
-            if len(packet) > self._max_packet:
-                self._oversize(topic, len(packet), tracker)
+            if self._queue or not self._ready or len(self._inflight) >= self.window:
+                if len(self._queue) >= self._queue_limit:
+                    return False
+                self._queue.append((topic, payload, retain, tracker))
                 return True
-            self._inflight[packet_id] = [packet, tracker, self.connection_no]
-            self._write(packet)
+            self._send(topic, payload, retain, tracker)
         elif self._ready:
             packet = pk.publish(topic, payload, 0, qos=0, retain=retain, version=self.version)
             if len(packet) > self._max_packet:
@@ -160,8 +167,25 @@ class MqttClient:
                 self._write(packet)
         return True
 
+    def _send(self, topic: bytes, payload: bytes, retain: bool, tracker: Tracker | None) -> None:
+        packet_id = self._allocate()
+        packet = pk.publish(topic, payload, packet_id, qos=1, retain=retain, version=self.version)
+        if len(packet) > self._max_packet:
+            self._oversize(topic, len(packet), tracker)
+            return
+        self._inflight[packet_id] = [packet, tracker, self.connection_no]
+        self._write(packet)
+
+    def _refill(self) -> None:
+        """Move queued publishes into the broker's window while it has room."""
+        queue, inflight, window = self._queue, self._inflight, self.window
+        while queue and self._ready and len(inflight) < window:
+            self._send(*queue.popleft())
+        if self._room is not None and not self._room.done() and len(queue) < self._queue_limit:
+            self._room.set_result(None)
+
     async def room(self) -> None:
-        """Wait until a QoS 1 publish can go: connected, and room in the broker's window."""
+        """Wait until a QoS 1 publish is taken again (the queue in front of the broker's window has room)."""
         while not self.has_room():
             if self._room is None or self._room.done():
                 self._room = asyncio.get_running_loop().create_future()
@@ -386,14 +410,15 @@ class MqttClient:
                 entry = inflight.pop(packet_id, None)
                 if entry is not None and entry[1] is not None:
                     entry[1].acked()
-            if self._room is not None and not self._room.done() and self.has_room():
-                self._room.set_result(None)
+            if self._queue:
+                self._refill()
         for packet in got.control:
             self._control(packet)
         if got.publishes:
             if _QUICKACK is not None:
                 protocol.quickack()
             self._on_publishes(got.publishes, self.connection_no)
+        self._flush()  # what this read made us send leaves now, not on the loop's next pass
 
     def _control(self, packet: pk.Control) -> None:
         if isinstance(packet, pk.ConnAck):
@@ -426,8 +451,7 @@ class MqttClient:
             self.stats.resent += 1
             self._write(pk.with_dup(entry[0]))
             entry[2] = self.connection_no
-        if self._room is not None and not self._room.done() and self.has_room():
-            self._room.set_result(None)
+        self._refill()
 
     def _connection_lost(self, protocol: _Connection, exc: Exception | None) -> None:
         if self._protocol is protocol:

@@ -15,6 +15,7 @@ from typing import Callable
 COUNTERS = (
     "received",            # messages taken from sources (MQTT, serial), good or bad
     "appended",            # events durably logged
+    "log_commits",         # transactions of the log (appends and progress): appended / log_commits = batch size
     "duplicates",          # retransmissions recognised and not logged twice
     "deadlettered",        # bad input rejected with a reason (stored in the log)
     "deadletters_published",

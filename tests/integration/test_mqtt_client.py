@@ -48,8 +48,8 @@ async def until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "co
         await asyncio.sleep(0.02)
 
 
-async def connected(s: Settings, taken: Taken) -> tuple[MqttClient, asyncio.Task[None]]:
-    client = MqttClient(s, taken)
+async def connected(s: Settings, taken: Taken, **kw: Any) -> tuple[MqttClient, asyncio.Task[None]]:
+    client = MqttClient(s, taken, **kw)
     task = asyncio.create_task(client.run())
     await asyncio.wait_for(client.connected.wait(), 15)
     return client, task
@@ -112,9 +112,12 @@ def test_an_acknowledgement_meant_for_an_earlier_connection_is_not_sent_on_a_new
     assert [p for _, p, _ in taken.messages] == [b"1", b"1"]
 
 
-def test_publishes_keep_to_the_brokers_window_and_room_opens_as_acknowledgements_arrive(mosquitto):
+def test_publishes_keep_to_the_brokers_window_and_the_rest_wait_in_order_in_a_bounded_queue(mosquitto):
+    topic = f"win/{uid('out')}"
+    feed = Collector(mosquitto.address, topic)
+
     async def run() -> None:
-        client, task = await connected(settings(mosquitto, uid("win-gw-")), Taken())
+        client, task = await connected(settings(mosquitto, uid("win-gw-")), Taken(), queue_limit=500)
         assert client.window == 1000  # mosquitto.conf: max_inflight_messages 1000 (its CONNACK's receive maximum)
         acked: list[int] = []
 
@@ -122,16 +125,21 @@ def test_publishes_keep_to_the_brokers_window_and_room_opens_as_acknowledgements
             def acked(self) -> None:
                 acked.append(1)
 
-        sent = 0
-        while client.publish(b"win/out", b"x", qos=1, tracker=Tracker()):
-            sent += 1
-        assert sent == 1000 and client.in_flight == 1000  # nothing went out yet: this loop pass never yielded
+        taken = 0
+        while client.publish(topic.encode(), b"%d" % taken, qos=1, tracker=Tracker()):
+            taken += 1
+        # Nothing was acknowledged yet (this loop pass never yielded): the window is full, the queue too.
+        assert taken == 1500 and client.in_flight == 1000 and client.queued == 500
         await asyncio.wait_for(client.room(), 10)
-        assert client.publish(b"win/out", b"x", qos=1, tracker=Tracker())
-        await until(lambda: len(acked) == 1001, what="every PUBACK")
+        assert client.publish(topic.encode(), b"%d" % taken, qos=1, tracker=Tracker())
+        await until(lambda: len(acked) == 1501, what="every PUBACK")
+        assert client.queued == 0
         await closed(client, task)
 
     asyncio.run(run())
+    assert feed.wait_count(1501)
+    assert [p for _, p, _ in feed.messages] == [b"%d" % i for i in range(1501)], "in order"
+    feed.close()
 
 
 def test_a_silent_broker_is_noticed_by_the_keepalive_and_nothing_in_flight_is_lost(private_mosquitto):

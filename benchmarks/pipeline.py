@@ -360,6 +360,12 @@ def one_run(variant: str, args: argparse.Namespace, base: Path) -> dict[str, Any
         for prefix in prefixes(args):
             for i in range(args.devices):
                 gw.run_cli("follow", "bench", f"devices/{prefix}{i + 1:04d}")
+        if args.latency_only:
+            gw.start()
+            assert gw.proc is not None
+            result.update(latency_phase(broker.address, args, FEED, gw.proc.pid))
+            result["gateway_rss_peak_mb"] = round(rss_peak_mb(gw.proc.pid), 1)
+            return result
         # Drain: the first start makes the gateway's session and subscription; the events queue while it is down.
         gw.start()
         assert gw.proc is not None
@@ -423,6 +429,8 @@ def main() -> None:
     parser.add_argument("--latency-seconds", type=float, default=20.0)
     parser.add_argument("--variants", default="full,no-onnx,fsync-normal")
     parser.add_argument("--no-influx", action="store_true")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="only the fixed-rate phase (latency, CPU and disk bytes per event)")
     args = parser.parse_args()
 
     runs: list[dict[str, Any]] = []

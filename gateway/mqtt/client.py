@@ -25,10 +25,11 @@ What it does, per MQTT 5.0 (and 3.1.1, for brokers without 5.0):
 - reconnects with jittered, capped exponential backoff; a retained `online` on the status topic after each connect,
   and `offline` as the will and on an orderly close.
 
-TCP_QUICKACK (Linux): after each read that brought PUBLISH packets the socket is told to acknowledge at once. Our
-PUBACK can only follow a commit, and until some data of ours goes back the kernel delays its TCP ACK (40 ms or more).
-A broker with Nagle's algorithm on (mosquitto's default) holds its next small packets until that ACK: measured in
-benchmarks/RESULTS.md, that throttled a stock broker to a few hundred events per second.
+A broker with Nagle's algorithm on (mosquitto's default) holds its next small packets until we acknowledge, at the
+TCP level, what it sent; the kernel delays that ACK (40 ms or more) unless data of ours carries it. So the client
+never sits on something it could send: PUBACKs leave right after the commit, publishes refill the window in the
+very callback that read the PUBACKs, and a read's writes are flushed before the callback returns. On a stock
+mosquitto that keeps the throughput of a broker with Nagle off (benchmarks/RESULTS.md); no socket option needed.
 """
 
 from __future__ import annotations
@@ -46,8 +47,6 @@ from gateway.backoff import Backoff
 from gateway.mqtt import packets as pk
 
 log = logging.getLogger(__name__)
-
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
 class Tracker(Protocol):
@@ -415,8 +414,6 @@ class MqttClient:
         for packet in got.control:
             self._control(packet)
         if got.publishes:
-            if _QUICKACK is not None:
-                protocol.quickack()
             self._on_publishes(got.publishes, self.connection_no)
         self._flush()  # what this read made us send leaves now, not on the loop's next pass
 
@@ -486,23 +483,14 @@ class _Connection(asyncio.BufferedProtocol):
         self.client = client
         self.decoder = pk.Decoder(version)
         self.transport: asyncio.Transport
-        self._sock: socket.socket | None = None
         self._buffer = bytearray(READ_SIZE)
         self._filled = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self._sock = transport.get_extra_info("socket")
 
     def send_now(self, data: bytes) -> None:
         self.transport.write(data)
-
-    def quickack(self) -> None:
-        if self._sock is not None:
-            try:
-                self._sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[arg-type]
-            except OSError:
-                self._sock = None  # not a TCP socket after all: never ask again
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._filled == len(self._buffer):  # one packet is larger than the buffer: make room for the rest

@@ -291,3 +291,33 @@ def test_a_queued_backlog_is_drained_with_at_most_max_inflight_messages_waiting_
         assert status["metrics"]["appended"] == backlog
     finally:
         gw.kill()
+
+
+def test_on_a_broker_with_stock_settings_a_burst_is_delivered_whole_within_its_window(tmp_path):
+    """mosquitto's defaults: 20 QoS 1 messages in flight per client (its Receive Maximum for us), Nagle's algorithm
+    on. The gateway keeps to the window (exceeding it gets an MQTT 5 client disconnected) and never waits on the
+    broker's delayed TCP ACKs with something to send, so a burst of 10 followers' deliveries goes through whole
+    on one connection. (How fast is the benchmark's question: benchmarks/RESULTS.md.)"""
+    from tests import servers
+
+    broker = servers.stock_mosquitto(tmp_path)
+    broker.start()
+    gw = GatewayProcess(tmp_path / "gw", broker.address, "--influx-api", "none", client_id=uid("gw"))
+    try:
+        device, fans = uid("dev"), [uid("fan") for _ in range(10)]
+        for fan in fans:
+            gw.run_cli("follow", fan, f"devices/{device}")
+        gw.start()
+        feeds = Collector(broker.address, "feeds/#")
+        n = 1000
+        publish_all(broker.address, [(f"devices/{device}/telemetry", reading(s)) for s in range(n)])
+        assert feeds.wait_count(10 * n, timeout=60), f"{len(feeds.messages)} of {10 * n}"
+        got = Counter((t.split("/")[1], json.loads(p)["payload"]["seq"]) for t, p, _ in feeds.messages)
+        assert got == Counter({(fan, s): 1 for fan in fans for s in range(n)})
+        status = gw.wait_status(lambda s: s["metrics"]["committed"] >= n)
+        assert status["metrics"]["mqtt_disconnects"] == 0
+        assert "broker window 20" in gw.output()
+        feeds.close()
+    finally:
+        gw.kill()
+        broker.kill()

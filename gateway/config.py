@@ -133,6 +133,9 @@ class AnomalyConfig:
     threshold: float = _f(0.0, "Score at or above which an event is flagged anomalous; 0 means the threshold "
                           "chosen at training time and recorded in the model (see models/anomaly/MODEL_CARD.md).",
                           _unit_interval)
+    episode_quiet: int = _f(0, "Unflagged readings in a row that end a device's anomaly episode (an alert is "
+                            "published when an episode starts and when it ends); 0 means the value recorded in the "
+                            "model.", _non_negative)
     max_series: int = _f(100_000, "Most (device, field) histories kept; the least recently seen is evicted.",
                          _positive)
 

@@ -74,7 +74,7 @@ def load_detector(cfg: Config) -> Detector | None:
     from gateway.filters.anomaly import AnomalyDetector
 
     return AnomalyDetector(cfg.model_path(), threshold=cfg.anomaly.threshold or None,
-                           max_series=cfg.anomaly.max_series)
+                           quiet=cfg.anomaly.episode_quiet or None, max_series=cfg.anomaly.max_series)
 
 
 def load_content_filter(cfg: Config) -> TextScorer | None:

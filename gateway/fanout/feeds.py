@@ -1,7 +1,7 @@
 """The feeds consumer: every event to every follower's own MQTT feed, and what it means for the counts.
 
     batch ──▶ per event: envelope (once) ──▶ followers (graph, in memory) ──▶ PUBLISH QoS 1, one per follower
-                  telemetry flagged anomalous ──▶ alerts/{device}
+                  telemetry that starts or ends an anomaly episode ──▶ alerts/{device}
                   post blocked by the content policy ──▶ quarantine/{author} + a notice to feeds/{author}/notices
                   reply ──▶ also its original's author; repost ──▶ the original, to the reposter's followers
           └──▶ the batch is done when the broker acknowledged all of its publishes; its impressions (deliveries of
@@ -89,7 +89,9 @@ class FeedsSink:
             if kind == KIND_TELEMETRY:
                 followers = followers_of(event.source)
                 verdict = event.verdict
-                if not followers and (verdict is None or not verdict.flagged):
+                # An alert when a device's anomaly episode starts or ends, not one per anomalous reading.
+                alert = verdict is not None and verdict.detail is not None and "episode" in verdict.detail
+                if not followers and not alert:
                     continue
                 body = envelope(event)
                 tail = f"/{event.source}/telemetry".encode()
@@ -99,7 +101,7 @@ class FeedsSink:
                         batch.pending -= 1
                         await self._publish_later(b"feeds/" + follower.encode() + tail, body, qos, batch)
                 deliveries += len(followers)
-                if verdict is not None and verdict.flagged:
+                if alert:
                     await self._send(alert_topic(event), body, 1, batch)
                     alerts += 1
                 continue

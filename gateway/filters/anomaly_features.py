@@ -1,192 +1,230 @@
-"""Scale-free features of one sample against its own field's recent history. Shared by training and inference.
+"""What "normal" is for one field of one device, learned online, and how far a new value is from it.
 
-The anomaly model never sees a raw value. Every feature compares the newest sample of a series (one field of one
-device) with that series' own recent window: deviations are measured in the series' own noise or spread, repeats
-against the series' own repeat rate, zeros against the series' own level. That is what lets one model score fields
-it never saw in training (a flow in L/min around 350 scores like a temperature around 21 °C).
+Shared by the gateway (gateway/filters/anomaly.py) and the training script (models/anomaly/train.py), so the model
+is trained on exactly the numbers it is served. Changing anything here changes what the model means: retrain; the
+detector refuses a model whose recorded feature names differ from `FEATURE_NAMES`.
 
-A window is a row of the last `n` values of a series, oldest first, the sample being scored last, with
-`MIN_HISTORY <= n <= WINDOW`. `window_features` takes many windows of the same length at once (the hot path scores a
-micro-batch as one matrix); `series_features` slides over a whole recorded series the way the detector would have
-seen it sample by sample, which is how the training script builds its data. Changing anything here changes what the
-model means: retrain, and the detector refuses a model whose recorded feature names differ from `FEATURE_NAMES`.
+Each series (a field of a device) keeps a few running statistics, updated in O(1) per value, with no window:
+
+    level, spread       exponentially weighted mean and variance of the value (a memory of about SLOW values)
+    fast mean           the same with a memory of about FAST values: a drift walks it away from the level
+    noise               exponentially weighted |step| between consecutive values, slow and fast
+    repeats, zeros      how often the series repeats its last value, or reads exactly 0.0, when normal
+    tails               its own 99th percentile of |deviation| and of |step|: real series are heavy-tailed, and a
+                        deviation that is routine for one is an alarm for another
+    daily profile       the mean and spread per hour of the day, once the series' timestamps span two days (load,
+                        traffic and temperatures follow the clock)
+    the last few values' deviations and steps
+
+A value is scored against the statistics as they were before it arrived; then it updates them. A value that looks
+anomalous by itself (far off the level, a 0.0 where zeros are rare, a run of repeats where repeats are rare) does not
+teach them, so an anomaly cannot make itself normal and its aftermath is judged against the history before it; a
+value that keeps looking like that for HOLD values in a row is the new normal (a sensor moved, a set-point changed)
+and is learned from then on. Every feature is scale-free (deviations in the series' own spread or noise, rates
+against the series' own rates), which is what lets one model score fields it never saw. A series is "warming" (not
+scored) for its first WARMUP values.
+
+About 3 us of Python per value; the state is a few floats per series, plus 72 once a daily profile starts.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-
-import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
-
-WINDOW = 48  # values per window, the scored one included
-MIN_HISTORY = 12  # a series is scored from its 12th value on ("warming" before that)
-RECENT = 8  # the "recent" part of a window; the rest is the "older" part
+import math
+from array import array
 
 FEATURE_NAMES: tuple[str, ...] = (
-    "z_level",  # value vs the window's median, in the window's robust spread (MAD)
-    "z_noise",  # the same deviation in units of the window's sample-to-sample noise
-    "z_step",  # the last step in noise units: spikes and dropouts start with a jump
-    "z_local",  # value vs the median of the recent part, in noise units
-    "roughness",  # spread / noise: how much slow movement (daily cycle, walk) the window has
-    "repeat_run",  # how many samples in a row repeated exactly the current value
-    "repeat_base",  # how often consecutive values are equal elsewhere in the window (quantised sensors repeat)
+    "z_level",  # (value - level) / spread
+    "z_step",  # (value - previous value) / noise
+    "z_drift",  # (fast mean - level) / spread: a walk away from normal
+    "noise_ratio",  # log(fast noise / slow noise): a burst of extra noise
+    "roughness",  # log(spread / noise): how much the series moves slowly besides its sample noise
+    "repeat_run",  # log(1 + how many times in a row the value repeated exactly)
+    "repeat_rarity",  # repeats in a row x how rarely this series repeats a value when normal
     "is_zero",  # the value is exactly 0.0
-    "zero_distance",  # how far the window's median lives from 0, in its spread
-    "zeros_recent",  # share of exact zeros among the recent values
-    "zeros_older",  # share of exact zeros in the older part
-    "burst",  # RMS of the recent steps over the window's noise
-    "outliers_recent",  # share of recent values beyond 3 spreads of the median
-    "slope_t",  # least-squares slope over the last 16 values, as total change in noise units
-    "trend_z",  # mean of the recent part vs median of the older part, in noise units
-    "monotony",  # how consistently the last 16 steps go the same way (drifts do)
-    "burst_short",  # RMS of the last 3 steps over the window's noise
-    "z_line",  # value vs a line through the last 15 values, extrapolated, in noise units
-    "fill",  # how full the window is (n / WINDOW); statistics of short windows are noisier
+    "zero_rarity",  # is_zero x how rarely this series reads 0.0 when normal
+    "zero_distance",  # |level| / spread: how far normal is from 0 (a 0.0 far from it is a dropout)
+    "z_daily",  # (value - this hour's mean) / this hour's spread; 0 until the daily profile is learned
+    "daily_known",  # 1 once the hour of this value has a learned profile
+    "level_tail",  # |z_level| against the series' own 99th percentile of it: how rare this deviation is here
+    "step_tail",  # |z_step| against the series' own 99th percentile of it
+    "z_fast",  # (value - fast mean) / spread: off the recent values, not only off the long-run level
+    "z_prev",  # z_level of the previous value: the second value of a short spike
+    "z_max3",  # the largest |z_level| of the last three values
+    "step_mean4",  # mean |z_step| of the last four values: a noise burst is large steps in both directions
+    "step_sign4",  # |sum of the signs of the last four steps| / 4: 1 for a ramp, near 0 for noise
 )
 
-_SLOPE_SPAN = 16
-_Z_CAP = 1e6  # before the log: keeps a perfectly flat history from producing infinities
-_LOG_CAP = float(np.log1p(_Z_CAP))
+SLOW = 64  # values of memory of the level, spread and noise
+FAST = 6  # values of memory of the fast mean and the fast noise
+WARMUP = 24  # values before a series is scored
+CLIP = 5.0  # spreads off the level beyond which a value is suspect, and at which learning clips it
+HOLD = 2 * SLOW  # suspect values in a row before they are taken for the new normal
+HOURS = 24
+DAILY_MIN = 8  # values seen in an hour of the day before its profile counts
+DAY_MS = 86_400_000
+HOUR_MS = 3_600_000
+TAIL_P = 0.01  # the tails tracked: the 99th percentiles
+
+_A_SLOW = 2.0 / (SLOW + 1)
+_A_FAST = 2.0 / (FAST + 1)
+_A_DAILY = 0.1  # per value in an hour of the day: a few days of memory for 5-minute data
+_TAIL_STEP = 0.05  # stochastic approximation of a quantile, on its logarithm (scale-free)
+_TAIL_START = math.log(3.0)
+_Z_CAP = 1e6
 
 
-def _slog(x: np.ndarray) -> np.ndarray:
-    """Signed log1p: keeps the order and sign of a ratio, tames its range (a stuck history divides by ~0)."""
-    x = np.minimum(np.maximum(x, -_Z_CAP), _Z_CAP)  # np.clip, without its Python-level wrapper
-    return np.sign(x) * np.log1p(np.abs(x))
+_log, _log1p, _exp, _sqrt = math.log, math.log1p, math.exp, math.sqrt
+_LOG_CAP = math.log1p(_Z_CAP)
 
 
-def _median(x: np.ndarray) -> np.ndarray:
-    """The median of each row, bit for bit what np.median(x, axis=1) gives for finite values, at a fraction of its
-    cost: one partition at the middle (two for an even length, averaged as np.median averages them)."""
-    m = x.shape[1]
-    half = m // 2
-    if m % 2:
-        return np.partition(x, half, axis=1)[:, half]
-    part = np.partition(x, (half - 1, half), axis=1)
-    return (part[:, half - 1] + part[:, half]) / 2.0
+def _slog(x: float) -> float:
+    """Signed log1p, capped: keeps the order and sign of a ratio and tames its range (a flat history divides by
+    almost nothing)."""
+    if x >= 0.0:
+        return _log1p(x) if x < _Z_CAP else _LOG_CAP
+    return -_log1p(-x) if x > -_Z_CAP else -_LOG_CAP
 
 
-def _repeat_run(hist: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """How many values at the end of each history row equal the row's `v` exactly, counting back from the end."""
-    differs = hist[:, ::-1] != v[:, None]
-    # argmax finds the first differing value counting back; a row where none differs repeats all the way.
-    return np.where(differs.any(axis=1), differs.argmax(axis=1), hist.shape[1])
+class Series:
+    """The running statistics of one field of one device."""
+
+    __slots__ = ("n", "level", "var", "fast", "noise", "noise_fast", "last", "run", "repeat_rate", "zero_rate",
+                 "tail_level", "tail_step", "z1", "z2", "steps", "signs", "held", "first_day", "daily")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.level = self.var = self.fast = self.noise = self.noise_fast = self.last = 0.0
+        self.run = 0  # repeats of the last value in a row
+        self.repeat_rate = self.zero_rate = 0.0
+        self.tail_level = self.tail_step = _TAIL_START  # logs of the tracked 99th percentiles of |z|, |z_step|
+        self.z1 = self.z2 = 0.0  # z_level (signed log) of the previous two values
+        self.steps = (0.0, 0.0, 0.0)  # |z_step| of the previous three values
+        self.signs = (0, 0, 0)  # the signs of the previous three steps
+        self.held = 0  # suspect values in a row (the first HOLD of them do not teach the statistics)
+        self.first_day = -1
+        self.daily: array | None = None  # per hour of the day: mean, mean square, count, once a second day is seen
 
 
-# Where each feature lands in the output. The ratio features are computed as one matrix each for the "in noise
-# units" and the "in spread units" ones, then go through one signed log: with the few rows of a micro-batch,
-# numpy's cost per call, not the arithmetic, is what a feature costs (for 28 rows, 208 -> 129 us).
-_COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
-_PER_NOISE = ("z_noise", "z_step", "z_local", "roughness", "burst", "slope_t", "trend_z", "burst_short", "z_line")
-_PER_SPREAD = ("z_level", "zero_distance")
-_RATIO_COLS = np.array([_COL[name] for name in _PER_NOISE + _PER_SPREAD])
-_N = {name: i for i, name in enumerate(_PER_NOISE)}  # columns of the numerators divided by the noise
-_S = {name: i for i, name in enumerate(_PER_SPREAD)}  # and by the spread
+def observe(s: Series, x: float, ts_ms: int) -> tuple[float, ...] | None:
+    """The features of value `x` at `ts_ms` against series `s`, then `s` updated with it. None while warming."""
+    n = s.n
+    if n == 0:
+        s.n = 1
+        s.level = s.fast = s.last = x
+        s.first_day = ts_ms // DAY_MS
+        s.zero_rate = 1.0 if x == 0.0 else 0.0
+        return None
+    level, last = s.level, s.last
+    # Floors: a perfectly flat history has neither spread nor noise; measure against a sliver of the level instead.
+    floor = 1e-9 + 1e-6 * abs(level)
+    noise = s.noise if s.noise > floor else floor
+    spread = _sqrt(s.var)
+    if spread < 0.5 * noise:
+        spread = 0.5 * noise if 0.5 * noise > floor else floor
+    dev = x - level
+    z = dev / spread
+    az = abs(z)
+    step = x - last
+    z_step = step / noise
+    az_step = abs(z_step)
+    step_sign = 1 if step > 0 else -1 if step < 0 else 0
+    repeat = step == 0.0
+    run = s.run + 1 if repeat else 0
+    zero = 1.0 if x == 0.0 else 0.0
+    hour = (ts_ms // HOUR_MS) % HOURS
+    tail_level, tail_step = _exp(s.tail_level), _exp(s.tail_step)
+    z_log = _slog(z)
+    scored = n >= WARMUP
+    features = None
+    if scored:
+        z_daily = known = 0.0
+        daily = s.daily
+        if daily is not None and daily[2 * HOURS + hour] >= DAILY_MIN:
+            mean = daily[hour]
+            var = daily[HOURS + hour] - mean * mean
+            sd = _sqrt(var) if var > 0.0 else 0.0
+            if sd < 0.25 * spread:
+                sd = 0.25 * spread
+            z_daily = _slog((x - mean) / (sd if sd > floor else floor))
+            known = 1.0
+        steps = s.steps
+        signs = s.signs
+        z1 = s.z1
+        az1, az2, azl = abs(z1), abs(s.z2), abs(z_log)
+        features = (
+            z_log,
+            _slog(z_step),
+            _slog((s.fast - level) / spread),
+            _log((s.noise_fast if s.noise_fast > floor else floor) / noise),
+            _log(spread / noise),
+            _log1p(run),
+            run * (1.0 - s.repeat_rate),
+            zero,
+            zero * (1.0 - s.zero_rate),
+            _slog(abs(level) / spread),
+            z_daily,
+            known,
+            _slog(az / tail_level),
+            _slog(az_step / tail_step),
+            _slog((x - s.fast) / spread),
+            z1,
+            az1 if az1 >= az2 and az1 >= azl else az2 if az2 >= azl else azl,
+            _slog((az_step + steps[0] + steps[1] + steps[2]) / 4.0),
+            abs(step_sign + signs[0] + signs[1] + signs[2]) / 4.0,
+        )
+    u = x
+    if scored and (az > CLIP or (zero and s.zero_rate < 0.05) or (run >= 3 and s.repeat_rate < 0.3)):
+        s.held += 1
+    else:
+        s.held = 0
+    if s.held == 0 or s.held > HOLD:  # a suspect value is judged, not learned from, unless it has become the rule
+        if scored:  # clipped, so one wild value moves the statistics only so far
+            if z > CLIP:
+                u = level + CLIP * spread
+            elif z < -CLIP:
+                u = level - CLIP * spread
+        d = u - level
+        s.level = level + _A_SLOW * d
+        s.var = (1.0 - _A_SLOW) * (s.var + _A_SLOW * d * d)
+        s.fast += _A_FAST * (u - s.fast)
+        du = abs(u - last)
+        s.noise += _A_SLOW * (du - s.noise)
+        s.noise_fast += _A_FAST * (du - s.noise_fast)
+        s.repeat_rate += _A_SLOW * ((1.0 if repeat else 0.0) - s.repeat_rate)
+        s.zero_rate += _A_SLOW * (zero - s.zero_rate)
+    if n >= WARMUP // 2:
+        s.tail_level += _TAIL_STEP * ((1.0 if az > tail_level else 0.0) - TAIL_P)
+        s.tail_step += _TAIL_STEP * ((1.0 if az_step > tail_step else 0.0) - TAIL_P)
+    s.run = run
+    s.last = x
+    s.n = n + 1
+    s.z2 = s.z1
+    s.z1 = z_log
+    steps = s.steps
+    s.steps = (az_step, steps[0], steps[1])
+    signs = s.signs
+    s.signs = (step_sign, signs[0], signs[1])
+    if ts_ms // DAY_MS > s.first_day:  # a second day: the daily profile starts, and stays for the series' life
+        daily = s.daily
+        if daily is None:
+            daily = s.daily = array("d", [0.0] * (3 * HOURS))
+        count = daily[2 * HOURS + hour]
+        a = _A_DAILY if count >= 1.0 / _A_DAILY else 1.0 / (count + 1.0)
+        daily[hour] += a * (u - daily[hour])
+        daily[HOURS + hour] += a * (u * u - daily[HOURS + hour])
+        daily[2 * HOURS + hour] = count + 1.0
+    return features
 
 
-@lru_cache(maxsize=None)
-def _centred_ramp(length: int) -> tuple[np.ndarray, float]:
-    """0..length-1 minus its mean, and its dot product with itself: the fixed half of a least-squares slope."""
-    x = np.arange(length, dtype=np.float64)
-    x -= x.mean()
-    return x, float(x @ x)
-
-
-def window_features(windows: np.ndarray) -> np.ndarray:
-    """Features of the last value of each row. `windows`: (rows, n) float64, oldest first. Returns (rows, F) float32.
-
-    Means are written as sums divided by the count: that is what numpy's mean computes, bit for bit, without its
-    Python-level overhead.
-    """
-    w = np.asarray(windows, dtype=np.float64)
-    rows, n = w.shape
-    if not MIN_HISTORY <= n <= WINDOW:
-        raise ValueError(f"window length must be within [{MIN_HISTORY}, {WINDOW}], got {n}")
-    if rows == 0:
-        return np.empty((0, len(FEATURE_NAMES)), dtype=np.float32)
-
-    out = np.empty((rows, len(FEATURE_NAMES)), dtype=np.float64)
-    per_noise = np.empty((rows, len(_PER_NOISE)), dtype=np.float64)  # numerators, divided by the noise below
-    per_spread = np.empty((rows, len(_PER_SPREAD)), dtype=np.float64)
-    with np.errstate(all="ignore"):
-        v = w[:, -1]
-        hist = w[:, :-1]
-        med = _median(hist)
-        tiny = 1e-9 * (1.0 + np.abs(med))  # a flat history still gets a (tiny) positive scale
-
-        steps = np.diff(w, axis=1)  # (rows, n-1); the last one ends at the scored value
-        hist_steps = np.sort(np.abs(steps[:, :-1]), axis=1)
-        k = hist_steps.shape[1]
-        # Sample-to-sample noise from the history's steps, robust to a burst filling half the window or more: the
-        # lower quartile step and the mean of the lower half (both ~1/3 of the typical step for Gaussian noise).
-        # A quantised sensor whose steps are mostly 0 falls back to a fraction of the mean step.
-        noise = np.maximum(3.0 * hist_steps[:, k // 4], 3.0 * (hist_steps[:, : k // 2].sum(axis=1) / (k // 2)))
-        noise = np.maximum(np.maximum(noise, 0.5 * (hist_steps.sum(axis=1) / k)), tiny)
-        # The spread of levels is at least the noise: a quantised history can have a MAD of exactly 0.
-        spread = np.maximum(1.4826 * _median(np.abs(hist - med[:, None])), noise)
-
-        dev = v - med
-        per_spread[:, _S["z_level"]] = dev
-        per_spread[:, _S["zero_distance"]] = np.abs(med)
-        per_noise[:, _N["z_noise"]] = dev
-        per_noise[:, _N["z_step"]] = steps[:, -1]
-        per_noise[:, _N["z_local"]] = v - _median(hist[:, -RECENT:])
-        per_noise[:, _N["roughness"]] = spread
-
-        # How many values right before the scored one equal it exactly (0 = no repeat).
-        run = _repeat_run(hist, v)
-        out[:, _COL["repeat_run"]] = np.log1p(run)
-        zero_steps = (steps == 0.0).sum(axis=1)
-        out[:, _COL["repeat_base"]] = (zero_steps - run) / np.maximum(n - 1 - run, 1)
-
-        zero = w == 0.0
-        out[:, _COL["is_zero"]] = zero[:, -1]
-        out[:, _COL["zeros_recent"]] = zero[:, -RECENT:].sum(axis=1, dtype=np.float64) / RECENT
-        out[:, _COL["zeros_older"]] = zero[:, :-RECENT].sum(axis=1, dtype=np.float64) / (n - RECENT)
-
-        per_noise[:, _N["burst"]] = np.sqrt((steps[:, -RECENT:] ** 2).sum(axis=1) / RECENT)
-        out[:, _COL["outliers_recent"]] = (np.abs(w[:, -RECENT:] - med[:, None]) > 3.0 * spread[:, None]).sum(
-            axis=1, dtype=np.float64) / RECENT
-
-        span = min(_SLOPE_SPAN, n)
-        x, xx = _centred_ramp(span)
-        tail = w[:, -span:]
-        slope = (tail - tail.sum(axis=1, keepdims=True) / span) @ x / xx
-        per_noise[:, _N["slope_t"]] = slope * span  # the total change over the span
-        per_noise[:, _N["trend_z"]] = w[:, -RECENT:].sum(axis=1) / RECENT - _median(w[:, :-RECENT])
-        out[:, _COL["monotony"]] = np.abs(np.sign(steps[:, -(span - 1):]).sum(axis=1) / (span - 1))
-        per_noise[:, _N["burst_short"]] = np.sqrt((steps[:, -3:] ** 2).sum(axis=1) / 3)
-
-        # The value against a straight line through the values before it, extrapolated one step: a slow trend
-        # (the daily cycle at long sample intervals) moves the median but not this.
-        prev = hist[:, -(span - 1):]
-        xp, xpxp = _centred_ramp(span - 1)
-        prev_mean = prev.sum(axis=1) / (span - 1)
-        prev_slope = (prev - prev_mean[:, None]) @ xp / xpxp
-        per_noise[:, _N["z_line"]] = v - (prev_mean + prev_slope * (xp[-1] + 1.0))
-
-        out[:, _RATIO_COLS] = _slog(np.concatenate((per_noise / noise[:, None], per_spread / spread[:, None]),
-                                                   axis=1))
-        out[:, _COL["fill"]] = n / WINDOW
-    # Only absurd inputs (values near the float limits) get here; they must not poison the model's input. The check
-    # first: nan_to_num costs more than all the ratio features together and almost never has anything to do.
-    if not np.isfinite(out).all():
-        np.nan_to_num(out, copy=False, nan=0.0, posinf=_LOG_CAP, neginf=-_LOG_CAP)
-    return out.astype(np.float32)
-
-
-def series_features(values: np.ndarray) -> np.ndarray:
-    """Features of every scorable sample of one series, as the detector would have computed them one by one.
-
-    Row `i` describes sample `MIN_HISTORY - 1 + i`: its window is the up to `WINDOW` values ending there.
-    """
-    x = np.asarray(values, dtype=np.float64)
-    if x.ndim != 1:
-        raise ValueError("a series is one-dimensional")
-    parts = [window_features(x[None, : end + 1]) for end in range(MIN_HISTORY - 1, min(WINDOW - 1, len(x)))]
-    if len(x) >= WINDOW:
-        parts.append(window_features(sliding_window_view(x, WINDOW)))
-    if not parts:
-        return np.empty((0, len(FEATURE_NAMES)), dtype=np.float32)
-    return np.concatenate(parts)
+def series_features(values: list[float], timestamps: list[int]) -> tuple[list[tuple[float, ...]], list[int]]:
+    """A whole recorded series as the detector sees it value by value: the features of every scored value, and the
+    index of each (the training script's view)."""
+    s = Series()
+    rows: list[tuple[float, ...]] = []
+    at: list[int] = []
+    for i, (x, ts) in enumerate(zip(values, timestamps)):
+        f = observe(s, x, ts)
+        if f is not None:
+            rows.append(f)
+            at.append(i)
+    return rows, at

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class Detector(Protocol):
-    def score(self, items: Sequence[tuple[str, Mapping[str, float]]]) -> list[Verdict]: ...
+    def score(self, items: Sequence[tuple[str, Mapping[str, float], int]]) -> list[Verdict]: ...
 
 
 class TextScorer(Protocol):
@@ -46,7 +46,7 @@ class Filters:
             at = [i for i, r in enumerate(records) if r.kind == KIND_TELEMETRY]
             if at:
                 verdicts = self._finite(self.detector.score(
-                    [(records[i].source, measurements(records[i].payload)) for i in at]))
+                    [(records[i].source, measurements(records[i].payload), records[i].ts_ms) for i in at]))
                 for i, v in zip(at, verdicts):
                     out[i] = v
                 flagged = sum(1 for v in verdicts if v is not None and v.flagged)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
 import threading
 import time
@@ -12,6 +13,7 @@ from collections import Counter
 import pytest
 
 from tests.gateway_process import GatewayProcess
+from tests.servers import REPO
 from tests.mqtt_helpers import Collector, publish_all
 
 pytestmark = pytest.mark.integration
@@ -184,24 +186,42 @@ def test_a_follow_added_with_the_cli_reaches_a_running_gateway(mosquitto, gatewa
     feed.close()
 
 
-def test_anomalous_readings_are_flagged_delivered_and_alerted(mosquitto, gateway):
+def test_an_anomaly_is_flagged_delivered_and_alerted_once_as_an_episode(mosquitto, gateway):
     device = uid("dev")
     gateway.run_cli("follow", "hank", f"devices/{device}")
     gateway.start()
     feed = Collector(mosquitto.address, "feeds/hank/#")
     alerts = Collector(mosquitto.address, f"alerts/{device}")
-    # A steady, slightly noisy signal, then one reading far outside its own history.
-    values = [20.0 + 0.1 * ((s * 7919) % 11 - 5) for s in range(60)] + [95.0] + [20.0] * 3
+    # A steady, slightly noisy signal, one reading far outside its own history, then the same signal again for
+    # longer than the model's quiet spell that ends an episode.
+    rng = random.Random(0)  # the detector is deterministic: this series is calm apart from the one reading
+    noisy = [round(20.0 + rng.gauss(0, 0.1), 2) for _ in range(160)]
+    values = noisy[:60] + [95.0] + noisy[61:]
+    quiet = gateway_model_quiet()
     publish_all(mosquitto.address, [(f"devices/{device}/telemetry", reading(s, v)) for s, v in enumerate(values)])
     assert feed.wait_count(len(values))
-    assert alerts.wait_count(1)
+    assert alerts.wait_count(2)
     spike = next(m for m in feed.json() if m["payload"]["seq"] == 60)
     assert spike["verdicts"][0]["flagged"] is True
-    assert json.loads(alerts.messages[0][1])["payload"]["seq"] == 60
-    calm = [m for m in feed.json() if 20 <= m["payload"]["seq"] < 60]
-    assert sum(m["verdicts"][0]["flagged"] for m in calm) <= 2
+    calm = [m for m in feed.json() if 20 <= m["payload"]["seq"] < 160 and m["payload"]["seq"] != 60]
+    assert not any(m["verdicts"][0]["flagged"] for m in calm)
+    start, end = alerts.json()
+    assert (start["payload"]["seq"], start["verdicts"][0]["detail"]["episode"]) == (60, "start")
+    assert (end["payload"]["seq"], end["verdicts"][0]["detail"]["episode"]) == (60 + quiet, "end")
+    # Deliveries and alerts are counted in the same pass: once every delivery is counted, so is every alert.
+    status = gateway.wait_status(lambda st: st["metrics"]["delivered"] >= len(values))
+    assert status["metrics"]["alerts"] == 2, "one alert per episode start and end, not per reading"
     feed.close()
     alerts.close()
+
+
+def gateway_model_quiet() -> int:
+    """The episode rule recorded in the committed model (the gateway runs it with the default config)."""
+    import onnxruntime as ort
+
+    model = REPO / "models" / "anomaly" / "anomaly.onnx"
+    meta = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    return int(meta["episode_quiet"])
 
 
 def test_the_gateway_also_speaks_mqtt_3_1_1(mosquitto, tmp_path):

@@ -3,11 +3,14 @@
 The device kind used here, "water" (flow_lpm around 350 L/min, line_pressure_bar around 4, water_temp_c around 12),
 was never part of the model's training data (see models/anomaly/MODEL_CARD.md): the filter must work on fields it
 has never seen, from their own history.
+
+    python -m tests.unit.test_anomaly_filter      rewrites tests/data/anomaly_features.npz (only with a new model)
 """
 
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +21,13 @@ import pytest
 from firmware_sim.signals import ANOMALY_TYPES, DeviceSignal
 from gateway.event import Verdict
 from gateway.filters.anomaly import AnomalyDetector, ModelMetadataError
-from gateway.filters.anomaly_features import FEATURE_NAMES, MIN_HISTORY, WINDOW, series_features, window_features
+from gateway.filters.anomaly_features import DAY_MS, FEATURE_NAMES, HOLD, WARMUP, Series, observe, series_features
 from tests.recording_session import RecordingSession
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "anomaly" / "anomaly.onnx"
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "anomaly_features.npz"
+GOLDEN_EVERY = 4  # a quarter of the rows are kept: enough to catch a changed feature, a quarter of the file
+META = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
 
 
 @pytest.fixture
@@ -33,32 +39,42 @@ def stream(detector: AnomalyDetector, signal: DeviceSignal, n: int, batch: int =
     out: list[Verdict] = []
     source = f"devices/{signal.device_id}"
     for start in range(0, n, batch):
-        out.extend(detector.score([(source, signal.next().fields) for _ in range(min(batch, n - start))]))
+        readings = [signal.next() for _ in range(min(batch, n - start))]
+        out.extend(detector.score([(source, r.fields, r.ts_ms) for r in readings]))
     return out
 
 
+def episodes(verdicts: list[Verdict]) -> list[str]:
+    return [v.detail["episode"] for v in verdicts if v.detail and "episode" in v.detail]
+
+
+# --- verdicts --------------------------------------------------------------------------------------------------
+
+
 def test_the_verdict_names_the_model_and_version_from_the_model_metadata(detector):
-    meta = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
-    verdicts = stream(detector, DeviceSignal("pump-0001", 1, "water"), 20)
-    assert {(v.model, v.version) for v in verdicts} == {(meta["name"], meta["version"])}
-    assert (meta["name"], meta["version"]) == ("sensor-anomaly", "1.1.1")
-    assert detector.threshold == float(meta["threshold"])
+    verdicts = stream(detector, DeviceSignal("pump-0001", 1, "water"), 40)
+    assert {(v.model, v.version) for v in verdicts} == {(META["name"], META["version"])}
+    assert (META["name"], META["version"]) == ("sensor-anomaly", "2.0.0")
+    assert detector.threshold == float(META["threshold"])
+    assert detector.quiet == int(META["episode_quiet"])
 
 
 def test_a_new_series_is_warming_until_it_has_enough_history(detector):
-    verdicts = stream(detector, DeviceSignal("pump-0001", 1, "water"), MIN_HISTORY + 5, batch=7)
-    assert [v.label for v in verdicts[: MIN_HISTORY - 1]] == ["warming"] * (MIN_HISTORY - 1)
-    assert not any(v.flagged or v.score for v in verdicts[: MIN_HISTORY - 1])
-    assert all(v.label != "warming" for v in verdicts[MIN_HISTORY - 1:])
+    verdicts = stream(detector, DeviceSignal("pump-0001", 1, "water"), WARMUP + 5, batch=7)
+    assert [v.label for v in verdicts[:WARMUP]] == ["warming"] * WARMUP
+    assert not any(v.flagged or v.score for v in verdicts[:WARMUP])
+    assert all(v.label != "warming" for v in verdicts[WARMUP:])
 
 
-def test_a_clean_stream_is_rarely_flagged(detector):
-    flagged = total = 0
+def test_a_clean_stream_is_rarely_flagged_and_raises_few_alerts(detector):
+    flagged = total = alerts = 0
     for d in range(3):
         verdicts = stream(detector, DeviceSignal(f"pump-{d:04d}", 7, "water", interval_ms=5000), 1500, batch=256)
         flagged += sum(v.flagged for v in verdicts)
+        alerts += episodes(verdicts).count("start")
         total += len(verdicts)
-    assert flagged / total < 0.02, f"{flagged} of {total} clean events flagged"
+    assert flagged / total < 0.02, f"{flagged} of {total} clean readings flagged"
+    assert alerts <= 0.005 * total and alerts < flagged / 2, f"{alerts} episodes, {flagged} flagged readings"
 
 
 @pytest.mark.parametrize(
@@ -68,77 +84,163 @@ def test_a_clean_stream_is_rarely_flagged(detector):
 def test_an_injected_anomaly_on_an_unseen_field_is_flagged_with_its_type(detector, anomaly, length, magnitude):
     signal = DeviceSignal("pump-0042", 3, "water", interval_ms=5000)
     before = stream(detector, signal, 300)
-    assert not any(v.flagged for v in before[-50:]), "the lead-in must be quiet for this test to mean anything"
+    assert not any(v.flagged for v in before[-100:]), "the lead-in must be quiet for this test to mean anything"
 
     signal.inject("flow_lpm", anomaly, length=length, magnitude=magnitude)
     during = stream(detector, signal, length, batch=length)
 
-    hits = [v for v in during if v.flagged and v.detail and v.detail["fields"].get("flow_lpm") == anomaly]
+    hits = [v for v in during if v.flagged and v.detail["fields"].get("flow_lpm") == anomaly]
     assert hits, [v.as_dict() for v in during]
-    assert all(v.label == anomaly for v in hits if v.detail == {"fields": {"flow_lpm": anomaly}})
+    assert all(v.label == anomaly for v in hits if v.detail["fields"] == {"flow_lpm": anomaly})
     assert max(v.score for v in during) >= detector.threshold
+
+
+@pytest.mark.parametrize("spread", [0.01, 0.1, 1.0])
+@pytest.mark.parametrize("spreads_off", [30, 100, 1000])
+def test_a_reading_far_off_its_series_normal_is_flagged_as_a_spike(spread, spreads_off):
+    """However far: the forest cannot extrapolate beyond its training data, which must reach that far."""
+    detector = AnomalyDetector(MODEL)
+    rng = random.Random(f"{spread}/{spreads_off}")
+    values = [round(20.0 + rng.gauss(0, spread), 2) for _ in range(200)] + [20.0 + spreads_off * spread]
+    verdicts = detector.score([("devices/x", {"temperature": v, "humidity": 40.0 + rng.gauss(0, 1)}, 60_000 * i)
+                               for i, v in enumerate(values)])
+    assert verdicts[-1].flagged and verdicts[-1].detail["fields"] == {"temperature": "spike"}
 
 
 def test_a_flagged_verdict_lists_only_the_flagged_fields(detector):
     signal = DeviceSignal("pump-0050", 4, "water", interval_ms=5000)
     stream(detector, signal, 200)
     signal.inject("line_pressure_bar", "dropout", length=3)
-    v = detector.score([("devices/pump-0050", signal.next().fields)])[0]
+    r = signal.next()
+    v = detector.score([("devices/pump-0050", r.fields, r.ts_ms)])[0]
     assert v.flagged and v.label == "dropout"
-    assert v.detail == {"fields": {"line_pressure_bar": "dropout"}}
-    assert v.as_dict()["detail"] == {"fields": {"line_pressure_bar": "dropout"}}
+    assert v.detail == {"fields": {"line_pressure_bar": "dropout"}, "episode": "start"}
+    assert v.as_dict()["detail"] == v.detail
+
+
+# --- episodes --------------------------------------------------------------------------------------------------
+
+
+def test_an_anomaly_is_one_episode_with_a_start_and_an_end(detector):
+    signal = DeviceSignal("pump-0060", 4, "water", interval_ms=5000)
+    stream(detector, signal, 300)
+    signal.inject("flow_lpm", "stuck", length=40)
+    verdicts = stream(detector, signal, 40 + detector.quiet + 10, batch=16)
+    marks = [(i, v.detail["episode"]) for i, v in enumerate(verdicts) if v.detail and "episode" in v.detail]
+    assert [m for _, m in marks] == ["start", "end"], marks
+    (start, _), (end, _) = marks
+    assert verdicts[start].flagged
+    # The end falls on the reading that completed `quiet` unflagged ones in a row, none flagged in between.
+    assert not any(v.flagged for v in verdicts[end - detector.quiet + 1:end + 1])
+    assert verdicts[end - detector.quiet].flagged
+
+
+def test_flagged_readings_inside_an_episode_raise_no_new_alert():
+    detector = AnomalyDetector(MODEL, quiet=5)
+    signal = DeviceSignal("pump-0061", 4, "water", interval_ms=5000)
+    stream(detector, signal, 300)
+    for _ in range(3):  # spikes closer together than `quiet`: one episode
+        signal.inject("flow_lpm", "spike", length=1, magnitude=20.0)
+        verdicts = stream(detector, signal, 3, batch=3)
+        assert verdicts[0].flagged
+        assert detector.in_episode("devices/pump-0061")
+    assert episodes(verdicts) == []
+    rest = stream(detector, signal, 30, batch=30)
+    assert episodes(rest) == ["end"]
+    assert not detector.in_episode("devices/pump-0061")
+
+
+def test_episodes_are_kept_per_device():
+    detector = AnomalyDetector(MODEL, quiet=4)
+    a, b = DeviceSignal("pump-0070", 4, "water", interval_ms=5000), DeviceSignal("pump-0071", 5, "water",
+                                                                               interval_ms=5000)
+    for _ in range(300):
+        ra, rb = a.next(), b.next()
+        detector.score([("devices/a", ra.fields, ra.ts_ms), ("devices/b", rb.fields, rb.ts_ms)])
+    a.inject("flow_lpm", "dropout", length=3)
+    ra, rb = a.next(), b.next()
+    va, vb = detector.score([("devices/a", ra.fields, ra.ts_ms), ("devices/b", rb.fields, rb.ts_ms)])
+    assert va.detail["episode"] == "start" and not vb.flagged
+    assert detector.in_episode("devices/a") and not detector.in_episode("devices/b")
+
+
+def test_the_episode_rule_can_be_overridden_and_is_checked():
+    assert AnomalyDetector(MODEL, quiet=3).quiet == 3
+    with pytest.raises(ValueError, match="quiet"):
+        AnomalyDetector(MODEL, quiet=0)
+    with pytest.raises(ValueError, match="threshold"):
+        AnomalyDetector(MODEL, threshold=1.5)
+
+
+# --- batching and the series cache ------------------------------------------------------------------------------
 
 
 def test_one_onnx_run_per_score_call(detector):
     recorder = RecordingSession(detector.session)
     detector.session = recorder
     signals = [DeviceSignal(f"pump-{i:04d}", 5, "water") for i in range(40)]
-    for _ in range(6):
-        detector.score([(f"devices/{s.device_id}", s.next().fields) for k in range(256) for s in [signals[k % 40]]])
-    # The first batch gives each device 6 or 7 values: all warming, nothing to run. Then one run per batch.
+
+    def batch(n: int) -> list[tuple[str, dict, int]]:
+        out = []
+        for k in range(n):
+            s = signals[k % 40]
+            r = s.next()
+            out.append((f"devices/{s.device_id}", r.fields, r.ts_ms))
+        return out
+
+    detector.score(batch(WARMUP * 40))  # every series warms up: nothing to run
+    assert recorder.runs == 0
+    for _ in range(5):
+        detector.score(batch(256))
     assert recorder.runs == 5
-    # A burst from one device, long enough that its ring wraps within the batch, is still one run.
-    detector.score([("devices/pump-0000", signals[0].next().fields) for _ in range(3 * WINDOW)])
+    detector.score(batch(3) * 100)  # the same few devices many times over: still one run, every field of every item
     assert recorder.runs == 6
-    assert recorder.feeds[-1].shape == (3 * WINDOW * 3, len(FEATURE_NAMES))  # every field of every event
+    assert recorder.feeds[-1].shape == (300 * 3, len(FEATURE_NAMES))
 
 
-def test_a_batch_scores_exactly_like_the_same_events_one_by_one():
-    batched, single = AnomalyDetector(MODEL), AnomalyDetector(MODEL)
+def test_a_batch_scores_exactly_like_the_same_readings_one_by_one():
+    batched, single = AnomalyDetector(MODEL, quiet=6), AnomalyDetector(MODEL, quiet=6)
     a = DeviceSignal("pump-0001", 9, "water", anomaly_rate=0.02)
     b = DeviceSignal("pump-0002", 9, "water", anomaly_rate=0.02)
-    # Interleaved devices, and bursts of one device longer than a window, across the warm-up boundary.
-    items = [("devices/pump-0001", a.next().fields) for _ in range(5)]
-    items += [(f"devices/pump-000{1 + i % 2}", (a if i % 2 == 0 else b).next().fields) for i in range(200)]
-    items += [("devices/pump-0002", b.next().fields) for _ in range(2 * WINDOW + 7)]
+
+    def item(source: str, s: DeviceSignal) -> tuple[str, dict, int]:
+        r = s.next()
+        return source, r.fields, r.ts_ms
+
+    # Interleaved devices, and long bursts of one device, across the warm-up boundary.
+    items = [item("devices/pump-0001", a) for _ in range(5)]
+    items += [item(f"devices/pump-000{1 + i % 2}", a if i % 2 == 0 else b) for i in range(200)]
+    items += [item("devices/pump-0002", b) for _ in range(400)]
     in_batches: list[Verdict] = []
     for start in range(0, len(items), 150):
         in_batches.extend(batched.score(items[start:start + 150]))
-    one_by_one = [single.score([item])[0] for item in items]
-    assert [v.label for v in in_batches] == [v.label for v in one_by_one]
-    assert [v.flagged for v in in_batches] == [v.flagged for v in one_by_one]
+    one_by_one = [single.score([it])[0] for it in items]
+    assert [(v.label, v.flagged, v.detail) for v in in_batches] == [(v.label, v.flagged, v.detail) for v in one_by_one]
     np.testing.assert_allclose([v.score for v in in_batches], [v.score for v in one_by_one], atol=1e-6)
+    assert sum(v.flagged for v in one_by_one) > 10, "the stream must hold anomalies for this test to mean anything"
 
 
 def test_the_detector_computes_the_features_the_training_script_computed(detector):
-    """Ring windows cut on the hot path equal the windows `series_features` slides over a recorded series."""
+    """Series fed one batch at a time on the hot path give the features `series_features` gives a recorded series."""
     signal = DeviceSignal("pump-0003", 2, "water", anomaly_rate=0.05)
-    values = np.array([signal.next().fields["flow_lpm"] for _ in range(150)])
+    readings = [signal.next() for _ in range(300)]
     recorder = RecordingSession(detector.session)
     detector.session = recorder
-    for start in range(0, len(values), 13):
-        detector.score([("devices/pump-0003", {"flow_lpm": float(x)}) for x in values[start:start + 13]])
-    np.testing.assert_array_equal(np.concatenate(recorder.feeds), series_features(values))
+    for start in range(0, len(readings), 13):
+        detector.score([("devices/pump-0003", {"flow_lpm": r.fields["flow_lpm"]}, r.ts_ms)
+                        for r in readings[start:start + 13]])
+    rows, _ = series_features([r.fields["flow_lpm"] for r in readings], [r.ts_ms for r in readings])
+    np.testing.assert_array_equal(np.concatenate(recorder.feeds), np.asarray(rows, dtype=np.float32))
 
 
 def test_the_series_cap_evicts_the_least_recently_updated_series():
     detector = AnomalyDetector(MODEL, max_series=8)
     for i in range(5):
-        detector.score([(f"devices/d{i}", {"a": 1.0, "b": 2.0})])
+        detector.score([(f"devices/d{i}", {"a": 1.0, "b": 2.0}, 0)])
     assert detector.tracked == 8
     assert detector.evicted == 2  # d0's two fields went first
-    # d0 is back with no history: warming again; d4 kept its single value and is warming too, but stays tracked.
-    v = detector.score([("devices/d0", {"a": 1.0})])[0]
+    # d0 is back with no history: warming again.
+    v = detector.score([("devices/d0", {"a": 1.0}, 1000)])[0]
     assert v.label == "warming"
     assert detector.tracked == 8
 
@@ -148,7 +250,8 @@ def test_a_device_inventing_field_names_cannot_grow_the_cache():
     honest = DeviceSignal("pump-0001", 1, "water")
     for i in range(50):
         hostile = {f"f{i}_{j}": float(j) for j in range(40)}
-        verdicts = detector.score([("devices/evil", hostile), ("devices/pump-0001", honest.next().fields)])
+        r = honest.next()
+        verdicts = detector.score([("devices/evil", hostile, r.ts_ms), ("devices/pump-0001", r.fields, r.ts_ms)])
         assert len(verdicts) == 2
     assert verdicts[1].label != "warming"  # the honest device kept its history throughout
     assert detector.tracked == 100
@@ -157,16 +260,17 @@ def test_a_device_inventing_field_names_cannot_grow_the_cache():
 
 def test_values_that_are_not_finite_numbers_are_skipped_without_crashing(detector):
     signal = DeviceSignal("pump-0001", 1, "water")
-    stream(detector, signal, 30)
+    stream(detector, signal, 40)
     tracked = detector.tracked
     odd: dict[str, Any] = {"flow_lpm": math.nan, "line_pressure_bar": math.inf, "water_temp_c": "warm",
                            "extra": None, "neg": -math.inf}
-    verdicts = detector.score([("devices/pump-0001", odd), ("devices/pump-0001", signal.next().fields)])
-    assert verdicts[0] == Verdict("sensor-anomaly", "1.1.1", 0.0, "normal", False)
+    r = signal.next()
+    verdicts = detector.score([("devices/pump-0001", odd, r.ts_ms), ("devices/pump-0001", r.fields, r.ts_ms)])
+    assert verdicts[0] == Verdict("sensor-anomaly", META["version"], 0.0, "normal", False)
     assert verdicts[1].label != "warming"
     assert detector.tracked == tracked
     # Huge but finite values reach the model as bounded features instead of NaNs.
-    huge = detector.score([("devices/pump-0001", {"flow_lpm": 1.7e308, "line_pressure_bar": -1.7e308})])[0]
+    huge = detector.score([("devices/pump-0001", {"flow_lpm": 1.7e308, "line_pressure_bar": -1.7e308}, r.ts_ms)])[0]
     assert 0.0 <= huge.score <= 1.0
 
 
@@ -177,45 +281,127 @@ def test_an_empty_batch_runs_nothing(detector):
     assert recorder.runs == 0
 
 
-def test_a_model_trained_on_other_features_is_refused(tmp_path):
-    onnx = pytest.importorskip("onnx")
-    model = onnx.load(str(MODEL))
-    props = {p.key: p.value for p in model.metadata_props}
-    props["features"] = ",".join(reversed(FEATURE_NAMES))
-    del model.metadata_props[:]
-    onnx.helper.set_model_props(model, props)
-    path = tmp_path / "other.onnx"
-    onnx.save(model, str(path))
-    with pytest.raises(ModelMetadataError, match="retrain"):
-        AnomalyDetector(path)
-
-
-def test_window_features_ignore_the_unit_and_the_level_apart_from_zero():
-    """Rescaling a series changes no feature, shifting it only those about exact zeros: that transfers to new fields."""
-    rng = np.random.default_rng(0)
-    shape = 20.0 + np.cumsum(rng.normal(size=WINDOW)) + rng.normal(size=WINDOW)
-    shape[-1] += 9.0
-    base = window_features(shape[None, :])[0]
-    scaled = window_features(40.0 * shape[None, :])[0]
-    shifted = window_features(330.0 + shape[None, :])[0]
-    np.testing.assert_allclose(scaled, base, rtol=1e-4, atol=1e-4)
-    level_free = [i for i, name in enumerate(FEATURE_NAMES) if "zero" not in name]
-    np.testing.assert_allclose(shifted[level_free], base[level_free], rtol=1e-4, atol=1e-4)
-    assert shifted[FEATURE_NAMES.index("zero_distance")] > base[FEATURE_NAMES.index("zero_distance")]
+# --- the model file ---------------------------------------------------------------------------------------------
 
 
 def test_every_anomaly_type_is_a_model_class(detector):
     assert set(detector.classes) == {"normal", *ANOMALY_TYPES}
 
 
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("features", ",".join(reversed(FEATURE_NAMES)), "retrain"),
+    ("warmup", str(WARMUP + 1), "warm-up"),
+    ("episode_quiet", None, "episode_quiet"),
+])
+def test_a_model_trained_otherwise_is_refused(tmp_path, key, value, match):
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load(str(MODEL))
+    props = {p.key: p.value for p in model.metadata_props}
+    if value is None:
+        del props[key]
+    else:
+        props[key] = value
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, props)
+    path = tmp_path / "other.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(ModelMetadataError, match=match):
+        AnomalyDetector(path)
+
+
+# --- the features -----------------------------------------------------------------------------------------------
+
+
+def _features(values: list[float], step_ms: int = 60_000) -> np.ndarray:
+    rows, _ = series_features(values, [i * step_ms for i in range(len(values))])
+    return np.asarray(rows)
+
+
+def test_the_features_ignore_the_unit_and_the_level_apart_from_zero():
+    """Rescaling a series changes no feature, shifting it only those about exact zeros: that transfers to new fields."""
+    rng = np.random.default_rng(0)
+    shape = 20.0 + np.cumsum(rng.normal(size=200)) * 0.3 + rng.normal(size=200)
+    shape[150] += 9.0
+    base = _features(shape.tolist())
+    scaled = _features((40.0 * shape).tolist())
+    shifted = _features((330.0 + shape).tolist())
+    np.testing.assert_allclose(scaled, base, rtol=1e-6, atol=1e-6)
+    level_free = [i for i, name in enumerate(FEATURE_NAMES) if name != "zero_distance"]
+    np.testing.assert_allclose(shifted[:, level_free], base[:, level_free], rtol=1e-6, atol=1e-6)
+    assert (shifted[:, FEATURE_NAMES.index("zero_distance")] > base[:, FEATURE_NAMES.index("zero_distance")]).all()
+
+
+def test_an_anomaly_does_not_teach_the_series_its_normal():
+    """A long run far off the level keeps looking anomalous: suspect values do not update the statistics."""
+    rng = random.Random(1)
+    values = [10.0 + rng.gauss(0, 0.1) for _ in range(200)] + [20.0 + rng.gauss(0, 0.1) for _ in range(HOLD - 8)]
+    z = _features(values)[:, FEATURE_NAMES.index("z_level")]
+    assert (z[-(HOLD - 8):] > 3.0).all()  # signed log of z: z beyond e^3 - 1, about 19 spreads, to the end
+
+
+def test_a_change_held_long_enough_becomes_the_new_normal():
+    rng = random.Random(2)
+    values = [10.0 + rng.gauss(0, 0.1) for _ in range(200)] + [20.0 + rng.gauss(0, 0.1) for _ in range(6 * HOLD)]
+    z = _features(values)[:, FEATURE_NAMES.index("z_level")]
+    assert abs(z[-1]) < 1.5
+
+
+def test_the_daily_profile_is_learned_from_the_second_day_on():
+    s = Series()
+    known = []
+    for i in range(3 * 288):  # three days of 5-minute values following the clock
+        hour = (i // 12) % 24
+        f = observe(s, 10.0 + (5.0 if 8 <= hour < 18 else 0.0), i * 300_000)
+        if f is not None:
+            known.append(f[FEATURE_NAMES.index("daily_known")])
+    first_day = 288 - WARMUP
+    assert not any(known[:first_day])
+    assert known[-1] == 1.0
+    assert s.daily is not None and len(s.daily) == 72
+    assert DAY_MS == 288 * 300_000
+
+
 def test_the_features_are_the_ones_the_committed_model_was_trained_on():
-    """tests/data/anomaly_features.npz holds windows of every kind (noisy, quantised, stuck, dropped out, drifting,
-    spiking; lengths 12 to 48) with their features as computed when the committed model was trained. A faster
-    rewrite of the features must reproduce them; a change in meaning must come with a retrained model and a new
-    file. (Compared to float32 rounding, not bit for bit: libm's log1p may differ in the last bit elsewhere.)"""
-    golden = np.load(Path(__file__).resolve().parents[1] / "data" / "anomaly_features.npz")
-    lengths = sorted(int(k.split("_")[1]) for k in golden.files if k.startswith("windows_"))
-    assert lengths[0] == MIN_HISTORY and lengths[-1] == WINDOW
-    for n in lengths:
-        np.testing.assert_allclose(window_features(golden[f"windows_{n}"]), golden[f"features_{n}"], rtol=1e-6,
-                                   atol=1e-6, err_msg=f"windows of length {n}")
+    """tests/data/anomaly_features.npz holds series of every kind (noisy, quantised, stuck, dropped out, drifting,
+    spiking, flat, following the clock) with their features as computed when the committed model was trained. A
+    faster rewrite of the features must reproduce them; a change in meaning must come with a retrained model and a
+    new file. (Compared to float32 rounding, not bit for bit: libm's log1p may differ in the last bit elsewhere.)"""
+    golden = np.load(GOLDEN)
+    assert str(golden["model_version"]) == META["version"]
+    for name in (k[len("values_"):] for k in golden.files if k.startswith("values_")):
+        rows, _ = series_features(golden[f"values_{name}"].tolist(), golden[f"ts_{name}"].tolist())
+        np.testing.assert_allclose(np.asarray(rows[::GOLDEN_EVERY], dtype=np.float32), golden[f"features_{name}"],
+                                   rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def _golden_series() -> dict[str, tuple[list[float], list[int]]]:
+    rng = random.Random(15)
+    minutes = [i * 60_000 for i in range(600)]
+    noisy = [20.0 + rng.gauss(0, 0.5) for _ in minutes]
+    series = {
+        "noisy": noisy,
+        "quantised": [round(v, 0) for v in noisy],
+        "stuck": noisy[:300] + [noisy[299]] * 60 + noisy[360:],
+        "dropout": noisy[:300] + [0.0] * 20 + noisy[320:],
+        "drift": noisy[:300] + [v + 0.1 * i for i, v in enumerate(noisy[300:400])] + noisy[400:],
+        "spike": noisy[:300] + [noisy[300] + 15.0] + noisy[301:],
+        "flat": [3.0] * 600,
+    }
+    out = {k: (v, minutes) for k, v in series.items()}
+    five = [i * 300_000 for i in range(3 * 288)]
+    out["daily"] = ([10.0 + 5.0 * math.sin(2 * math.pi * t / DAY_MS) + rng.gauss(0, 0.2) for t in five], five)
+    return out
+
+
+def write_golden() -> None:
+    arrays: dict[str, Any] = {"model_version": np.asarray(META["version"])}
+    for name, (values, ts) in _golden_series().items():
+        rows, _ = series_features(values, ts)
+        arrays |= {f"values_{name}": np.asarray(values), f"ts_{name}": np.asarray(ts, dtype=np.int64),
+                   f"features_{name}": np.asarray(rows[::GOLDEN_EVERY], dtype=np.float32)}
+    np.savez_compressed(GOLDEN, **arrays)
+    print(f"wrote {GOLDEN}")
+
+
+if __name__ == "__main__":
+    write_golden()

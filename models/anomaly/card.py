@@ -1,0 +1,235 @@
+"""MODEL_CARD.md for the sensor-anomaly model, from the figures train.py computed: the prose lives here, the
+arithmetic there, so neither hides the other."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import sklearn
+import skl2onnx
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
+def _row(*cells: object) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _totals(nab: dict, key: str, names: list[str]) -> dict:
+    return {k: sum(nab[n][key][k] for n in names) for k in ("windows", "hit", "false_episodes", "false_values")}
+
+
+def _eval_section(name: str, title: str, ev: dict, classes: tuple[str, ...]) -> list[str]:
+    a, e = ev["any"], ev["events"]
+    out = [
+        f"### {name}: {title} ({ev['rows']} values, {ev['anomalous_rows']} anomalous)",
+        "",
+        f"Any anomaly vs normal, per value: precision **{pct(a['precision'])}**, recall **{pct(a['recall'])}**, "
+        f"false-positive rate {pct(a['false_positive_rate'])} of normal values.",
+        "",
+        f"Per event (a reading of all the device's fields, flagged when any field is; what the gateway's verdict "
+        f"says): precision **{pct(e['precision'])}**, recall **{pct(e['recall'])}**, false alarms on "
+        f"{pct(e['false_alarm_rate'])} of normal events ({e['events']} events, {e['anomalous_events']} anomalous).",
+        "",
+        _row("type", "values", "precision", "recall", "flagged", "episodes", "episode recall", "delay"),
+        _row(*["---"] * 8),
+    ]
+    for t, m in ev["types"].items():
+        delay = "-" if m["median_delay"] is None else f"{m['median_delay']:g}"
+        out.append(_row(t, m["rows"], pct(m["precision"]), pct(m["recall"]), pct(m["flagged_any_label"]),
+                        m["episodes"], pct(m["episode_recall"]), delay))
+    out += ["", "Confusion (rows: truth, columns: the label given; `normal` = not flagged):", "",
+            _row("truth \\ said", *classes), _row(*["---"] * (len(classes) + 1))]
+    for c, counts in zip(classes, ev["confusion"]):
+        out.append(_row(c, *counts))
+    return out + [""]
+
+
+def write_card(path: Path, results: dict, train: ModuleType) -> None:
+    threshold, quiet = results["threshold"], results["quiet"]
+    fleets = results["fleets"]
+    nab = results["nab"]
+    names = sorted(nab)
+    real = [n for n in names if n.startswith("real")]
+    model_all, zs_all = _totals(nab, "model", names), _totals(nab, "zscore", names)
+    crossed_all = _totals(nab, "crossed", names)
+    crossed_real, zs_real = _totals(nab, "crossed", real), _totals(nab, "zscore", real)
+    c0, c1 = results["crossed"][0], results["crossed"][1]
+
+    lines = [
+        f"# Model card: {train.MODEL_NAME} {train.MODEL_VERSION}",
+        "",
+        "_Written by `models/anomaly/train.py` (prose in `models/anomaly/card.py`); every number below is that "
+        "script's output. Do not edit by hand._",
+        "",
+        "## What it does",
+        "",
+        "Flags anomalies in any numeric telemetry field of any device, value by value, against **that field's own "
+        "normal, learned online** from its own history (`gateway/filters/anomaly_features.py`): a slow and a fast "
+        "running level, spread and noise, how often the field repeats a value or reads 0.0, its own 99th "
+        "percentiles of deviation and step, and a profile per hour of the day once its timestamps span two days. "
+        "A value that looks anomalous does not teach these statistics, so an anomaly is judged against the history "
+        f"before it; {train.WARMUP} values warm a series up before it is scored. No raw value, unit or field name "
+        "reaches the model, which is why it scores fields it never saw.",
+        "",
+        "Per value it gives the probability of each class: `" + "`, `".join(train.CLASSES) + "`. The gateway "
+        "(`gateway/filters/anomaly.py`) takes a reading's score as the highest anomaly probability among its "
+        "fields and flags it at the threshold. **Alerts are episodes**: per device the first flagged reading after "
+        f"a quiet spell starts one, {quiet} unflagged readings in a row end it; the gateway publishes one alert at "
+        "each, not one per reading.",
+        "",
+        "## Defaults",
+        "",
+        f"Threshold **{threshold:.2f}** on P(anomaly) = 1 - P(normal) and **{quiet}** quiet readings to end an "
+        "episode, both stored in the model's metadata (the gateway's config can override them). Chosen on the NAB "
+        "tuning set: the most windows hit, then the fewest episodes started outside every window, among the "
+        "thresholds at which the simulator's validation fleet is at least as good as the previous model "
+        f"(1.1.1: precision {pct(train.PREVIOUS['precision'])}, recall {pct(train.PREVIOUS['recall'])} on its test "
+        "fleet). The simulator validation sweep:",
+        "",
+        _row("threshold", "precision", "recall", "F1", "false-positive rate"),
+        _row(*["---"] * 5),
+    ]
+    for s in results["sweep"]:
+        if round(s["threshold"] * 100) % 4 == 2 and s["threshold"] != threshold:
+            continue  # every other row keeps the table short; the chosen one is always shown
+        mark = " **(chosen)**" if s["threshold"] == threshold else ""
+        lines.append(_row(f"{s['threshold']:.2f}{mark}", pct(s["precision"]), pct(s["recall"]), f"{s['f1']:.3f}",
+                          f"{100 * s['false_positive_rate']:.2f} %"))
+
+    lines += [
+        "",
+        "## Real series: the NAB tuning set",
+        "",
+        f"{len(names)} series with labelled anomaly windows from the Numenta Anomaly Benchmark "
+        "(`../shared/data/sensors/nab-tuning/`, MIT licence, Numenta): AWS CloudWatch server metrics, road "
+        "traffic, and artificial series with and without anomalies. None of them is used to fit the model; they "
+        "only choose the threshold and the episode rule. Scored the NAB way: a window is *hit* when a value inside "
+        "it is flagged; *false episodes* are alerts (episode starts) outside every window; *false values* are "
+        "flagged values outside every window.",
+        "",
+        "So that the per-series figures are those of series the choice never saw, the choice is made twice: on the "
+        f"non-AWS series and scored on the AWS ones (threshold {c0['threshold']:.2f}, quiet {c0['quiet']}), and "
+        f"the other way round (threshold {c1['threshold']:.2f}, quiet {c1['quiet']}). The *crossed* columns below "
+        "are those held-out figures; the shipped defaults are chosen on all series (the *shipped* columns, not "
+        "held out). The baseline is a rolling z-score (the previous 96 values, flagged at |z| > 4), as episodes "
+        "with the same rule.",
+        "",
+        _row("", "windows", "hit", "false episodes", "false values"),
+        _row(*["---"] * 5),
+        _row("model, crossed (held out)", crossed_all["windows"], crossed_all["hit"],
+             crossed_all["false_episodes"], crossed_all["false_values"]),
+        _row("model, shipped defaults", model_all["windows"], model_all["hit"], model_all["false_episodes"],
+             model_all["false_values"]),
+        _row("z-score baseline", zs_all["windows"], zs_all["hit"], zs_all["false_episodes"],
+             zs_all["false_values"]),
+        _row("real series only: model, crossed", crossed_real["windows"], crossed_real["hit"],
+             crossed_real["false_episodes"], crossed_real["false_values"]),
+        _row("real series only: z-score", zs_real["windows"], zs_real["hit"], zs_real["false_episodes"],
+             zs_real["false_values"]),
+        "",
+        "Per series (crossed model vs z-score; windows hit / false episodes / false values):",
+        "",
+        _row("series", "values", "windows", "model hit", "model false ep.", "model false val.", "z hit",
+             "z false ep.", "z false val."),
+        _row(*["---"] * 9),
+    ]
+    for n in names:
+        m, z = nab[n]["crossed"], nab[n]["zscore"]
+        lines.append(_row(f"`{n}`", nab[n]["values"], m["windows"], m["hit"], m["false_episodes"],
+                          m["false_values"], z["hit"], z["false_episodes"], z["false_values"]))
+    missed = [n for n in names if nab[n]["crossed"]["hit"] < nab[n]["crossed"]["windows"]]
+
+    lines += [
+        "",
+        "## Simulator",
+        "",
+        "Fleets from the simulator's signal generator (`firmware-sim/firmware_sim/signals.py`): per field a level, "
+        "a 24 h cycle, a mean-reverting random walk, coupling between fields, white noise and the sensor's range "
+        "and resolution; each device draws its own levels, noise, phase and a sample interval of "
+        f"{', '.join(f'{i // 1000} s' for i in train.INTERVALS_MS)} (the training fleet also 5 min, so that its "
+        f"devices span days and the forest learns what a known daily profile means); "
+        f"{train.READINGS_PER_DEVICE} readings per device. Injected anomalies are labelled per value.",
+        "",
+        _row("fleet", "role", "device kinds", "seed", "devices", "series", "episodes started per reading"),
+        _row(*["---"] * 7),
+    ]
+    for f, role in ((train.TRAIN, "fit"), (train.VALIDATION, "threshold floor"), (train.TEST, "held-out"),
+                    (train.UNSEEN, "held-out, unseen fields")):
+        lines.append(_row(f.name, role, ", ".join(f.kinds), f.seed, f.devices, fleets[f.name]["series"],
+                          f.anomaly_rate))
+    lines += ["", "Training rows (values after warm-up) and episodes per class:", "",
+              _row("class", "rows", "episodes"), _row("---", "---", "---")]
+    tr = fleets["train"]
+    for c in train.CLASSES:
+        lines.append(_row(c, tr["rows_per_class"][c], tr["episodes"].get(c, "-")))
+    lines += ["", f"### Held-out, at the shipped threshold {threshold:.2f}", "",
+              "*precision* / *recall* per type: of the values given / truly of this type; *flagged*: the share "
+              "flagged at all; *episode recall*: episodes with at least one flagged value; *delay*: median values "
+              "from an episode's start to its first flagged value.", ""]
+    lines += _eval_section("test", "env, machine devices", results["eval"]["test"], train.CLASSES)
+    lines += _eval_section("unseen-kind", "water devices, fields never trained on", results["eval"]["unseen-kind"],
+                           train.CLASSES)
+    lines += [
+        f"Parity: one unseen-kind device streamed through the gateway's `AnomalyDetector` in micro-batches gave "
+        f"the offline scores on all {results['parity_rows']} scored readings.",
+        "",
+        "## Model",
+        "",
+        f"{len(train.FEATURE_NAMES)} scale-free features: " + ", ".join(f"`{n}`" for n in train.FEATURE_NAMES)
+        + " (defined and explained in `gateway/filters/anomaly_features.py`). scikit-learn RandomForestClassifier ("
+        + ", ".join(f"{k}={v}" for k, v in train.FOREST.items() if k != "n_jobs")
+        + "), class weights (n_normal / n_class)^0.5; exported with skl2onnx without zipmap (a `probabilities` "
+        "tensor, columns in the order of metadata `classes`), the leaves' zero class weights and node lists "
+        f"inference never reads dropped. File size {results['size_mb']:.2f} MB. ONNX metadata_props: name, "
+        "version, classes, features, warmup, threshold, episode_quiet.",
+        "",
+        "## Known limits",
+        "",
+        f"- Against issue 15's target on held-out real series (every window hit, false alarms at most a third of "
+        f"the z-score baseline's): not met. On the real NAB series, crossed: {crossed_real['hit']} of "
+        f"{crossed_real['windows']} windows hit (z-score {zs_real['hit']}), {crossed_real['false_episodes']} false "
+        f"episodes (z-score, as episodes by the same rule, {zs_real['false_episodes']}; as flagged values "
+        f"{zs_real['false_values']}).",
+        "- On the NAB series the labelled windows are wide (about a tenth of a series) and mark where a human saw "
+        "something worth knowing, not which values are wrong; some are level shifts or changed daily shapes that "
+        "look like a new normal from inside the series."
+        + (f" Windows missed with the held-out choice: {', '.join(f'`{n}`' for n in missed)}." if missed else ""),
+        "- Real series carry more routine surprises than the simulator (restarts, load changes, bursts): most of "
+        "the false episodes above are single large values that are not in a labelled window. Raising the threshold "
+        "in the config trades windows hit for fewer alerts.",
+        "- A series that changes its normal for good (a sensor moved) is alarmed on until it has held the new "
+        "level for 128 values; then it is learned.",
+        "- Early values of a drift look like normal slow movement: drifts are caught late (see the delay).",
+        "- A young series (its first few dozen values after warm-up) has young statistics: its own noise is "
+        "sometimes flagged as `noise` then, one early episode per series rather than a steady rate.",
+        "- The daily profile needs two days of a series' own timestamps; before that, daily swings count against "
+        "the running level only.",
+        "- Time is counted in values, not seconds, except for the hour of the day: a device that changes its "
+        "sample interval changes what a \"fast\" change means.",
+        "- After an eviction from the series cache (`max_series`) a series starts over, warming.",
+        "",
+        "## How to retrain",
+        "",
+        "```",
+        "pip install -e '.[train]'",
+        "python models/anomaly/train.py",
+        "git add models/anomaly/anomaly.onnx models/anomaly/MODEL_CARD.md",
+        "```",
+        "",
+        "Change the features in `gateway/filters/anomaly_features.py` or the signals in "
+        "`firmware-sim/firmware_sim/signals.py`, rerun, and bump `MODEL_VERSION` in the script. The gateway "
+        "refuses a model whose recorded features or warm-up differ from its own code. The run is deterministic for "
+        f"fixed library versions; this card was produced with Python {platform.python_version()}, scikit-learn "
+        f"{sklearn.__version__}, skl2onnx {skl2onnx.__version__}, onnx {onnx.__version__}, onnxruntime "
+        f"{ort.__version__}, numpy {np.__version__}.",
+        "",
+    ]
+    path.write_text("\n".join(lines))

@@ -55,6 +55,18 @@ class Window(PersistentStorage):
             self.client.publish(*self.waiting.popleft(), qos=1)
 
 
+async def connected_until_signalled(ready_file: str | None) -> None:
+    """Tell the run script we are connected (by writing `ready_file`), then wait for SIGTERM or SIGINT."""
+    if ready_file:
+        with open(ready_file, "w") as f:
+            f.write("connected\n")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 async def relay(broker: str, client_id: str, followers: list[str], ready_file: str | None) -> None:
     host, _, port = broker.rpartition(":")
     window = Window(limit=500)
@@ -81,14 +93,7 @@ async def relay(broker: str, client_id: str, followers: list[str], ready_file: s
     client.on_message = on_message
     await client.connect(host, int(port), version=MQTTv50)
     await connected.wait()
-    if ready_file:
-        with open(ready_file, "w") as f:
-            f.write("connected\n")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await connected_until_signalled(ready_file)
     await client.disconnect()
 
 
@@ -135,14 +140,7 @@ async def lean_relay(broker: str, client_id: str, followers: list[str], ready_fi
                         on_publishes)
     task = asyncio.create_task(client.run())
     await client.connected.wait()
-    if ready_file:
-        with open(ready_file, "w") as f:
-            f.write("connected\n")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await connected_until_signalled(ready_file)
     await client.close()
     task.cancel()
 

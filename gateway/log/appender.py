@@ -296,16 +296,20 @@ class Appender:
                 if hook is not None:
                     sealed.hooks.append(hook)
         if self._progress_due():
-            for consumer in self._consumers:
-                taken = consumer.take_progress()
-                if taken is not None:
-                    sealed.progress[consumer.name] = taken[0]
-                    if taken[1] is not None:
-                        sealed.state.append(taken[1])
-                    sealed.consumers.append(consumer)
+            self._take_progress(sealed)
             self._last_progress = time.monotonic()
             self._progress_urgent = False
         return sealed
+
+    def _take_progress(self, sealed: _Sealed) -> None:
+        """Every consumer's progress since the last commit (and its state to save with it) rides along with `sealed`."""
+        for consumer in self._consumers:
+            taken = consumer.take_progress()
+            if taken is not None:
+                sealed.progress[consumer.name] = taken[0]
+                if taken[1] is not None:
+                    sealed.state.append(taken[1])
+                sealed.consumers.append(consumer)
 
     def _verdicts(self, records: list[Ingested]) -> Sequence[Verdict | None]:
         if self._score is None:
@@ -434,12 +438,6 @@ class Appender:
     async def commit_progress(self) -> None:
         """Commit every consumer's progress now (at shutdown, after the consumers drained)."""
         sealed = _Sealed()
-        for consumer in self._consumers:
-            taken = consumer.take_progress()
-            if taken is not None:
-                sealed.progress[consumer.name] = taken[0]
-                if taken[1] is not None:
-                    sealed.state.append(taken[1])
-                sealed.consumers.append(consumer)
+        self._take_progress(sealed)
         if sealed.progress:
             await self._commit(asyncio.get_running_loop(), sealed)

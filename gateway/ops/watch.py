@@ -27,6 +27,16 @@ class _State:
         self.events: list[str] = []
 
 
+def alert_line(doc: dict[str, Any]) -> str:
+    """One alert as the view prints it: an episode's start names the fields and what they did, its end is one word."""
+    v = doc["verdicts"][0] if doc.get("verdicts") else {}
+    detail = v.get("detail") or {}
+    head = f"ALERT {detail.get('episode', '?'):5s} {doc['source']} seq={doc['payload'].get('seq')}"
+    if detail.get("episode") == "end":
+        return head
+    return f"{head} {v.get('label')} score={v.get('score', 0):.2f} fields={detail.get('fields')}"
+
+
 def watch(broker: str, follower: str, data_dir: str | None, seconds: float | None) -> None:
     state = _State()
     host, _, port = broker.rpartition(":")
@@ -47,10 +57,7 @@ def watch(broker: str, follower: str, data_dir: str | None, seconds: float | Non
                     pass
             elif msg.topic.startswith("alerts/"):
                 state.alerts += 1
-                doc = json.loads(msg.payload)
-                v = doc["verdicts"][0] if doc.get("verdicts") else {}
-                state.events.append(f"ALERT {doc['source']} seq={doc['payload'].get('seq')} {v.get('label')} "
-                                    f"score={v.get('score', 0):.2f} fields={v.get('detail', {}).get('fields')}")
+                state.events.append(alert_line(json.loads(msg.payload)))
             elif msg.topic == "gateway/deadletter":
                 state.dead += 1
                 doc = json.loads(msg.payload)

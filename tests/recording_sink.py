@@ -49,6 +49,9 @@ class RecordingSink:
     async def room(self) -> None:
         return None
 
+    def hold_reads(self, resume: Callable[[], None]) -> bool:
+        return False  # records are "committed" as they arrive: nothing to wait for
+
 
 class _Link:
     def __init__(self) -> None:

@@ -127,6 +127,8 @@ class Appender:
         self._closing = False
         self._progress_urgent = False
         self._last_commit = 0.0
+        self._holding = False  # waiting out the commit window with a partial page
+        self._held_reads: list[Callable[[], None]] = []
         self._last_progress = time.monotonic()
         self.last_offset = next_offset - 1  # the newest offset committed and handed to the listeners
         self._task: asyncio.Task[None] | None = None
@@ -188,6 +190,17 @@ class Appender:
             self._full.set()
         self._wake.set()
 
+    def hold_reads(self, resume: Callable[[], None]) -> bool:
+        """For a source that has just handed in records: whether to stop reading until the next seal. True while
+        the appender waits out its commit window with a partial page; `resume()` then runs when the window closes,
+        just before the seal, so what arrived meanwhile joins it. Records read earlier would only wait here, and
+        one read per window instead of one per message is what makes a moderate rate cheap. False when the
+        appender seals at once or a commit is in flight (then reading on fills the next batch)."""
+        if not self._holding:
+            return False
+        self._held_reads.append(resume)
+        return True
+
     def stop_accepting(self) -> None:
         self._accepting = False
 
@@ -223,10 +236,17 @@ class Appender:
             wait = self._window - (time.monotonic() - self._last_commit)
             if wait > 0 and self._pending_bytes < self._page_bytes and not self._closing:
                 self._full.clear()
+                self._holding = True
                 try:
                     await asyncio.wait_for(self._full.wait(), wait)
                 except (asyncio.TimeoutError, TimeoutError):
                     pass
+                finally:
+                    self._holding = False
+                    held = self._resume_held()
+                if held:  # their sockets are registered again now; a ready one's callback runs on the next pass,
+                    await asyncio.sleep(0)  # and this task's second pass comes after it: what they read joins
+                    await asyncio.sleep(0)
             else:
                 await asyncio.sleep(0)  # let handlers of this loop pass join the batch
             if self._over_budget():
@@ -242,6 +262,12 @@ class Appender:
                 self.pending_peak = self._pending
             sealed = self._seal(groups)
             await self._commit(loop, sealed)
+
+    def _resume_held(self) -> bool:
+        resumes, self._held_reads = self._held_reads, []
+        for resume in resumes:
+            resume()
+        return bool(resumes)
 
     async def _hold_for_budget(self) -> None:
         self._stall(True)

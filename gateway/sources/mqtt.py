@@ -49,6 +49,8 @@ class Sink(Protocol):
 
     async def room(self) -> None: ...
 
+    def hold_reads(self, resume: Callable[[], None]) -> bool: ...
+
 
 class Link(Protocol):
     """What the source needs of the connection it reads (gateway.mqtt.client.MqttClient)."""
@@ -85,7 +87,8 @@ class MqttSource:
         self._metrics = metrics
         self._link: Link | None = None
         self._reads: deque[_Read] = deque()
-        self._resuming = False
+        self._resuming = False  # paused until the log has room
+        self._held = False  # paused until the log's next seal
         # One token bucket table per source kind (devices/ID and users/ID), keyed by the id: no key is built per
         # message. None when limits.per_source_rate is 0, so the hot path pays one attribute test.
         self._rate: dict[str, TokenBuckets] | None = None
@@ -130,6 +133,14 @@ class MqttSource:
             asyncio.ensure_future(self._write_follows(follows, read))
         if not self._sink.has_room():
             self._pause()
+        elif records and not self._held and self._link is not None and self._sink.hold_reads(self._unhold):
+            self._held = True
+            self._link.pause_reading()
+
+    def _unhold(self) -> None:
+        self._held = False
+        if not self._resuming and self._link is not None:
+            self._link.resume_reading()
 
     def _handled(self, read: _Read) -> None:
         read.waiting -= 1
@@ -165,7 +176,7 @@ class MqttSource:
             await self._sink.room()
         finally:
             self._resuming = False
-            if self._link is not None:
+            if not self._held and self._link is not None:
                 self._link.resume_reading()
 
     # --- parsing ---------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ disk and a full budget each cost what they should and nothing more."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -120,6 +121,35 @@ def test_under_load_a_commit_waits_for_the_window_unless_a_page_fills_and_an_idl
         assert time.monotonic() - started < 0.5, "a full page goes at once"
 
     run(tmp_path, scenario, commit_window=1.0)
+
+
+def test_a_source_holds_its_reads_through_the_window_and_what_it_reads_then_joins_that_commit(tmp_path):
+    """One read per commit window instead of one per message: the appender tells a source to stop reading while it
+    waits out the window, and lets it read again just before the seal."""
+    async def scenario(h: Harness) -> None:
+        loop = asyncio.get_running_loop()
+        device, gateway_end = socket.socketpair()
+        gateway_end.setblocking(False)
+        joined = loop.create_future()
+
+        def readable() -> None:  # what the MQTT source does with a read: hand its records in
+            loop.remove_reader(gateway_end)
+            seqs = [int(s) for s in gateway_end.recv(100).split()]
+            h.appender.submit([reading(seq=s) for s in seqs], lambda: joined.set_result(None))
+
+        assert not h.appender.hold_reads(lambda: None), "idle: read on, the next record commits at once"
+        await h.submit([reading(seq=1)])
+        second = asyncio.ensure_future(h.submit([reading(seq=2)]))
+        await asyncio.sleep(0.05)
+        assert h.appender.hold_reads(lambda: loop.add_reader(gateway_end, readable)), "inside the window: hold"
+        device.sendall(b"3 4")  # arrives while the source is not reading
+        await asyncio.wait_for(asyncio.gather(second, joined), 5)
+        assert [[e.payload["seq"] for e in batch] for batch in h.seen] == [[1], [2, 3, 4]]
+        device.close()
+        gateway_end.close()
+
+    h = run(tmp_path, scenario, commit_window=0.3)
+    assert h.store.commits == 2
 
 
 def test_a_retransmission_is_acknowledged_but_logged_once(tmp_path):

@@ -306,6 +306,39 @@ def test_replay_reads_while_the_writer_holds_its_lock_and_sees_only_what_is_comm
     writer.close()
 
 
+def test_replay_runs_while_the_writer_keeps_appending_and_leaves_out_what_came_after_it_started(tmp_path, data_dir,
+                                                                                                stored):
+    import threading
+
+    shutil.copy(data_dir / "log.db", tmp_path / "log.db")
+    writer = LogStore(tmp_path / "log.db", fsync="full")
+    stop = threading.Event()
+    appended = [0]
+
+    def keep_appending() -> None:
+        offset = stored[-1].offset
+        while not stop.is_set():
+            batch = [event(offset + i, "devices/late", "telemetry", START_MS, {"t": float(i)}, None)
+                     for i in range(1, 51)]
+            writer.append(batch, [None] * len(batch))  # raises if replay ever held the write lock past 1 s
+            offset += 50
+            appended[0] += 1
+            stop.wait(0.005)  # a daemon commits in bursts, not in a tight loop
+
+    thread = threading.Thread(target=keep_appending)
+    thread.start()
+    try:
+        report = replay_json("--model", ANOMALY, "--data-dir", tmp_path)
+    finally:
+        stop.set()
+        thread.join()
+        writer.close()
+    assert appended[0] > 0
+    assert report["offsets"][1] >= stored[-1].offset
+    assert report["totals"]["events"] == len(of_kind(stored, "telemetry")) + report["offsets"][1] - stored[-1].offset
+    assert report["totals"]["only_then"] == 0  # the readings it had at the start, same verdicts
+
+
 def test_replay_changes_nothing_in_the_log(tmp_path, data_dir):
     shutil.copy(data_dir / "log.db", tmp_path / "log.db")
     before = hashlib.sha256((tmp_path / "log.db").read_bytes()).hexdigest()

@@ -21,11 +21,13 @@ Why SQLite and how it is written (the numbers are in benchmarks/RESULTS.md):
   per commit); `meta` keeps them from going back when everything was trimmed.
 
 Every method is blocking. One thread owns a `LogStore` (the writer); readers open their own `LogStore` connection
-(`reader=True`), which WAL lets run beside the writer.
+(`reader=True`), which WAL lets run beside the writer. Tools beside a running daemon (`gateway replay`) use
+`open_read_only` and `scan`, which cannot write at all.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -255,3 +257,58 @@ class LogStore:
 
 def _has_table(db: sqlite3.Connection, name: str) -> bool:
     return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
+
+
+# --- read-only access, for tools run beside the daemon ----------------------------------------------------------------
+
+
+def open_read_only(path: Path) -> sqlite3.Connection:
+    """A connection to the log at `path` that cannot write (SQLite `mode=ro`), for tools that must not disturb a
+    running daemon. FileNotFoundError when there is no log, PermissionError when opening it would lock the daemon
+    out (below), SchemaError when the file is not a log this gateway can read."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no log at {path}")
+    # Even a read-only connection creates the WAL's side files (-wal, -shm) when no writer has them open, and leaves
+    # them; created by another user (root, typically) they would keep the daemon from writing its own log.
+    side_files = all(Path(f"{path}{suffix}").exists() for suffix in ("-wal", "-shm"))
+    if not side_files and path.stat().st_uid != os.geteuid():
+        raise PermissionError(f"{path} belongs to uid {path.stat().st_uid}: run this as that user (sudo -u ...), so "
+                              "the files SQLite creates beside the log belong to the daemon")
+    # A short busy timeout: a WAL reader waits only in rare moments (a writer recovering the WAL), never for long.
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                         check_same_thread=False, timeout=5.0)
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0 and _has_table(db, "verdicts"):
+            raise SchemaError(f"{path} has the layout of an earlier gateway; start the gateway once to convert it")
+        if version > SCHEMA_VERSION:
+            raise SchemaError(f"{path} was written by a newer gateway (schema {version}, this one knows "
+                              f"{SCHEMA_VERSION})")
+        if not _has_table(db, "events"):
+            raise SchemaError(f"{path} is not a gateway log (no events table)")
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        raise SchemaError(f"{path} is not a gateway log ({exc})") from None
+    except SchemaError:
+        db.close()
+        raise
+    return db
+
+
+def offset_span(db: sqlite3.Connection) -> tuple[int, int] | None:
+    """The first and last offsets of the events in the log, None when it holds none."""
+    first, last = db.execute("SELECT MIN(offset), MAX(offset) FROM events").fetchone()
+    return None if first is None else (int(first), int(last))
+
+
+def scan(db: sqlite3.Connection, kind: str, after: int, upto: int,
+         since_ms: int | None = None) -> list[tuple[int, str, int, bytes, bytes | None]]:
+    """(offset, source, ts_ms, payload, verdict JSON) of the events of `kind` with offsets in (after, upto], in order,
+    only those with `ts_ms >= since_ms` when given. A caller reading a whole log keeps the span small: each call is
+    one read transaction, and the writer's checkpoints cannot move past a reader's snapshot while it lasts."""
+    sql = "SELECT offset, source, ts_ms, payload, verdict FROM events WHERE offset > ? AND offset <= ? AND kind = ?"
+    args: list[object] = [after, upto, kind]
+    if since_ms is not None:
+        sql += " AND ts_ms >= ?"
+        args.append(since_ms)
+    return db.execute(sql + " ORDER BY offset", args).fetchall()

@@ -155,7 +155,7 @@ def write_card(path: Path, results: dict, train: ModuleType) -> None:
         "a 24 h cycle, a mean-reverting random walk, coupling between fields, white noise and the sensor's range "
         "and resolution; each device draws its own levels, noise, phase and a sample interval of "
         f"{', '.join(f'{i // 1000} s' for i in train.INTERVALS_MS)} (the training fleet also 5 min, so that its "
-        f"devices span days and the forest learns what a known daily profile means); "
+        f"devices span days and the model learns what a known daily profile means); "
         f"{train.READINGS_PER_DEVICE} readings per device. Injected anomalies are labelled per value.",
         "",
         _row("fleet", "role", "device kinds", "seed", "devices", "series", "episodes started per reading"),
@@ -184,11 +184,10 @@ def write_card(path: Path, results: dict, train: ModuleType) -> None:
         "## Model",
         "",
         f"{len(train.FEATURE_NAMES)} scale-free features: " + ", ".join(f"`{n}`" for n in train.FEATURE_NAMES)
-        + " (defined and explained in `gateway/filters/anomaly_features.py`). scikit-learn RandomForestClassifier ("
-        + ", ".join(f"{k}={v}" for k, v in train.FOREST.items() if k != "n_jobs")
-        + "), class weights (n_normal / n_class)^0.5; exported with skl2onnx without zipmap (a `probabilities` "
-        "tensor, columns in the order of metadata `classes`), the leaves' zero class weights and node lists "
-        f"inference never reads dropped. File size {results['size_mb']:.2f} MB. ONNX metadata_props: name, "
+        + " (defined and explained in `gateway/filters/anomaly_features.py`). scikit-learn StandardScaler and MLPClassifier ("
+        + ", ".join(f"{k}={v}" for k, v in train.NETWORK.items())
+        + "; ReLU, Adam), class weights (n_normal / n_class)^0.5; exported with skl2onnx without zipmap (a "
+        f"`probabilities` tensor, columns in the order of metadata `classes`). File size {results['size_mb'] * 1000:.0f} kB. ONNX metadata_props: name, "
         "version, classes, features, warmup, threshold, episode_quiet.",
         "",
         "## Known limits",

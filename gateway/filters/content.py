@@ -40,8 +40,8 @@ SENSITIVE = "sensitive"
 # slightly, "@a" becomes "xxuser").
 MAX_CHARS = 2000
 
-# Token ids per onnxruntime run at most (a text is never split across runs). The graph holds one float vector per id
-# in flight, so this bounds the memory of a run (4096 ids x 256 floats = 4 MB) whatever the batch; a micro-batch of
+# Token ids per onnxruntime run at most (a text is never split across runs). A run holds a few numbers per id (id, row,
+# score), so this bounds its memory and the time one call holds the filter stage, whatever the batch; a micro-batch of
 # tweets (about 30 ids each) takes one run. The scores do not depend on the split.
 TOKENS_PER_RUN = 4096
 
@@ -49,7 +49,8 @@ TOKENS_PER_RUN = 4096
 # classifier refuses a model trained on differently normalised text.
 NORMALISER_VERSION = "1"
 
-# Placeholders are plain lower-case words, so the word tokenizer ([a-z0-9]{2,}) keeps them whole.
+# Placeholders are plain lower-case words: the teacher and the student read them as the same word pieces
+# ("xx", "##user"), whatever the handle or address was.
 _URL = re.compile(r"(?:https?://|www\.)\S+")
 _HANDLE = re.compile(r"@\w+")
 _IPV4 = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}\b")
@@ -73,8 +74,8 @@ def normalise(text: Any) -> str:
     " xxuser ", IPv4 addresses -> " xxip ", a retweet marker "rt" before a handle dropped; control, format and
     surrogate characters removed; every run of whitespace -> one space, ends stripped; cut to MAX_CHARS.
 
-    The result has no newline and no two consecutive spaces, which is what makes scikit-learn's character n-grams
-    (which collapse whitespace runs) and the ONNX tokenizer (whose "." does not match a newline) agree.
+    The result has no newline and no two consecutive spaces, so what the tokenizer reads does not depend on how a
+    post was laid out, and no invisible character can split a word it would otherwise recognise.
     """
     if isinstance(text, (bytes, bytearray)):
         text = bytes(text).decode("utf-8", "replace")

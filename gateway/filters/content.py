@@ -2,13 +2,13 @@
 
     texts ──> normalise() ──> WordPiece ids ──> ONE session.run per micro-batch ─────────────────────> P(unwanted)
               (pure, per     (wordpiece.py,     ids of all texts end to end, with the row of each:     ──> Verdicts
-               text)          vocabulary in      static token vectors (int8) -> weighted mean per row
-                              the model)         -> small MLP head -> sigmoid, all in the graph
+               text)          vocabulary in      one score per id -> mean and max per text -> weighed,
+                              the model)         + bias -> sigmoid, all in the graph
 
 The model (models/content/content.onnx, trained by models/content/train.py) is a static-embedding student of the
-all-MiniLM-L6-v2 sentence encoder: one vector per vocabulary entry, distilled from the teacher, pooled by a
-weighted mean. It is a few MB, needs onnxruntime and numpy only, and scores thousands of posts per second on one
-thread. The vocabulary travels in the model's metadata, so the .onnx file is the whole model and cannot be paired
+all-MiniLM-L6-v2 sentence encoder: one vector per vocabulary entry, distilled from the teacher, with a linear head
+folded in, so that each entry keeps one score. It is a few hundred kB, needs onnxruntime and numpy only, and scores
+thousands of posts per second on one thread. The vocabulary travels in the model's metadata, so the .onnx file is the whole model and cannot be paired
 with the wrong vocabulary. Ids go in flat (one row number per id) rather than padded: a batch's cost and memory
 follow its tokens, not its longest post times its size.
 

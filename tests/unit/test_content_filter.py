@@ -145,6 +145,14 @@ def test_a_text_scores_the_same_alone_and_in_any_batch(classifier):
     assert np.allclose(together, alone, atol=1e-6)
 
 
+def test_an_insult_is_not_diluted_away_by_a_neutral_sentence_before_it(classifier):
+    # Word-piece scores are averaged, so a long enough neutral text does hide an insult (see the model card's
+    # limits); one sentence must not.
+    for clean in CLEAN_TEXTS:
+        (v,) = classifier.score([f"{clean} {OFFENSIVE[0]}"])
+        assert v.flagged, (clean, v)
+
+
 def test_labels_follow_the_thresholds(classifier):
     for v in classifier.score(OFFENSIVE + CLEAN_TEXTS):
         expected = (BLOCKED if v.score >= classifier.block_threshold

@@ -1,14 +1,16 @@
 """The sensitive-content filter: one ONNX text classifier scoring micro-batches of posts.
 
-    texts ──> normalise() (pure, per text) ──> ONE session.run on a string tensor ──> P(unwanted) ──> Verdicts
-              cut, unescape, lower-case,        (word + char n-gram TF-IDF and a
-              placeholders, strip controls       logistic regression, all in the graph)
+    texts ──> normalise() ──> WordPiece ids ──> ONE session.run per micro-batch ─────────────────────> P(unwanted)
+              (pure, per     (wordpiece.py,     ids of all texts end to end, with the row of each:     ──> Verdicts
+               text)          vocabulary in      one score per id -> mean and max per text -> weighed,
+                              the model)         + bias -> sigmoid, all in the graph
 
-The model (models/content/content.onnx, trained by models/content/train.py) takes raw strings: skl2onnx expresses the
-TF-IDF tokenising and weighting in the graph, so the gateway needs onnxruntime only. What the graph cannot express
-(HTML entities, regular-expression replacement) is done by `normalise`, the one function the training script also
-applies to every text before fitting, so training and serving see identical strings. The training script checks
-that the exported graph and scikit-learn agree on every test text and fails if they do not.
+The model (models/content/content.onnx, trained by models/content/train.py) is a static-embedding student of the
+all-MiniLM-L6-v2 sentence encoder: one vector per vocabulary entry, distilled from the teacher, with a linear head
+folded in, so that each entry keeps one score. It is a few hundred kB, needs onnxruntime and numpy only, and scores
+thousands of posts per second on one thread. The vocabulary travels in the model's metadata, so the .onnx file is the whole model and cannot be paired
+with the wrong vocabulary. Ids go in flat (one row number per id) rather than padded: a batch's cost and memory
+follow its tokens, not its longest post times its size.
 
 A text's label comes from two thresholds on the score, both recorded in the model's metadata and overridable:
 score >= block_threshold is "blocked", score >= mark_threshold is "sensitive", anything else "clean".
@@ -27,6 +29,7 @@ import numpy as np
 
 from gateway.event import BLOCKED, Verdict
 from gateway.filters.onnx_session import open_session
+from gateway.filters.wordpiece import WordPiece
 
 CLEAN = "clean"
 SENSITIVE = "sensitive"
@@ -37,16 +40,17 @@ SENSITIVE = "sensitive"
 # slightly, "@a" becomes "xxuser").
 MAX_CHARS = 2000
 
-# Texts per onnxruntime run. The TF-IDF stages produce a dense row of every n-gram in the vocabulary (50,000 floats)
-# per text, several times over, so memory grows with the run. Scoring the test posts in runs of 250 raised peak RSS
-# by 336 MB; in runs of 4, by 5 MB, and faster too (256 posts: 92 vs 121 ms). The scores do not depend on the split.
-TEXTS_PER_RUN = 4
+# Token ids per onnxruntime run at most (a text is never split across runs). A run holds a few numbers per id (id, row,
+# score), so this bounds its memory and the time one call holds the filter stage, whatever the batch; a micro-batch of
+# tweets (about 30 ids each) takes one run. The scores do not depend on the split.
+TOKENS_PER_RUN = 4096
 
 # Bumped whenever normalise() changes what it returns: the model records the version it was trained with and the
 # classifier refuses a model trained on differently normalised text.
 NORMALISER_VERSION = "1"
 
-# Placeholders are plain lower-case words, so the word tokenizer ([a-z0-9]{2,}) keeps them whole.
+# Placeholders are plain lower-case words: the teacher and the student read them as the same word pieces
+# ("xx", "##user"), whatever the handle or address was.
 _URL = re.compile(r"(?:https?://|www\.)\S+")
 _HANDLE = re.compile(r"@\w+")
 _IPV4 = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}\b")
@@ -70,8 +74,8 @@ def normalise(text: Any) -> str:
     " xxuser ", IPv4 addresses -> " xxip ", a retweet marker "rt" before a handle dropped; control, format and
     surrogate characters removed; every run of whitespace -> one space, ends stripped; cut to MAX_CHARS.
 
-    The result has no newline and no two consecutive spaces, which is what makes scikit-learn's character n-grams
-    (which collapse whitespace runs) and the ONNX tokenizer (whose "." does not match a newline) agree.
+    The result has no newline and no two consecutive spaces, so what the tokenizer reads does not depend on how a
+    post was laid out, and no invisible character can split a word it would otherwise recognise.
     """
     if isinstance(text, (bytes, bytearray)):
         text = bytes(text).decode("utf-8", "replace")
@@ -116,9 +120,12 @@ class ContentClassifier:
                 raise ValueError(f"{field} must be within (0, 1], got {value}")
         if self.mark_threshold > self.block_threshold:
             raise ValueError(f"mark_threshold {self.mark_threshold} is above block_threshold {self.block_threshold}")
-        self._input = self.session.get_inputs()[0].name
-        if "probabilities" not in [o.name for o in self.session.get_outputs()]:
-            raise ModelMetadataError(f"{model_path}: no 'probabilities' output (export with zipmap disabled)")
+        inputs = sorted(i.name for i in self.session.get_inputs())
+        if inputs != ["counts", "ids", "rows"] or "probabilities" not in [o.name for o in self.session.get_outputs()]:
+            raise ModelMetadataError(f"{model_path}: expected inputs ids, rows, counts and output probabilities, "
+                                     f"got inputs {inputs}")
+        self.tokenizer = WordPiece(meta["vocab"].split("\n"))
+        self.max_tokens = int(meta["max_tokens"])
 
     def label(self, score: float) -> str:
         if score >= self.block_threshold:
@@ -128,13 +135,28 @@ class ContentClassifier:
         return CLEAN
 
     def scores(self, texts: Sequence[Any]) -> np.ndarray:
-        """P(unwanted) per text, from one session run per `TEXTS_PER_RUN` texts."""
+        """P(unwanted) per text: one session run per micro-batch, or per TOKENS_PER_RUN ids if it has more."""
         out = np.zeros(len(texts), dtype=np.float64)
-        batch = np.array([normalise(t) for t in texts], dtype=object)
-        for start in range(0, len(batch), TEXTS_PER_RUN):
-            proba = self.session.run(["probabilities"], {self._input: batch[start:start + TEXTS_PER_RUN]})[0]
-            out[start:start + TEXTS_PER_RUN] = np.asarray(proba, dtype=np.float64)[:, 1]
+        encoded = [self.tokenizer.encode(normalise(t), self.max_tokens) for t in texts]
+        start = 0
+        while start < len(encoded):
+            end, n_ids = start, 0
+            while end < len(encoded) and (end == start or n_ids + len(encoded[end]) <= TOKENS_PER_RUN):
+                n_ids += len(encoded[end])
+                end += 1
+            out[start:end] = self._run(encoded[start:end])
+            start = end
         return out
+
+    def _run(self, encoded: list[list[int]]) -> np.ndarray:
+        counts = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+        feed = {
+            "ids": np.fromiter((i for e in encoded for i in e), dtype=np.int64, count=int(counts.sum())),
+            "rows": np.repeat(np.arange(len(encoded), dtype=np.int64), counts),
+            "counts": counts,
+        }
+        proba = self.session.run(["probabilities"], feed)[0]
+        return np.asarray(proba, dtype=np.float64)[:, 1]
 
     def score(self, texts: Sequence[Any]) -> list[Verdict]:
         """One verdict per text, in order."""
@@ -146,8 +168,8 @@ class ContentClassifier:
 
 
 def _read_metadata(meta: Mapping[str, str], path: str | Path) -> tuple[str, str, float, float]:
-    missing = [k for k in ("name", "version", "mark_threshold", "block_threshold", "normaliser", "max_chars")
-               if k not in meta]
+    missing = [k for k in ("name", "version", "mark_threshold", "block_threshold", "normaliser", "max_chars",
+                           "vocab", "max_tokens") if k not in meta]
     if missing:
         raise ModelMetadataError(f"{path}: metadata_props lacks {', '.join(missing)}")
     if meta["normaliser"] != NORMALISER_VERSION or int(meta["max_chars"]) != MAX_CHARS:

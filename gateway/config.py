@@ -96,7 +96,8 @@ class StorageConfig:
                                  "and disk wear (each commit rewrites whole pages; an SD card wears by what is "
                                  "written). An idle gateway commits a lone event at once. 0: commit as soon as the "
                                  "disk allows (benchmarks/RESULTS.md has the measured trade-off).", _non_negative)
-    batch_max: int = _f(2000, "Most events in one commit.", _positive)
+    batch_max: int = _f(256, "Most events in one commit. The models score a commit's events on the event loop, so "
+                        "this also bounds how long one batch keeps the loop from everything else.", _positive)
     retention_hours: float = _f(24.0, "Events every consumer is done with are trimmed from the log after this long "
                                 "(sooner when the log reaches `max_log_bytes`).", _positive)
     max_log_bytes: int = _f(1 << 30, "Disk budget for the log (its pages in use; the WAL beside it stays near 1 MiB). "

@@ -95,7 +95,7 @@ class _Sealed:
 
 class Appender:
     def __init__(self, store: LogStore, storage: Executor, metrics: Metrics, *, next_offset: int,
-                 keys: RecentKeys, commit_window: float = 0.003, page_bytes: int = 1024, batch_max: int = 2000,
+                 keys: RecentKeys, commit_window: float = 0.003, page_bytes: int = 1024, batch_max: int = 256,
                  max_pending: int = 2000, progress_interval: float = 1.0, score: Scorer | None = None,
                  hook: Hook | None = None, over_budget: Callable[[], bool] | None = None,
                  on_deadletters: Callable[[list[DeadLetter]], None] | None = None) -> None:

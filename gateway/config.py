@@ -139,6 +139,9 @@ class AnomalyConfig:
                             "model.", _non_negative)
     max_series: int = _f(100_000, "Most (device, field) histories kept; the least recently seen is evicted.",
                          _positive)
+    warm_events: int = _f(100_000, "At start, the model learns each series' normal again from this many of the "
+                          "newest events in the log (without scoring them), so a restart does not start every "
+                          "series' warm-up over; 0: start empty.", _non_negative)
 
 
 def _cpm_table(v: Any) -> str | None:

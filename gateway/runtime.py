@@ -116,6 +116,7 @@ class Gateway:
         self.graph_writer = GraphWriter(self.graph, self.storage)
         self.profiles = ProfileIndex(load_dir(cfg.profiles_path()))
         self.filters = Filters(load_detector(cfg), load_content_filter(cfg), self.metrics)
+        self._warm_filters()
         self.failed = False
         self.health_address: str | None = None
         self.notifier = Notifier()
@@ -127,6 +128,25 @@ class Gateway:
         self._build()
 
     # --- wiring ----------------------------------------------------------------------------------------------------
+
+    def _warm_filters(self) -> None:
+        """Before anything new arrives: the detector learns from the newest events of the log."""
+        limit = self.cfg.anomaly.warm_events
+        if self.filters.detector is None or limit == 0:
+            return
+        started = time.monotonic()
+        last = self.store.last_offset()
+        after = max(0, last - limit)
+        readings = 0
+        while after < last:
+            events = self.store.read(after, min(10_000, last - after))
+            if not events:
+                break
+            readings += self.filters.warm(events)
+            after = events[-1].offset
+        if readings:
+            log.info("anomaly filter: learned from the %d newest readings in the log in %.1f s", readings,
+                     time.monotonic() - started)
 
     def _finish_upgrade(self, data: Path) -> None:
         """What converting a log of the earlier layout (gateway/log/migrate.py) leaves to do with the rest of the

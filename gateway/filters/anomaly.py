@@ -84,25 +84,9 @@ class AnomalyDetector:
         row_item: list[int] = []
         row_field: list[str] = []
         warming = [False] * len(items)
-        series = self._series
         for i, (source, fields, ts_ms) in enumerate(items):
-            for name, raw in fields.items():
-                try:
-                    value = float(raw)
-                except (TypeError, ValueError):
-                    continue
-                if not math.isfinite(value):
-                    continue  # the gateway rejects these before us; one would poison the statistics
-                key = (source, name)
-                s = series.get(key)
-                if s is None:
-                    if len(series) >= self.max_series:
-                        series.popitem(last=False)
-                        self.evicted += 1
-                    s = series[key] = Series()
-                else:
-                    series.move_to_end(key)
-                f = observe(s, value, ts_ms)
+            for name, value in _values(fields):
+                f = observe(self._series_of(source, name), value, ts_ms)
                 if f is None:
                     warming[i] = True
                 else:
@@ -126,6 +110,29 @@ class AnomalyDetector:
                     flagged_fields.setdefault(i, {})[row_field[r]] = classes[kinds[r]]
         return [self._verdict(i, items[i][0], best[i], best_class[i], warming[i], flagged_fields.get(i))
                 for i in range(len(items))]
+
+    def warm(self, items: Sequence[tuple[str, Mapping[str, float], int, bool]]) -> None:
+        """Learn from readings scored before a restart, without scoring them again: every field's statistics and
+        every device's episode continue from where they were, instead of warming up again (and a device in the
+        middle of an episode does not raise a second alert for it). Items are (source, fields, ts_ms, flagged at
+        the time), oldest first."""
+        for source, fields, ts_ms, flagged in items:
+            for name, value in _values(fields):
+                observe(self._series_of(source, name), value, ts_ms)
+            self._episode(source, flagged)
+
+    def _series_of(self, source: str, name: str) -> Series:
+        key = (source, name)
+        series = self._series
+        s = series.get(key)
+        if s is None:
+            if len(series) >= self.max_series:
+                series.popitem(last=False)
+                self.evicted += 1
+            s = series[key] = Series()
+        else:
+            series.move_to_end(key)
+        return s
 
     def _verdict(self, i: int, source: str, score: float, kind: str, warming: bool,
                  fields: dict[str, str] | None) -> Verdict:
@@ -165,6 +172,20 @@ class AnomalyDetector:
 
     def in_episode(self, source: str) -> bool:
         return source in self._episodes
+
+
+def _values(fields: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """The fields a series can learn from: numbers, finite (the gateway rejects the others before us; one would
+    poison the statistics)."""
+    out = []
+    for name, raw in fields.items():
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(value):
+            out.append((name, value))
+    return out
 
 
 def _read_metadata(meta: Mapping[str, str], path: str | Path) -> tuple[str, str, list[str], float, int]:

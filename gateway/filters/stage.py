@@ -15,7 +15,7 @@ import logging
 import math
 from typing import Any, Mapping, Protocol, Sequence
 
-from gateway.event import KIND_POST, KIND_TELEMETRY, Ingested, Verdict
+from gateway.event import KIND_POST, KIND_TELEMETRY, Event, Ingested, Verdict
 from gateway.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 class Detector(Protocol):
     def score(self, items: Sequence[tuple[str, Mapping[str, float], int]]) -> list[Verdict]: ...
+
+    def warm(self, items: Sequence[tuple[str, Mapping[str, float], int, bool]]) -> None: ...
 
 
 class TextScorer(Protocol):
@@ -61,6 +63,16 @@ class Filters:
                     out[i] = v
                 self._metrics.inc("filtered", len(at))
         return out
+
+    def warm(self, events: Sequence[Event]) -> int:
+        """At start: the telemetry of the log's tail teaches the detector what it knew before the restart (see
+        AnomalyDetector.warm). Returns how many readings it learned from."""
+        if self.detector is None:
+            return 0
+        items = [(e.source, measurements(e.payload), e.ts_ms, e.verdict is not None and e.verdict.flagged)
+                 for e in events if e.kind == KIND_TELEMETRY]
+        self.detector.warm(items)
+        return len(items)
 
     def _finite(self, verdicts: list[Verdict]) -> list[Verdict | None]:
         """A score that is not a number is a broken model, not a verdict: the event goes on without one."""

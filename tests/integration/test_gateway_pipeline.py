@@ -215,6 +215,24 @@ def test_an_anomaly_is_flagged_delivered_and_alerted_once_as_an_episode(mosquitt
     alerts.close()
 
 
+def test_after_a_restart_the_detector_knows_each_series_from_the_log(mosquitto, gateway):
+    device = uid("dev")
+    gateway.run_cli("follow", "ivy", f"devices/{device}")
+    feed = Collector(mosquitto.address, "feeds/ivy/#")
+    gateway.start()
+    rng = random.Random(1)
+    values = [round(20.0 + rng.gauss(0, 0.1), 2) for _ in range(61)]
+    publish_all(mosquitto.address, [(f"devices/{device}/telemetry", reading(s, v)) for s, v in enumerate(values[:60])])
+    assert feed.wait_count(60)
+    assert gateway.terminate() == 0
+    gateway.start()
+    publish_all(mosquitto.address, [(f"devices/{device}/telemetry", reading(60, values[60]))])
+    assert feed.wait_for(lambda m: any(json.loads(p)["payload"]["seq"] == 60 for _, p, _ in m))
+    first = next(m for m in feed.json() if m["payload"]["seq"] == 60)
+    assert first["verdicts"][0]["label"] == "normal", "learned from the log at start, not warming up again"
+    feed.close()
+
+
 def gateway_model_quiet() -> int:
     """The episode rule recorded in the committed model (the gateway runs it with the default config)."""
     import onnxruntime as ort

@@ -164,6 +164,32 @@ def test_episodes_are_kept_per_device():
     assert detector.in_episode("devices/a") and not detector.in_episode("devices/b")
 
 
+def test_a_detector_warmed_from_the_log_scores_on_as_if_there_had_been_no_restart():
+    """After a restart the gateway warms the detector with the log's newest readings and their verdicts at the
+    time: no series warms up again, and an episode in progress goes on without a second alert."""
+    signal = DeviceSignal("pump-0080", 6, "water", interval_ms=5000)
+    history = [signal.next() for _ in range(300)]
+    signal.inject("flow_lpm", "stuck", length=40)
+    history += [signal.next() for _ in range(20)]  # the restart comes in the middle of the anomaly
+    after = [signal.next() for _ in range(80)]
+    items = [("devices/pump-0080", r.fields, r.ts_ms) for r in history + after]
+
+    running = AnomalyDetector(MODEL)
+    before = running.score(items[:len(history)])
+    assert before[-1].flagged and running.in_episode("devices/pump-0080")
+    expected = running.score(items[len(history):])
+
+    restarted = AnomalyDetector(MODEL)
+    restarted.warm([(*item, v.flagged) for item, v in zip(items, before)])
+    assert restarted.in_episode("devices/pump-0080") and restarted.tracked == running.tracked
+    got = restarted.score(items[len(history):])
+    assert [v.as_dict() for v in got] == [v.as_dict() for v in expected]
+    assert episodes(got) == ["end"], "the episode started before the restart: it ends, it does not start again"
+
+    cold = AnomalyDetector(MODEL).score(items[len(history):])
+    assert cold[0].label == "warming"  # what the warm start spares
+
+
 def test_the_episode_rule_can_be_overridden_and_is_checked():
     assert AnomalyDetector(MODEL, quiet=3).quiet == 3
     with pytest.raises(ValueError, match="quiet"):

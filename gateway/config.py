@@ -71,6 +71,10 @@ class MqttConfig:
                            "the MQTT 5 receive maximum the gateway asks of the broker, and the point where it stops "
                            "reading the socket until the log catches up (mosquitto overruns the receive maximum "
                            "while acknowledgements flow; docs/ARCHITECTURE.md).", _positive)
+    publish_connections: int = _f(4, "Connections the feeds are published over, this one included: the broker "
+                                  "lets each have its window of unacknowledged publishes (mosquitto: 20), and a "
+                                  "topic always takes the same one, so each feed keeps its order. 1: this one only.",
+                                  _positive)
     reconnect_min: float = _f(0.5, "First reconnect delay in seconds (doubles per failure, jittered).", _positive)
     reconnect_max: float = _f(30.0, "Longest reconnect delay in seconds.", _positive)
     tls: bool = _f(False, "Connect over TLS; the broker's certificate must chain to `ca_file` (or a CA the system "

@@ -18,6 +18,7 @@ cancelled: everything acknowledged is in the log, and the next start resumes eac
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -45,6 +46,7 @@ from gateway.log.dedup import RecentKeys
 from gateway.log.migrate import ENGAGEMENT_AFTER
 from gateway.log.store import LogStore
 from gateway.mqtt.client import MqttClient, Settings
+from gateway.mqtt.pool import PublishPool
 from gateway.mqtt.tls import tls_context
 from gateway.ops.health import HealthServer
 from gateway.ops.metrics import Metrics
@@ -84,6 +86,13 @@ def load_content_filter(cfg: Config) -> TextScorer | None:
 
     return ContentClassifier(cfg.content_model_path(), mark_threshold=cfg.content.mark_threshold or None,
                              block_threshold=cfg.content.block_threshold or None)
+
+
+def publisher_settings(cfg: Config, i: int) -> Settings:
+    """Publish-only connection `i` of the feeds' pool: no subscriptions, no status of its own (the main connection
+    speaks for the gateway), and no session to keep: what it has in flight at a reconnect it sends again itself."""
+    return dataclasses.replace(mqtt_settings(cfg), client_id=f"{cfg.mqtt.client_id}-out{i}", subscriptions=(),
+                               status_topic="", session_expiry=0)
 
 
 def mqtt_settings(cfg: Config) -> Settings:
@@ -190,6 +199,10 @@ class Gateway:
         self.source = MqttSource(self.appender, self._follow, self.profiles, cfg.limits, m, cfg.social)
         self.client = MqttClient(mqtt_settings(cfg), self.source.take)
         self.source.attach(self.client)
+        # The feeds also go over publish-only connections: one window per connection (gateway/mqtt/pool.py).
+        self.publishers = [MqttClient(publisher_settings(cfg, i), lambda messages, connection_no: None)
+                           for i in range(1, cfg.mqtt.publish_connections)]
+        self.pool = PublishPool([self.client, *self.publishers])
 
         committed = self.store.progress()
         log_end = lambda: self.appender.last_offset  # noqa: E731 - read on every catch-up check
@@ -203,7 +216,7 @@ class Gateway:
             return c
 
         reader = self.reader
-        self.feeds = consumer(FeedsSink(self.client, self.graph.followers,
+        self.feeds = consumer(FeedsSink(self.pool, self.graph.followers,
                                         lambda events: reader.run(engagement.plan, events), m,
                                         qos=cfg.pipeline.feed_qos,
                                         micros_per_impression=cfg.social.micros_per_impression))
@@ -234,7 +247,7 @@ class Gateway:
         m.gauge("mqtt_connects", lambda: client.stats.connects)
         m.gauge("mqtt_disconnects", lambda: client.stats.disconnects)
         m.gauge("mqtt_connect_failures", lambda: client.stats.connect_failures)
-        m.gauge("mqtt_in_flight", lambda: client.in_flight)
+        m.gauge("mqtt_in_flight", lambda: self.pool.in_flight)
         m.gauge("mqtt_resent", lambda: client.stats.resent)
         m.gauge("log_pending", lambda: appender.pending)
         m.gauge("log_pending_peak", lambda: appender.pending_peak)
@@ -299,6 +312,7 @@ class Gateway:
         # trying (STATUS says so), not to be killed by systemd's start timeout.
         self.notifier.ready(f"connecting to {self.cfg.mqtt.broker}")
         link = asyncio.create_task(self.client.run(), name="mqtt")
+        links = [asyncio.create_task(p.run(), name=f"mqtt publisher {p.settings.client_id}") for p in self.publishers]
         if self.serial is not None:
             self.serial.start()
         log.info("gateway running: broker %s, data %s, influx %s, log at offset %d", self.cfg.mqtt.broker,
@@ -318,6 +332,10 @@ class Gateway:
         if not link.done():
             await self.client.close(timeout=max(1.0, deadline * 0.1))
             link.cancel()
+        for publisher, task in zip(self.publishers, links):
+            if not task.done():
+                await publisher.close(timeout=max(1.0, deadline * 0.1))
+                task.cancel()
         self._write_status()  # the final word: what was appended and committed when we stopped
         if self.influx is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.influx.stop, 2.0)
@@ -352,7 +370,7 @@ class Gateway:
         self._write_metrics_point()  # the last word of the self-metrics: what was done when we stopped
         if self.influx is not None:
             await self.influx.flush(timeout=2.0)
-        await self.client.close()
+        await asyncio.gather(self.client.close(), *(p.close() for p in self.publishers))
 
     async def _housekeeping(self) -> None:
         loop = asyncio.get_running_loop()

@@ -78,7 +78,7 @@ class Settings:
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
     subscriptions: tuple[str, ...] = ()
-    status_topic: str = "gateway/status"
+    status_topic: str = "gateway/status"  # retained online/offline and the will; "" for none
     connect_timeout: float = 10.0
 
 
@@ -249,14 +249,7 @@ class MqttClient:
         self._closing = True
         protocol = self._protocol
         if protocol is not None and self.connected.is_set():
-            done = _Flag()
-            delivered = False
-            if self.publish(self.settings.status_topic.encode(), b"offline", qos=1, retain=True, tracker=done):
-                try:
-                    await asyncio.wait_for(done.wait(), timeout)
-                    delivered = True
-                except (asyncio.TimeoutError, TimeoutError):
-                    log.warning("broker did not acknowledge the offline status within %.0fs", timeout)
+            delivered = await self._say_offline(timeout) if self.settings.status_topic else True
             if delivered:
                 self._write(pk.disconnect(version=self.version))
                 self._flush()
@@ -267,6 +260,18 @@ class MqttClient:
             protocol.transport.abort()
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
+
+    async def _say_offline(self, timeout: float) -> bool:
+        """The retained `offline`, waited for until the broker acknowledged it (False: it did not in time)."""
+        done = _Flag()
+        if not self.publish(self.settings.status_topic.encode(), b"offline", qos=1, retain=True, tracker=done):
+            return False
+        try:
+            await asyncio.wait_for(done.wait(), timeout)
+            return True
+        except (asyncio.TimeoutError, TimeoutError):
+            log.warning("broker did not acknowledge the offline status within %.0fs", timeout)
+            return False
 
     # --- connection ------------------------------------------------------------------------------------------------
 
@@ -284,7 +289,7 @@ class MqttClient:
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # our batches are written whole already
-        will = pk.Will(s.status_topic, b"offline", qos=1, retain=True)
+        will = pk.Will(s.status_topic, b"offline", qos=1, retain=True) if s.status_topic else None
         protocol.send_now(pk.connect(
             s.client_id, version=self.version, keepalive=s.keepalive, clean_start=False,
             username=s.username or None, password=s.password or None, will=will,
@@ -312,11 +317,12 @@ class MqttClient:
                 self.stats.refused_subscriptions = refused
                 log.error("broker refused the subscriptions %s (%s)", refused,
                           ", ".join(pk.reason_text(r, self.version) for r in suback.reasons if r >= 0x80))
-        self.publish(s.status_topic.encode(), b"online", qos=1, retain=True) or self._publish_later(
-            s.status_topic.encode(), b"online")
+        if s.status_topic:
+            self.publish(s.status_topic.encode(), b"online", qos=1, retain=True) or self._publish_later(
+                s.status_topic.encode(), b"online")
         self.connected.set()
-        log.info("connected to %s:%d (MQTT %s, session present: %s, broker window %d)", s.host, s.port,
-                 "5" if self.version == pk.V5 else "3.1.1", connack.session_present, self.window)
+        log.info("connected to %s:%d as %s (MQTT %s, session present: %s, broker window %d)", s.host, s.port,
+                 s.client_id, "5" if self.version == pk.V5 else "3.1.1", connack.session_present, self.window)
         if self._on_connected is not None:
             self._on_connected(connack.session_present)
 

@@ -73,7 +73,10 @@ class MqttConfig:
                            "while acknowledgements flow; docs/ARCHITECTURE.md).", _positive)
     publish_connections: int = _f(4, "Connections the feeds are published over, this one included: the broker "
                                   "lets each have its window of unacknowledged publishes (mosquitto: 20), and a "
-                                  "topic always takes the same one, so each feed keeps its order. 1: this one only.",
+                                  "topic always takes the same one, so each feed keeps its order. 1: this one only, "
+                                  "which a broker that makes the username the client id (use_username_as_clientid, "
+                                  "as deploy/mosquitto-production.conf) requires: it allows one connection per "
+                                  "account.",
                                   _positive)
     reconnect_min: float = _f(0.5, "First reconnect delay in seconds (doubles per failure, jittered).", _positive)
     reconnect_max: float = _f(30.0, "Longest reconnect delay in seconds.", _positive)

@@ -65,7 +65,7 @@ def gateway(broker: servers.ProductionBroker, tmp_path_factory: pytest.TempPathF
     base = tmp_path_factory.mktemp("isolation-gw")
     config = base / "gateway.toml"
     config.write_text(f'[mqtt]\nusername = "gateway"\npassword = "{broker.passwords["gateway"]}"\n'
-                      f'tls = true\nca_file = "{broker.ca_file}"\n'
+                      f'tls = true\nca_file = "{broker.ca_file}"\npublish_connections = 1\n'
                       f"[limits]\nper_source_rate = {RATE}\nper_source_burst = {BURST}\n"
                       "[social]\nstats_interval_ms = 50\n")
     gw = GatewayProcess(base / "gw", broker.address, "--influx-api", "none", client_id="gw-isolation",

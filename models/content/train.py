@@ -7,7 +7,8 @@ The model is a static-embedding student of the sentence encoder all-MiniLM-L6-v2
 through the teacher alone ("[CLS] entry [SEP]") and the mean of its output vectors becomes that entry's static
 vector. A text's vector is the mean of its entries' vectors; a logistic regression on it is linear, so it folds
 into one score per vocabulary entry. A second, three-parameter regression weighs the mean and the max of a text's
-scores (the max keeps one insult from vanishing in a long text). The shipped graph: gather one score per id, mean and
+scores (the max keeps one insult from vanishing in a long text). Identity terms (IDENTITY_TERMS: words for groups of
+people, not slurs) get a neutral score before that second regression. The shipped graph: gather one score per id, mean and
 max per text, weigh, add the bias, sigmoid. An entry the labelled data never show still gets the score its teacher
 vector implies: that is what carries across sources, where a TF-IDF vocabulary knows only its training n-grams.
 
@@ -65,7 +66,8 @@ from gateway.filters.content import (  # noqa: E402
 from gateway.filters.wordpiece import WordPiece  # noqa: E402
 
 MODEL_NAME = "sensitive-content"
-MODEL_VERSION = "2.0.0"
+# 2.0.0: the static MiniLM-L6 student. 2.1.0: identity terms neutralised; block at 90 % implied precision.
+MODEL_VERSION = "2.1.0"
 SEED = 20260101
 SETS = ("davidson", "jigsaw")
 TITLES = {"davidson": "Davidson tweets", "jigsaw": "Jigsaw Wikipedia comments"}
@@ -83,12 +85,54 @@ BASE_RATE = 0.05
 # mark (delivered, labelled sensitive, e.g. behind a click): high recall. The largest threshold (0.01 grid) at which
 # the validation recall on each set is at least this.
 MARK_RECALL = 0.80
-# block (quarantined): few wrong blocks. The smallest threshold at which the precision expected at BASE_RATE (from
-# each set's validation recall and false-positive rate) is at least this on each set.
-BLOCK_PRECISION = 0.80
+# block (quarantined, never delivered): few wrong blocks. The smallest threshold at which the precision expected at
+# BASE_RATE (from each set's validation recall and false-positive rate) is at least this on each set. 90 %, not 80 %:
+# a block hides a post outright, so at most one in ten should be wrong; at 80 % (block 0.97 in 2.0.0) a mild
+# complaint ("I hate mondays", 0.976) was blocked. Marking stays the milder action for the doubtful middle.
+BLOCK_PRECISION = 0.90
+# Threshold grid: 0.01 steps, then 0.001 steps above 0.99, where the sigmoid saturates and the 0.01 grid has no
+# threshold between 0.99 and 1 to offer the block rule.
+THRESHOLD_GRID = np.round(np.concatenate([np.arange(0.01, 0.995, 0.01), np.arange(0.991, 0.9995, 0.001)]), 3)
 THROUGHPUT_BATCHES = (1, 16, 256)
 THROUGHPUT_SECONDS = 2.0
 PARITY_TOLERANCE = 1e-4
+
+# Identity and group terms (NOT slurs): the word pieces whose score the labelled data tie to the insults they so
+# often appear with (Dixon et al. 2018), so that "I am a gay man and proud of my family." scored like a slur (0.998,
+# blocked, in 2.0.0). Their scores are set to NEUTRAL_QUANTILE of the vocabulary's scores before the mean/max head
+# and the thresholds are fitted, so a mention of a group neither raises nor (much) lowers a text's score; insults
+# and slurs keep theirs. Based on the identity terms of Dixon et al. 2018, with plurals, religions, migrants and
+# political labels. Each word must be one vocabulary entry or one entry + "##s" (e.g. "gays" -> "gay", "##s"): the
+# entry is neutralised, the shared suffix "##s" is not. Left out on purpose: slurs; "straight" (in these data mostly
+# "straight up"); words the vocabulary splits into pieces other words share ("latina" -> "latin", "##a").
+# The cost in ROC-AUC, measured both ways across sources, is in the card ("Identity terms").
+IDENTITY_TERMS = (
+    # sexual orientation and gender identity
+    "gay", "gays", "lesbian", "lesbians", "bisexual", "bisexuals", "transgender", "trans", "queer", "queers",
+    "lgbt", "homosexual", "homosexuals", "heterosexual",
+    # gender
+    "woman", "women", "female", "females", "male", "males", "feminist", "feminists",
+    # race, ethnicity, nationality
+    "black", "blacks", "white", "whites", "african", "africans", "american", "americans", "european", "europeans",
+    "canadian", "mexican", "mexicans", "asian", "asians", "chinese", "japanese", "indian", "indians", "hispanic",
+    "hispanics", "latino", "latinos", "arab", "arabs",
+    # religion
+    "christian", "christians", "muslim", "muslims", "islam", "islamic", "jew", "jews", "jewish", "judaism",
+    "buddhist", "catholic", "catholics", "protestant", "sikh", "hindu", "hindus", "atheist", "atheists", "mormon",
+    "mormons",
+    # migration
+    "immigrant", "immigrants", "migrant", "migrants", "refugee", "refugees",
+    # disability
+    "deaf", "blind", "disabled",
+    # political labels
+    "liberal", "liberals", "conservative", "conservatives", "democrat", "democrats", "republican", "republicans",
+)
+# The neutral score: the vocabulary's median. Half the entries score above it, half below; it sits below the score of
+# a typical word piece in a clean text, so an identity term counts as a plain, slightly clean word in the mean, and
+# in the max it matters only when nothing else in the text scores higher.
+NEUTRAL_QUANTILE = 0.5
+NOT_NEUTRALISED = "student, identity terms not neutralised"
+RECIPES = ("student", NOT_NEUTRALISED, "teacher")  # the cross-source recipes with a threshold (and TF-IDF)
 
 # Hostile and unusual inputs also checked for parity (besides every test text).
 ODD_TEXTS = ["", " ", "\x00\x00", "a", "😀😀 👍🏽 👨\u200d👩\u200d👧", "שלום עולם مرحبا", "İstanbul ǅ ß ﬁ",
@@ -111,6 +155,19 @@ SPOT_CHECKS = [
     "you are a worthless stupid idiot and everyone hates you",
     "go kill yourself you piece of shit",
     "@user you are such a clown, nobody asked",
+    "I hate mondays",
+    "this is a stupid idea",
+]
+# Written for the card's "Identity terms" section: identity statements without insults, and one hateful sentence
+# with a slur, which must still be flagged.
+IDENTITY_EXAMPLES = [
+    "I am a gay man and proud of my family.",
+    "My muslim neighbours invited us for dinner.",
+    "Black women in tech meetup tonight",
+    "The jewish community centre opens a new library on Sunday.",
+    "Mexican immigrants opened a bakery on our street.",
+    "She is a lesbian and a wonderful teacher.",
+    "all those dirty faggots should be run out of town",
 ]
 
 
@@ -332,12 +389,27 @@ class Student:
         return self.mean_weight * st[:, 0] + self.max_weight * st[:, 1] + self.bias
 
 
+def identity_ids(wp: WordPiece, vocab: list[str]) -> np.ndarray:
+    """The vocabulary ids of IDENTITY_TERMS (see there); stops if a word does not map to one entry (+ "##s")."""
+    out = set()
+    for word in IDENTITY_TERMS:
+        pieces = [vocab[i] for i in wp.encode(word, 4)]
+        if pieces != [word] and pieces != [word[:-1], "##s"]:
+            raise SystemExit(f"identity term {word!r} is {pieces} in the vocabulary: one entry (+ '##s') expected")
+        out.add(wp.encode(word, 4)[0])
+    return np.array(sorted(out), dtype=np.int64)
+
+
 def fit_student(vectors: np.ndarray, x: np.ndarray, ids: list[list[int]], y: np.ndarray, sources: np.ndarray,
-                c_value: float) -> Student:
-    """Stage 1: a regression on the mean-pooled vectors, folded to one score per vocabulary entry. Stage 2: a
-    regression on the mean and the max of those scores per text (both fitted on the same train split)."""
+                c_value: float, neutral_ids: np.ndarray | None = None) -> Student:
+    """Stage 1: a regression on the mean-pooled vectors, folded to one score per vocabulary entry; the entries of
+    `neutral_ids` (identity terms) then get the vocabulary's NEUTRAL_QUANTILE score. Stage 2: a regression on the
+    mean and the max of those scores per text (both fitted on the same train split), so it sees the neutral ones."""
     first = fit_linear(x, y, sources, c_value)
-    student = Student(vectors.astype(np.float64) @ first.coef, 1.0, 0.0, 0.0)
+    scores = vectors.astype(np.float64) @ first.coef
+    if neutral_ids is not None and len(neutral_ids):
+        scores[neutral_ids] = np.quantile(scores, NEUTRAL_QUANTILE)
+    student = Student(scores, 1.0, 0.0, 0.0)
     second = fit_linear(student.stats(ids), y, sources, 1.0)
     return Student(student.token_scores, float(second.coef[0]), float(second.coef[1]), second.bias)
 
@@ -406,8 +478,8 @@ def export(student: Student, vocab: list[str], thresholds: dict[str, float]) -> 
     helper.set_model_props(model, {
         "name": MODEL_NAME,
         "version": MODEL_VERSION,
-        "mark_threshold": f"{thresholds['mark']:.2f}",
-        "block_threshold": f"{thresholds['block']:.2f}",
+        "mark_threshold": f"{thresholds['mark']:g}",
+        "block_threshold": f"{thresholds['block']:g}",
         "base_rate": f"{BASE_RATE:g}",
         "normaliser": NORMALISER_VERSION,
         "max_chars": str(MAX_CHARS),
@@ -443,7 +515,7 @@ def metrics(scores: np.ndarray, y: np.ndarray, thresholds: dict[str, float]) -> 
 
 
 def choose_thresholds(val: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[dict[str, float], list[dict]]:
-    grid = np.round(np.arange(0.01, 1.0, 0.01), 2)
+    grid = THRESHOLD_GRID
     sweep = [{"threshold": float(t), **{n: at(s, y, float(t)) for n, (s, y) in val.items()}} for t in grid]
     mark_ok = [r["threshold"] for r in sweep if all(r[n]["recall"] >= MARK_RECALL for n in val)]
     block_ok = [r["threshold"] for r in sweep
@@ -542,7 +614,7 @@ def write_card(path: Path, r: dict) -> None:  # noqa: C901 (a long but linear do
     add("")
     add(f"The gateway (`gateway/filters/content.py`, `ContentClassifier`) scores a micro-batch of texts in one "
         f"onnxruntime run (split only past {TOKENS_PER_RUN} word pieces) and labels each text: score >= "
-        f"**{th['block']:.2f}** -> `blocked`, score >= **{th['mark']:.2f}** -> `sensitive`, otherwise `clean`; "
+        f"**{th['block']:g}** -> `blocked`, score >= **{th['mark']:g}** -> `sensitive`, otherwise `clean`; "
         "`flagged` is true for the first two. Both thresholds are in the model's metadata and can be overridden "
         "(`content.mark_threshold`, `content.block_threshold`).")
     add("")
@@ -551,14 +623,18 @@ def write_card(path: Path, r: dict) -> None:  # noqa: C901 (a long but linear do
     add(f"Stated base rate: **{pct(BASE_RATE)} of posts unwanted** (metadata `base_rate`). Precision depends on it; "
         "recall and the false-positive rate (FPR, the share of clean posts flagged) do not, so the thresholds are "
         "chosen from each validation split's recall and FPR, and precision is what they imply at the base rate: "
-        "P = b R / (b R + (1 - b) FPR). Chosen on the validation splits (never the test splits), on a 0.01 grid, "
-        "holding on both sets separately:")
+        "P = b R / (b R + (1 - b) FPR). Chosen on the validation splits (never the test splits), on a 0.01 grid "
+        "(0.001 above 0.99, where the scores crowd), holding on both sets separately:")
     add("")
-    add(f"- **mark = {th['mark']:.2f}**: the largest threshold at which the validation recall is at least "
+    add(f"- **mark = {th['mark']:g}**: the largest threshold at which the validation recall is at least "
         f"{pct(MARK_RECALL)} on each set.")
-    add(f"- **block = {th['block']:.2f}**: the smallest threshold at which the precision implied at the "
+    add(f"- **block = {th['block']:g}**: the smallest threshold at which the precision implied at the "
         f"{pct(BASE_RATE)} base rate is at least {pct(BLOCK_PRECISION)} on each set"
-        + (" (no threshold met it; the highest of the grid is used)" if r["block_unmet"] else "") + ".")
+        + (" (no threshold met it; the highest of the grid is used)" if r["block_unmet"] else "") + ". "
+        f"{pct(BLOCK_PRECISION)} rather than the 80 % of version 2.0.0 (block 0.97 there): a block hides a post, "
+        "and at 80 % mild complaints such as \"I hate mondays\" were blocked. The estimate is coarse: it rests on "
+        + " and ".join(f"{r['block_fp'][n]} clean {SHORT[n]}" for n in SETS)
+        + " validation texts at or above block, so one text more or less moves it by several points.")
     add("")
     add("For another base rate, pick from this validation sweep (P at base rate from R and FPR as above):")
     add("")
@@ -566,12 +642,13 @@ def write_card(path: Path, r: dict) -> None:  # noqa: C901 (a long but linear do
         "Jigsaw P @ base rate |")
     add("|---|---|---|---|---|---|---|")
     for row in r["sweep"]:
-        if round(row["threshold"] * 100) % 5 and row["threshold"] not in (th["mark"], th["block"]):
+        if (round(row["threshold"] * 1000) % 50 and row["threshold"] <= 0.99
+                and row["threshold"] not in (th["mark"], th["block"])):
             continue
         d, j = row["davidson"], row["jigsaw"]
         tag = " (mark)" if row["threshold"] == th["mark"] else ""
         tag += " (block)" if row["threshold"] == th["block"] else ""
-        add(f"| {row['threshold']:.2f}{tag} | {pct(d['recall'])} | {pct(d['false_positive_rate'])} | "
+        add(f"| {row['threshold']:g}{tag} | {pct(d['recall'])} | {pct(d['false_positive_rate'])} | "
             f"{pct(d['precision_at_base_rate'])} | {pct(j['recall'])} | {pct(j['false_positive_rate'])} | "
             f"{pct(j['precision_at_base_rate'])} |")
     add("")
@@ -586,10 +663,12 @@ def write_card(path: Path, r: dict) -> None:  # noqa: C901 (a long but linear do
     add("| trained on | scored on | recipe | ROC-AUC | threshold | P | R | FPR |")
     add("|---|---|---|---|---|---|---|---|")
     for row in r["cross"]:
+        if row["recipe"] == NOT_NEUTRALISED:
+            continue  # in the "Identity terms" section
         own = row["at"]
         add(f"| {TITLES[row['train']]} | {TITLES[row['test']]}{' (in-set)' if row['train'] == row['test'] else ''} "
             f"| {row['recipe']} | **{row['auc']:.3f}** | " + (
-                f"{row['threshold']:.2f} | {pct(own['precision'])} | {pct(own['recall'])} | "
+                f"{row['threshold']:g} | {pct(own['precision'])} | {pct(own['recall'])} | "
                 f"{pct(own['false_positive_rate'])} |" if own else "- | - | - | - |"))
     add("")
     add("Recipes: *student* is this model's (static teacher vectors, mean-pooled, logistic regression folded to "
@@ -627,6 +706,40 @@ def write_card(path: Path, r: dict) -> None:  # noqa: C901 (a long but linear do
     add("|---|---|---|")
     for text, score, label in r["spot_checks"]:
         add(f"| {text} | {score:.3f} | {label} |")
+    add("")
+    add("## Identity terms")
+    add("")
+    add(f"The labelled data tie words for groups of people to the insults they appear with (Dixon et al. 2018): "
+        "before version 2.1.0, \"gay\" scored above 99.9 % of the vocabulary, as high as slurs, and \"I am a gay man and proud of my family.\" "
+        f"was blocked (0.998). `IDENTITY_TERMS` in the script lists {len(IDENTITY_TERMS)} words for sexual orientation "
+        "and gender identity, gender, race, ethnicity and nationality, religion, migration, disability and political "
+        f"labels, none of them a slur ({r['neutral']['entries']} vocabulary entries; a plural the vocabulary lacks, "
+        "such as \"gays\", is its singular's entry + \"##s\"). Their scores are set to the vocabulary's median "
+        f"({r['neutral']['score']:.2f}) after the per-piece regression and before the mean/max head and the "
+        "thresholds are fitted, so the head, the thresholds and every figure in this card are the shipped model's. "
+        "A mention of a group then weighs like a plain word; insults and slurs keep their scores. The cost, measured "
+        "as above (same recipe, C and splits; only the neutralising differs):")
+    add("")
+    add("| trained on | scored on | ROC-AUC, identity terms neutralised (shipped) | ROC-AUC, not neutralised |")
+    add("|---|---|---|---|")
+    by = {(x["train"], x["test"], x["recipe"]): x["auc"] for x in r["cross"]}
+    for a in SETS:
+        for b in sorted(SETS, key=lambda n: n == a):
+            add(f"| {TITLES[a]} | {TITLES[b]}{' (in-set)' if a == b else ''} | **{by[(a, b, 'student')]:.3f}** | "
+                f"{by[(a, b, NOT_NEUTRALISED)]:.3f} |")
+    add("")
+    add("The ROC-AUC lost is what the group words predicted about these labels: the association the gateway should "
+        "not act on. Sentences written for this card, scored by the committed model; the last one, with a slur, must "
+        "stay flagged:")
+    add("")
+    add("| text | score | label |")
+    add("|---|---|---|")
+    for text, score, label in r["identity_examples"]:
+        add(f"| {text} | {score:.3f} | {label} |")
+    add("")
+    add("A statement can still be flagged for its other words: short first-person texts lean unwanted in these data "
+        "(\"proud\", \"family\", \"you\" score above the median). Slurs, and words not on the list (\"straight\", "
+        "national and religious words beyond it), keep what the data taught them.")
     add("")
     add("## Speed and memory")
     add("")
@@ -723,13 +836,14 @@ def write_card(path: Path, r: dict) -> None:  # noqa: C901 (a long but linear do
         "often (Davidson, Bhattacharya & Weber 2019, arXiv:1905.12516); a model fitted to those labels flags AAE "
         "(and reclaimed in-group terms) more often than other English at the same intent. Do not use `blocked` "
         "without human review for such content.")
-    add("- **Identity terms: serious.** Models fitted to these data over-flag harmless texts that mention "
-        "identities, because the toxic texts mention them often (Dixon et al. 2018). A bag of word pieces has no "
-        "context to undo it: a word such as \"gay\" carries a score close to a slur's, and a short, friendly "
-        "sentence with it can be blocked (see the spot checks). Political words (\"liberal\", \"democrats\") "
-        "lean the same way. Do not block automatically on this model where such posts are expected; review "
-        "`blocked` posts. Profanity is scored as unwanted whatever the intent (friendly swearing, quotes, song "
-        "lyrics).")
+    add("- **Identity terms: reduced, not gone.** Models fitted to these data over-flag harmless texts that "
+        "mention identities, because the toxic texts mention them often (Dixon et al. 2018). The listed identity "
+        "terms are neutralised (see \"Identity terms\"); words not on the list, the pieces of words the vocabulary "
+        "splits, and the rest of a sentence still carry the data's associations. Review `blocked` posts where such "
+        "posts are expected.")
+    add("- **Mild complaints and profanity.** Profanity is scored as unwanted whatever the intent (friendly "
+        "swearing, quotes, song lyrics), and so is an insult word aimed at a thing: \"stupid\" scores as high in "
+        "\"this is a stupid idea\" as in \"you are stupid\" (see the spot checks).")
     add(f"- **Base rates.** Both sets hold far more unwanted text than a normal feed (Davidson 83 %, sampled by "
         f"lexicon; Jigsaw about 10 %). The thresholds assume {pct(BASE_RATE)}; at 1 % the same thresholds give "
         "markedly lower precision (use the sweep).")
@@ -792,7 +906,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 (one linear run)
     vocab = read_vocabulary(folder)
     wp = WordPiece(vocab)
     vectors = teacher.vocabulary_vectors()
-    log(f"teacher vectors of {len(vocab)} vocabulary entries")
+    neutral = identity_ids(wp, vocab)
+    log(f"teacher vectors of {len(vocab)} vocabulary entries; {len(neutral)} identity-term entries to neutralise")
     agreement = {n: tokenizer_agreement(folder, wp, [normalise(t) for t in raw[n][0]]) for n in SETS}
     log(f"WordPiece agrees with the reference on {agreement}")
 
@@ -811,14 +926,16 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 (one linear run)
         return float(roc_auc_score(splits[name]["validation"].y, model.logit(feats[name]["validation"])))
 
     # Cross-source: one set's train split, the other's test split; C and threshold on the training set's validation.
+    # The student twice: as shipped (identity terms neutralised) and without, to measure what neutralising costs.
     cross = []
     for train_on in SETS:
         y_train = splits[train_on]["train"].y
         ones = np.zeros(len(y_train), dtype=int)
-        for recipe in ("student", "teacher"):
-            if recipe == "student":
-                fits = {c: fit_student(vectors, pooled[train_on]["train"], ids[train_on]["train"], y_train, ones, c)
-                        for c in C_GRID}
+        for recipe in RECIPES:
+            if recipe.startswith("student"):
+                keep = None if recipe == NOT_NEUTRALISED else neutral
+                fits = {c: fit_student(vectors, pooled[train_on]["train"], ids[train_on]["train"], y_train, ones, c,
+                                       keep) for c in C_GRID}
                 feats = ids
             else:
                 fits = {c: fit_linear(teach[train_on]["train"], y_train, ones, c) for c in C_GRID}
@@ -841,15 +958,14 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 (one linear run)
                           "auc": float(roc_auc_score(splits[test_on]["test"].y, tf[test_on]))})
         log(f"TF-IDF trained on {train_on}: " + ", ".join(
             f"{r['test']} {r['auc']:.4f}" for r in cross if r["train"] == train_on and r["recipe"] == "TF-IDF"))
-    cross.sort(key=lambda r: (r["train"] == r["test"], r["train"], ["student", "teacher", "TF-IDF"].index(
-        r["recipe"])))
+    cross.sort(key=lambda r: (r["train"] == r["test"], r["train"], [*RECIPES, "TF-IDF"].index(r["recipe"])))
 
     # The shipped model: both train splits.
     x_train = np.vstack([pooled[n]["train"] for n in SETS])
     y_train = np.concatenate([splits[n]["train"].y for n in SETS])
     sources = np.concatenate([np.full(len(splits[n]["train"].y), i) for i, n in enumerate(SETS)])
     ids_train = [i for n in SETS for i in ids[n]["train"]]
-    fits = {c: fit_student(vectors, x_train, ids_train, y_train, sources, c) for c in C_GRID}
+    fits = {c: fit_student(vectors, x_train, ids_train, y_train, sources, c, neutral) for c in C_GRID}
     c_search = {c: float(np.mean([val_auc(fits[c], ids, n) for n in SETS])) for c in C_GRID}
     c_best = max(C_GRID, key=lambda c: c_search[c])
     best = fits[c_best]
@@ -863,6 +979,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 (one linear run)
     thresholds, sweep = choose_thresholds(val_scores)
     block_unmet = not any(all((row[n]["precision_at_base_rate"] or 0.0) >= BLOCK_PRECISION for n in SETS)
                           for row in sweep)
+    # The clean validation texts at or above block: the few texts the precision estimate there rests on.
+    block_fp = {n: int(((s >= thresholds["block"]) & (y == 0)).sum()) for n, (s, y) in val_scores.items()}
     model = export(best, vocab, thresholds)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     model_path = args.out_dir / "content.onnx"
@@ -888,6 +1006,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 (one linear run)
         f"{n} {combined[n]['auc']:.4f}" for n in SETS))
 
     spot = [(t, v.score, v.label) for t, v in zip(SPOT_CHECKS, clf.score(SPOT_CHECKS))]
+    identity_examples = [(t, v.score, v.label) for t, v in zip(IDENTITY_EXAMPLES, clf.score(IDENTITY_EXAMPLES))]
     raw_test = {n: [raw[n][0][i] for i in splits[n]["test"].index] for n in SETS}
     mixed = [t for pair in zip(*(raw_test[n] for n in SETS)) for t in pair]
     rates = throughput(model_path, mixed)
@@ -902,6 +1021,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 (one linear run)
     results = {
         "thresholds": thresholds,
         "block_unmet": block_unmet,
+        "block_fp": block_fp,
+        "identity_examples": identity_examples,
+        "neutral": {"entries": len(neutral), "score": float(best.token_scores[neutral[0]])},
         "sweep": sweep,
         "cross": cross,
         "combined": combined,

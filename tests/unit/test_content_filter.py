@@ -79,7 +79,7 @@ def meta() -> dict[str, str]:
 
 def test_the_verdict_names_the_model_and_version_from_the_metadata(classifier, meta):
     assert meta["name"] == "sensitive-content"
-    assert meta["version"] == "2.0.0"
+    assert meta["version"] == "2.1.0"
     (v,) = classifier.score(["hello there"])
     assert isinstance(v, Verdict)
     assert (v.model, v.version) == (meta["name"], meta["version"])
@@ -256,3 +256,49 @@ def test_normalise_is_total_and_leaves_what_the_tokenizers_agree_on(text):
 def test_score_never_raises_on_any_unicode(classifier, texts):
     verdicts = classifier.score(texts)
     assert len(verdicts) == len(texts)
+
+
+# Identity statements without insults, and the same statements with the identity word taken out.
+IDENTITY_PAIRS = [
+    ("I am a gay man and proud of my family.", "I am a man and proud of my family."),
+    ("My muslim neighbours invited us for dinner.", "My neighbours invited us for dinner."),
+    ("Black women in tech meetup tonight", "Women in tech meetup tonight"),
+    ("The jewish community centre opens a new library on Sunday.",
+     "The community centre opens a new library on Sunday."),
+    ("Mexican immigrants opened a bakery on our street.", "Newcomers opened a bakery on our street."),
+    ("She is a lesbian and a wonderful teacher.", "She is a wonderful teacher."),
+    ("Two christian and two jewish students won the science prize.", "Four students won the science prize."),
+]
+SEVERITY = {CLEAN: 0, SENSITIVE: 1, BLOCKED: 2}
+
+
+@pytest.mark.parametrize(("identity", "plain"), IDENTITY_PAIRS)
+def test_an_identity_word_never_makes_a_statement_harsher_than_it_is_without_it(classifier, identity, plain):
+    # Before 2.1.0 "gay" alone turned the first statement from sensitive into blocked (0.998).
+    with_word, without = classifier.score([identity, plain])
+    assert SEVERITY[with_word.label] <= SEVERITY[without.label], (with_word, without)
+    assert with_word.label != BLOCKED, with_word
+
+
+@pytest.mark.parametrize("text", [p[0] for p in IDENTITY_PAIRS if p[0] != IDENTITY_PAIRS[0][0]])
+def test_identity_statements_without_insults_are_clean(classifier, text):
+    # The first pair is left out: its other words ("proud", "family") already mark it (see the model card).
+    (v,) = classifier.score([text])
+    assert v.label == CLEAN, v
+
+
+def test_a_hateful_sentence_with_a_slur_is_still_flagged(classifier):
+    (v,) = classifier.score(["all those dirty faggots should be run out of town"])
+    assert v.flagged, v
+    assert v.label == BLOCKED, v
+
+
+@pytest.mark.parametrize("text", [
+    "I hate mondays",
+    pytest.param("this is a stupid idea", marks=pytest.mark.xfail(
+        strict=True, reason="a bag of word pieces scores 'stupid' the same aimed at an idea or at a person")),
+    "ugh, the train is late again",
+])
+def test_mild_complaints_are_at_most_sensitive(classifier, text):
+    (v,) = classifier.score([text])
+    assert v.label != BLOCKED, v

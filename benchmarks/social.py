@@ -6,6 +6,8 @@ follower graph with the gateway's own CLI code, and measures at subscribers in a
 - `one_post_to_10k_s`: one post by a user with 10,000 followers, from publish to the 10,000th feed delivery;
 - `posts_per_s_100_followers`: 40 authors with 100 followers each post as fast as the broker acknowledges;
   posts/s = posts / time to the last delivery (deliveries/s alongside);
+- `posts_per_s_1_follower`: 40 authors with one follower each post `--solo-posts` posts as fast as the broker
+  acknowledges: what the path itself carries (the content model, the log, one delivery per post);
 - `interactions_per_s`: 5,000 users like one post (20 % of the likes sent twice); interactions/s = likes sent /
   time until the retained stats show 5,000 likes.
 
@@ -92,6 +94,7 @@ def run_once(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     for a in range(40):
         for i in range(100):
             graph.follow(f"reader{a:02d}x{i:03d}", f"users/author{a:02d}")
+        graph.follow(f"soloreader{a:02d}", f"users/solo{a:02d}")
     graph.close()
     ctx = mp.get_context("spawn")
     result: dict[str, Any] = {}
@@ -131,6 +134,24 @@ def run_once(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         result["posts_per_s_100_followers"] = round(n_posts / span, 1) if got["count"] >= n_posts * 100 else None
         result["deliveries_per_s"] = round(got["count"] / span, 1)
         result["posts_delivered"] = got["count"]
+
+        # Posts with one follower each: the path's own pace.
+        n_solo = args.solo_posts
+        ready, out = ctx.Event(), ctx.Queue()
+        sub = ctx.Process(target=counter, args=(broker.address, "feeds/+/users/+/post", n_solo, ready, out, 300))
+        sub.start()
+        ready.wait(10)
+        t0 = time.time()
+        words = "the river walk sensor today weather morning coffee meeting garden train city music".split()
+        infos = [pub.publish(f"users/solo{k % 40:02d}/posts",
+                             post(" ".join(words[(k * 7 + j) % len(words)] for j in range(5 + k % 20))), qos=1)
+                 for k in range(n_solo)]
+        for info in infos:
+            info.wait_for_publish(60)
+        got = out.get(timeout=320)
+        sub.join()
+        span = got["last"] - t0
+        result["posts_per_s_1_follower"] = round(n_solo / span, 1) if got["count"] >= n_solo else None
 
         # Interactions counted: likes on one post until the retained stats show them all.
         status = gw.status() or {}
@@ -194,6 +215,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--posts", type=int, default=400)
     parser.add_argument("--likers", type=int, default=5000)
+    parser.add_argument("--solo-posts", type=int, default=20000)
     args = parser.parse_args()
     runs = []
     for i in range(args.runs):
@@ -202,7 +224,8 @@ def main() -> None:
             run["run"] = i
             runs.append(run)
             print(json.dumps(run), file=sys.stderr)
-    keys = ("one_post_to_10k_s", "posts_per_s_100_followers", "deliveries_per_s", "interactions_per_s",
+    keys = ("one_post_to_10k_s", "posts_per_s_100_followers", "deliveries_per_s", "posts_per_s_1_follower",
+            "interactions_per_s",
             "gateway_rss_peak_mb")
     median = {k: statistics.median(r[k] for r in runs if r.get(k) is not None)
               for k in keys if any(r.get(k) is not None for r in runs)}

@@ -118,6 +118,7 @@ def test_publishes_keep_to_the_brokers_window_and_the_rest_wait_in_order_in_a_bo
     async def run() -> None:
         client, task = await connected(settings(mosquitto, uid("win-gw-")), Taken(), queue_limit=500)
         assert client.window == 1000  # mosquitto.conf: max_inflight_messages 1000 (its CONNACK's receive maximum)
+        await until(lambda: client.in_flight == 0, what="the PUBACK of the retained online status")
         acked: list[int] = []
 
         class Tracker:

@@ -95,10 +95,7 @@ class LogStore:
         if reader:
             return
         db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise SchemaError(f"{path} was written by a newer gateway (schema {version}, this one knows "
-                              f"{SCHEMA_VERSION}); upgrade the gateway or restore a backup")
+        version = _schema_version(db, path)
         if version == 0 and _has_table(db, "verdicts"):
             from gateway.log.migrate import from_v1
 
@@ -255,6 +252,15 @@ class LogStore:
         return fn(self._db)
 
 
+def _schema_version(db: sqlite3.Connection, path: Path) -> int:
+    """The file's schema version; SchemaError when a newer gateway wrote it (its layout is not ours to read)."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise SchemaError(f"{path} was written by a newer gateway (schema {version}, this one knows "
+                          f"{SCHEMA_VERSION}); upgrade the gateway or restore a backup")
+    return version
+
+
 def _has_table(db: sqlite3.Connection, name: str) -> bool:
     return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
 
@@ -278,12 +284,9 @@ def open_read_only(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
                          check_same_thread=False, timeout=5.0)
     try:
-        version = db.execute("PRAGMA user_version").fetchone()[0]
+        version = _schema_version(db, path)
         if version == 0 and _has_table(db, "verdicts"):
             raise SchemaError(f"{path} has the layout of an earlier gateway; start the gateway once to convert it")
-        if version > SCHEMA_VERSION:
-            raise SchemaError(f"{path} was written by a newer gateway (schema {version}, this one knows "
-                              f"{SCHEMA_VERSION})")
         if not _has_table(db, "events"):
             raise SchemaError(f"{path} is not a gateway log (no events table)")
     except sqlite3.DatabaseError as exc:

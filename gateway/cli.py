@@ -1,91 +1,114 @@
-"""`gateway` command line: run the daemon, check a config, manage the follower graph."""
+"""`gateway` command line: run the daemon, check a config, manage the follower graph, back up and restore."""
 
 from __future__ import annotations
 
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from gateway import config as config_mod
 from gateway.config import Config, ConfigError
+from gateway.ops.logs import LEVELS
+
+CONFIG_HELP = "gateway.toml (default: $GATEWAY_CONFIG, else /etc/edge-gateway/gateway.toml when it exists)."
 
 
-def _load(path: str | None) -> Config:
+def _config(option: str | None) -> tuple[Config, Path | None]:
+    """The configuration every subcommand uses, and the file it came from (None: the development defaults)."""
+    path = config_mod.locate(option)
     if path is None:
-        return Config()
-    return config_mod.load(Path(path))
+        return Config(), None
+    try:
+        return config_mod.load(path), path
+    except ConfigError as exc:
+        _fail(exc, str(path))
 
 
-def _fail(exc: ConfigError, origin: str) -> None:
+def _load(option: str | None) -> Config:
+    return _config(option)[0]
+
+
+def _fail(exc: ConfigError, origin: str) -> NoReturn:
     click.echo(f"configuration error in {origin}:", err=True)
     for problem in exc.problems:
         click.echo(f"  {problem}", err=True)
     sys.exit(2)
 
 
-@click.group()
+def _data_dir(cfg: Config, option: str | None) -> Path:
+    return Path(option) if option else cfg.data_dir()
+
+
+_config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edge-gateway", prog_name="gateway")
 def main() -> None:
     """Event-driven IoT edge gateway."""
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="gateway.toml")
+@_config_option
 @click.option("--broker", help="Broker HOST:PORT (overrides mqtt.broker).")
 @click.option("--influx-url", help="InfluxDB URL (overrides influx.url).")
 @click.option("--influx-db", help="v1 database or v2 bucket (overrides influx.database).")
 @click.option("--influx-api", type=click.Choice(["v1", "v2", "none"]), help="Overrides influx.api.")
-@click.option("--data-dir", help="Folder for the log, graph and outbox (overrides storage.data_dir).")
+@click.option("--data-dir", help="Folder for the log and the follower graph (overrides storage.data_dir).")
 @click.option("--client-id", help="MQTT client id (overrides mqtt.client_id).")
 @click.option("--health", help="HOST:PORT of the health endpoint, '' to turn it off (overrides health.listen).")
 @click.option("--serial", "serial_ports", multiple=True, metavar="PATH",
               help="Serial port path or glob; repeatable (overrides serial.ports).")
-@click.option("--log-level", default="INFO", show_default=True)
+@click.option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), help="Overrides log.level.")
 def run(config_path: str | None, broker: str | None, influx_url: str | None, influx_db: str | None,
         influx_api: str | None, data_dir: str | None, client_id: str | None, health: str | None,
-        serial_ports: tuple[str, ...], log_level: str) -> None:
-    """Run the gateway daemon until SIGTERM or SIGINT."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        serial_ports: tuple[str, ...], log_level: str | None) -> None:
+    """Run the gateway daemon until SIGTERM or SIGINT; SIGHUP reloads what can change live."""
+    from gateway.ops.logs import configure
+
+    cfg, origin = _config(config_path)
+    shown = str(origin) if origin is not None else "command line"
+    overrides: dict[str, dict[str, Any]] = {
+        "mqtt": {"broker": broker, "client_id": client_id},
+        "influx": {"url": influx_url, "database": influx_db, "api": influx_api},
+        "storage": {"data_dir": data_dir},
+        "serial": {"ports": list(serial_ports) or None},
+        "health": {"listen": health},
+        "log": {"level": log_level.lower() if log_level else None},
+    }
     try:
-        cfg = _load(config_path)
-        cfg = config_mod.override(
-            cfg,
-            mqtt={"broker": broker, "client_id": client_id},
-            influx={"url": influx_url, "database": influx_db, "api": influx_api},
-            storage={"data_dir": data_dir},
-            serial={"ports": list(serial_ports) or None},
-            health={"listen": health},
-        )
+        cfg = config_mod.override(cfg, **overrides)
     except ConfigError as exc:
-        _fail(exc, config_path or "command line")
-        return
+        _fail(exc, shown)
     tls_problems = config_mod.tls_files(cfg.mqtt)
     if tls_problems:
-        _fail(ConfigError(tls_problems), config_path or "command line")
-        return
+        _fail(ConfigError(tls_problems), shown)
+    configure(cfg.log.level, cfg.log.format)
     logger = logging.getLogger(__name__)
     for warning in config_mod.WARNINGS:
-        logger.warning("%s: %s", config_path, warning)
+        logger.warning("%s: %s", shown, warning)
+    if origin is None:
+        logger.info("no config file (--config, $%s, %s): development defaults", config_mod.CONFIG_ENV,
+                    config_mod.SYSTEM_CONFIG)
+    else:
+        logger.info("config file %s", origin)
     logger.info("config: %s", config_mod.as_dict(cfg, redact=True))
     from gateway.runtime import run as run_gateway
 
-    run_gateway(cfg)
+    run_gateway(cfg, origin, overrides)
 
 
 @main.command("check-config")
-@click.argument("path", type=click.Path(dir_okay=False))
-def check_config(path: str) -> None:
-    """Validate a config file; every error names the field and the bad value."""
-    try:
-        cfg = config_mod.load(Path(path))
-    except ConfigError as exc:
-        _fail(exc, path)
-        return
-    problems = []
-    if cfg.anomaly.enabled and not cfg.model_path().exists():
-        problems.append(f"anomaly.model = {cfg.anomaly.model!r}: file not found")
+@click.argument("path", required=False, type=click.Path(dir_okay=False))
+def check_config(path: str | None) -> None:
+    """Validate a config file (default: the one `gateway run` would use): every error names the field and the
+    bad value; the models and device profiles it names must exist and load."""
+    cfg, origin = _config(path)
+    shown = str(origin) if origin is not None else "the development defaults"
+    problems = _model_problems(cfg)
     problems += [str(p) for p in config_mod.tls_files(cfg.mqtt)]
     if not problems and cfg.mqtt.tls:
         from gateway.mqtt.tls import tls_context
@@ -104,11 +127,53 @@ def check_config(path: str) -> None:
         except ProfileError as exc:
             problems.append(f"profiles_dir: {exc}")
     if problems:
-        click.echo(f"configuration error in {path}:", err=True)
+        click.echo(f"configuration error in {shown}:", err=True)
         for p in problems:
             click.echo(f"  {p}", err=True)
         sys.exit(2)
-    click.echo(f"{path}: OK")
+    click.echo(f"{shown}: OK")
+
+
+def _model_problems(cfg: Config) -> list[str]:
+    """Each enabled model's file must exist and open as the gateway would open it."""
+    from gateway.runtime import load_content_filter, load_detector, onnxruntime_installed
+
+    problems = []
+    if (cfg.anomaly.enabled or cfg.content.enabled) and not onnxruntime_installed():
+        click.echo("warning: onnxruntime is not installed: the gateway will run with its models off", err=True)
+        return problems
+    for enabled, setting, value, path, loader in (
+            (cfg.anomaly.enabled, "anomaly.model", cfg.anomaly.model, cfg.model_path(), load_detector),
+            (cfg.content.enabled, "content.model", cfg.content.model, cfg.content_model_path(), load_content_filter)):
+        if not enabled:
+            continue
+        if not path.is_file():
+            problems.append(f"{setting} = {value!r}: file not found")
+            continue
+        try:
+            loader(cfg)
+        except Exception as exc:  # onnxruntime raises its own types for a file that is not a model
+            problems.append(f"{setting} = {value!r}: does not load: {exc}")
+    return problems
+
+
+@main.command("init-config")
+@click.argument("path", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--data-dir", help="Set storage.data_dir in the file (for a service: /var/lib/edge-gateway).")
+@click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
+def init_config(path: str, data_dir: str | None, force: bool) -> None:
+    """Write a starter config to PATH ('-': standard output): every setting with its description and default,
+    commented out."""
+    text = config_mod.starter(data_dir or "")
+    if path == "-":
+        click.echo(text, nl=False)
+        return
+    target = Path(path)
+    if target.exists() and not force:
+        raise click.ClickException(f"{target} exists; --force to overwrite it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    click.echo(f"wrote {target}; check it with: gateway check-config {target}", err=True)
 
 
 @main.command("config-reference")
@@ -117,17 +182,23 @@ def config_reference() -> None:
     click.echo(config_mod.reference())
 
 
-def _graph(config_path: str | None, data_dir: str | None) -> Any:
+def _graph(config_path: str | None, data_dir: str | None, *, create: bool = True) -> Any:
+    """The follower graph of the configured data folder. Changing it creates the file if need be (and says so);
+    reading it does not: a wrong folder is an error, not an empty graph."""
     from gateway.fanout.graph import FollowerGraph
 
-    cfg = _load(config_path)
-    root = Path(data_dir or cfg.storage.data_dir)
-    return FollowerGraph(root / "graph.db")
+    path = _data_dir(_load(config_path), data_dir) / "graph.db"
+    if not path.is_file():
+        if not create:
+            raise click.ClickException(f"no follower graph at {path}: is this the gateway's data folder? "
+                                       "(--data-dir, --config or storage.data_dir)")
+        click.echo(f"new follower graph: {path}", err=True)
+    return FollowerGraph(path)
 
 
 _graph_options = [
-    click.option("--config", "config_path", type=click.Path(dir_okay=False)),
-    click.option("--data-dir"),
+    _config_option,
+    click.option("--data-dir", help="The gateway's data folder (overrides storage.data_dir)."),
 ]
 
 
@@ -205,7 +276,7 @@ def import_follows(edges: Any, config_path: str | None, data_dir: str | None) ->
 @_with_graph_options
 def following(follower: str, config_path: str | None, data_dir: str | None) -> None:
     """List what FOLLOWER follows."""
-    for source in _graph(config_path, data_dir).following(follower):
+    for source in _graph(config_path, data_dir, create=False).following(follower):
         click.echo(source)
 
 
@@ -295,14 +366,14 @@ def credentials_list(password_file: str) -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False))
-@click.option("--data-dir")
+@_config_option
+@click.option("--data-dir", help="The gateway's data folder (overrides storage.data_dir).")
 def status(config_path: str | None, data_dir: str | None) -> None:
     """Show the running daemon's status (from the status file it rewrites every second)."""
     import json
     import time
 
-    root = Path(data_dir or _load(config_path).storage.data_dir)
+    root = _data_dir(_load(config_path), data_dir)
     try:
         doc = json.loads((root / "status.json").read_text())
     except (OSError, ValueError):
@@ -325,7 +396,7 @@ def status(config_path: str | None, data_dir: str | None) -> None:
               help="Devices or authors to list, those whose verdicts differ most first.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="gateway.toml: where the log is, and the thresholds to apply.")
+              help="gateway.toml: where the log is, and the thresholds to apply. " + CONFIG_HELP)
 @click.option("--data-dir", help="Folder of log.db (overrides storage.data_dir).")
 def replay(model_path: str, since: str | None, top: int, as_json: bool, config_path: str | None,
            data_dir: str | None) -> None:
@@ -346,18 +417,14 @@ def replay(model_path: str, since: str | None, top: int, as_json: bool, config_p
     from gateway.log.store import offset_span
     from gateway.ops import replay as rp
 
-    try:
-        cfg = _load(config_path)
-    except ConfigError as exc:
-        _fail(exc, config_path or "command line")
-        return
+    cfg = _load(config_path)
     since_ms = None
     if since is not None:
         try:
             since_ms = rp.parse_since(since, int(time.time() * 1000))
         except rp.ReplayError as exc:
             raise click.BadParameter(str(exc), param_hint="--since") from None
-    log_path = Path(data_dir or cfg.storage.data_dir) / "log.db"
+    log_path = _data_dir(cfg, data_dir) / "log.db"
     try:
         db = rp.open_log(log_path)
         try:
@@ -380,6 +447,47 @@ def replay(model_path: str, since: str | None, top: int, as_json: bool, config_p
         click.echo(json.dumps(report.as_dict(top), indent=2))
     else:
         click.echo(rp.format_report(report, top))
+
+
+@main.command()
+@click.argument("dest", type=click.Path(file_okay=False))
+@_config_option
+@click.option("--data-dir", help="The gateway's data folder (overrides storage.data_dir).")
+def backup(dest: str, config_path: str | None, data_dir: str | None) -> None:
+    """Copy the log (events, progress, counts, revenue, dead letters), the follower graph and the config file into
+    the new folder DEST, consistently, while the gateway runs. Run it as the daemon's user."""
+    from gateway.ops.backup import BackupError, backup as make_backup
+
+    cfg, origin = _config(config_path)
+    try:
+        copied = make_backup(_data_dir(cfg, data_dir), Path(dest), origin)
+    except BackupError as exc:
+        raise click.ClickException(str(exc)) from None
+    for c in copied:
+        click.echo(f"{Path(dest) / c.name}: {c.bytes} bytes, schema version {c.schema_version}")
+    if origin is not None:
+        click.echo(f"{Path(dest) / 'gateway.toml'}: copy of {origin}")
+
+
+@main.command()
+@click.argument("source", type=click.Path(file_okay=False, exists=True))
+@_config_option
+@click.option("--data-dir", help="The gateway's data folder (overrides storage.data_dir).")
+def restore(source: str, config_path: str | None, data_dir: str | None) -> None:
+    """Put the databases of a backup made by `gateway backup` back into the data folder. The gateway must be
+    stopped; the files replaced are moved aside, not deleted. The config file in the backup is left for you to
+    compare and copy."""
+    from gateway.ops.backup import BackupError, restore as put_back
+
+    root = _data_dir(_load(config_path), data_dir)
+    try:
+        restored, aside = put_back(Path(source), root)
+    except BackupError as exc:
+        raise click.ClickException(str(exc)) from None
+    for c in restored:
+        click.echo(f"restored {root / c.name} ({c.bytes} bytes)")
+    if aside is not None:
+        click.echo(f"the files it replaced are in {aside}")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,19 @@ fails closed: a config that does not validate stops it before it touches the bro
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
-REPO = Path(__file__).resolve().parent.parent
+PACKAGE = Path(__file__).resolve().parent
+REPO = PACKAGE.parent  # the checkout; for an installed wheel, site-packages
+SYSTEM_CONFIG = Path("/etc/edge-gateway/gateway.toml")
+CONFIG_ENV = "GATEWAY_CONFIG"
+DEV_DATA_DIR = "var/gateway"
 
 
 def _f(default: Any, doc: str, check: Callable[[Any], str | None] | None = None, secret: bool = False) -> Any:
@@ -93,8 +99,9 @@ class MqttConfig:
 
 @dataclass(frozen=True)
 class StorageConfig:
-    data_dir: str = _f("var/gateway", "Folder for the log (`log.db`: events, consumers' progress, engagement counts, "
-                       "dead letters) and the follower graph (`graph.db`).")
+    data_dir: str = _f("", "Folder for the log (`log.db`: events, consumers' progress, engagement counts, dead "
+                       "letters) and the follower graph (`graph.db`). Empty: systemd's $STATE_DIRECTORY when the "
+                       "gateway runs as its unit (/var/lib/edge-gateway), else var/gateway in the current folder.")
     fsync: str = _f("full", "'full': fsync every commit of the log (survives power loss); 'normal': survives a crash "
                     "of the gateway but the last commits may be lost on power loss; 'off': tests only.",
                     _one_of("full", "normal", "off"))
@@ -119,6 +126,14 @@ class HealthConfig:
                      "any free port (shown by `gateway status`). Empty: off.",
                      lambda v: None if v == "" or v.endswith(":0") or _host_port(v) is None
                      else "must be HOST:PORT or empty")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = _f("info", "Least severe records logged: 'debug', 'info', 'warning' or 'error' (`gateway run "
+                    "--log-level` overrides it; SIGHUP applies a new one).", _one_of("debug", "info", "warning", "error"))
+    format: str = _f("text", "'text': a line per record; 'json': one JSON object per line (time, level, logger, "
+                     "message, exception), for log shippers.", _one_of("text", "json"))
 
 
 @dataclass(frozen=True)
@@ -238,22 +253,51 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     influx: InfluxConfig = field(default_factory=InfluxConfig)
     serial: SerialConfig = field(default_factory=SerialConfig)
-    profiles_dir: str = _f("devices/profiles", "Folder of device profile TOML files.")
+    log: LogConfig = field(default_factory=LogConfig)
+    profiles_dir: str = _f("devices/profiles", "Folder of device profile TOML files (relative: to the project, or "
+                           "to the installed package).")
+
+    def data_dir(self, environ: Mapping[str, str] = os.environ) -> Path:
+        """Where the data lives: `storage.data_dir`, else the unit's StateDirectory, else the development folder."""
+        if self.storage.data_dir:
+            return Path(self.storage.data_dir)
+        return Path(environ.get("STATE_DIRECTORY", "").split(":")[0] or DEV_DATA_DIR)
 
     def data_path(self, name: str) -> Path:
-        return Path(self.storage.data_dir) / name
+        return self.data_dir() / name
 
     def model_path(self) -> Path:
-        p = Path(self.anomaly.model)
-        return p if p.is_absolute() else REPO / p
+        return shipped(self.anomaly.model)
 
     def content_model_path(self) -> Path:
-        p = Path(self.content.model)
-        return p if p.is_absolute() else REPO / p
+        return shipped(self.content.model)
 
     def profiles_path(self) -> Path:
-        p = Path(self.profiles_dir)
-        return p if p.is_absolute() else REPO / p
+        return shipped(self.profiles_dir)
+
+
+def shipped(path: str) -> Path:
+    """A file the project ships (models, profiles) named relative to the project: in a checkout it is there; an
+    installed wheel carries it inside the package (pyproject.toml maps models/ to gateway/models/)."""
+    p = Path(path)
+    if p.is_absolute():
+        return p
+    in_checkout = REPO / p
+    if in_checkout.exists():
+        return in_checkout
+    in_package = PACKAGE / p
+    return in_package if in_package.exists() else in_checkout
+
+
+def locate(option: str | None, environ: Mapping[str, str] = os.environ, system: Path = SYSTEM_CONFIG) -> Path | None:
+    """The one way every command finds its configuration: `--config`, else $GATEWAY_CONFIG, else the system file
+    when it exists (so `gateway status` on a Pi reads what the service reads), else None: the development
+    defaults."""
+    if option:
+        return Path(option)
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV])
+    return system if system.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -427,6 +471,54 @@ def as_dict(cfg: Config, redact: bool = False) -> dict[str, Any]:
         else:
             out[f.name] = value
     return out
+
+
+def starter(data_dir: str = "") -> str:
+    """A commented configuration file: every setting with its description and default, commented out, so that
+    uncommenting a line is the way to change it (`gateway init-config`)."""
+    lines = ["# edge-gateway configuration. Every setting is shown with its default, commented out; uncomment a line",
+             "# to change it. The reference with the same descriptions: `gateway config-reference`.", ""]
+    top: list[str] = []
+    for f in dataclasses.fields(Config):
+        if f.default_factory is dataclasses.MISSING:
+            top += _commented(f, f.name)
+    lines += top + [""]
+    for f in dataclasses.fields(Config):
+        if f.default_factory is dataclasses.MISSING:
+            continue
+        lines.append(f"[{f.name}]")
+        for g in dataclasses.fields(f.default_factory):  # type: ignore[arg-type]
+            entry = _commented(g, g.name)
+            if f.name == "storage" and g.name == "data_dir" and data_dir:
+                entry[-1] = f"{g.name} = {_toml(data_dir)}"
+            lines += entry
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _commented(spec: dataclasses.Field[Any], name: str) -> list[str]:
+    words, out, line = spec.metadata["doc"].split(), [], "#"
+    for word in words:
+        if len(line) + 1 + len(word) > 118:
+            out.append(line)
+            line = "#"
+        line += " " + word
+    return out + [line, f"# {name} = {_toml(_default(spec))}"]
+
+
+def _toml(value: Any) -> str:
+    """A default value as TOML (the values the schema holds: strings, booleans, numbers, lists and tables)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: JSON's escapes are a subset of TOML's
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }" if value else "{}"
+    raise TypeError(f"no TOML for {value!r}")
 
 
 def reference() -> str:

@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import importlib.util
 import json
 import logging
 import os
+import platform
 import signal
 import sqlite3
 import time
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from devices.profiles import ProfileIndex, load_dir
+from gateway import config as config_mod
 from gateway.config import Config, InfluxConfig
 from gateway.event import DeadLetter, FollowRequest, Point, dead
 from gateway.fanout import engagement
@@ -49,6 +52,7 @@ from gateway.mqtt.client import MqttClient, Settings
 from gateway.mqtt.pool import PublishPool
 from gateway.mqtt.tls import tls_context
 from gateway.ops.health import HealthServer
+from gateway.ops.logs import set_level as set_log_level
 from gateway.ops.metrics import Metrics
 from gateway.ops.systemd import Notifier
 from gateway.ratelimit import TokenBucket
@@ -61,6 +65,9 @@ log = logging.getLogger(__name__)
 
 STATUS_TOPIC = "gateway/status"
 TRIM_EVERY = 30.0  # seconds between trims of the log (more often when over its budget)
+# What SIGHUP applies besides every `limits.*` setting and the device profiles; the rest needs a restart.
+LIVE_SETTINGS = frozenset({"log.level", "anomaly.threshold", "anomaly.episode_quiet", "content.mark_threshold",
+                           "content.block_threshold"})
 
 
 def make_writer(cfg: InfluxConfig) -> Writer:
@@ -70,8 +77,14 @@ def make_writer(cfg: InfluxConfig) -> Writer:
     return InfluxV1Writer(cfg.url, cfg.database, cfg.timeout, username=user or None, password=password or None)
 
 
+def onnxruntime_installed() -> bool:
+    """onnxruntime publishes no wheel for 32-bit ARM (pyproject.toml leaves it out there): without it the gateway
+    runs with its models off rather than not at all."""
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
 def load_detector(cfg: Config) -> Detector | None:
-    if not cfg.anomaly.enabled:
+    if not cfg.anomaly.enabled or not onnxruntime_installed():
         return None
     from gateway.filters.anomaly import AnomalyDetector
 
@@ -80,7 +93,7 @@ def load_detector(cfg: Config) -> Detector | None:
 
 
 def load_content_filter(cfg: Config) -> TextScorer | None:
-    if not cfg.content.enabled:
+    if not cfg.content.enabled or not onnxruntime_installed():
         return None
     from gateway.filters.content import ContentClassifier
 
@@ -111,7 +124,7 @@ class Gateway:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.metrics = Metrics()
-        data = Path(cfg.storage.data_dir)
+        data = cfg.data_dir()
         data.mkdir(parents=True, exist_ok=True)
         # One thread writes the log (appends, progress, trims, graph writes); one reads it back for consumers that
         # are behind; InfluxDB has its writer thread. Nothing else blocks.
@@ -123,7 +136,11 @@ class Gateway:
         self.graph = FollowerGraph(data / "graph.db")
         self._finish_upgrade(data)
         self.graph_writer = GraphWriter(self.graph, self.storage)
-        self.profiles = ProfileIndex(load_dir(cfg.profiles_path()))
+        self._profile_list = load_dir(cfg.profiles_path())
+        self.profiles = ProfileIndex(self._profile_list)
+        if (cfg.anomaly.enabled or cfg.content.enabled) and not onnxruntime_installed():
+            log.warning("onnxruntime is not installed (it has no wheel for this platform, %s): the anomaly and "
+                        "content models are off; telemetry and posts pass unscored", platform.machine())
         self.filters = Filters(load_detector(cfg), load_content_filter(cfg), self.metrics)
         self._warm_filters()
         self.failed = False
@@ -236,7 +253,7 @@ class Gateway:
         if cfg.serial.ports:
             sc = cfg.serial
             self.serial = SerialSources(
-                sc.ports, self.appender, load_dir(cfg.profiles_path()),
+                sc.ports, self.appender, self._profile_list,
                 SerialSettings(sc.baud, sc.profile, sc.reopen_min, sc.reopen_max, sc.rescan_interval,
                                sc.max_queued_frames, cfg.limits.max_fields, sc.noise_deadletters_per_second), m)
             serial = self.serial
@@ -264,6 +281,58 @@ class Gateway:
             m.gauge("retried", lambda: influx.stats().retried)
             m.gauge("write_dropped", lambda: influx.stats().dropped)
             m.gauge("influx_buffered", lambda: influx.stats().buffered)
+
+    # --- reload (SIGHUP) -------------------------------------------------------------------------------------------
+
+    def reload(self, new: Config) -> tuple[list[str], list[str]]:
+        """Apply what can change while events flow: the log level, the models' thresholds, the limits and the
+        device profiles, each from the next batch on. Returns the settings applied and the changed ones that need
+        a restart (they stay as they were)."""
+        old, now = _settings(self.cfg), _settings(new)
+        changed = {name for name, value in now.items() if old[name] != value}
+        live = {s for s in changed if s.split(".")[0] == "limits" or s in LIVE_SETTINGS}
+        # Everything that can fail is worked out before anything is applied: a bad reload changes nothing.
+        profiles = load_dir(new.profiles_path())
+        thresholds = self._thresholds(new)
+        applied = sorted(live)
+        if profiles != self._profile_list:
+            applied.append(f"device profiles ({', '.join(p.name for p in profiles) or 'none'})")
+        set_log_level(new.log.level)
+        for model, values in thresholds:
+            for name, value in values.items():
+                setattr(model, name, value)
+        self._profile_list = profiles
+        self.profiles = ProfileIndex(profiles)
+        self.source.reconfigure(self.profiles, new.limits)
+        if self.serial is not None:
+            self.serial.reconfigure(profiles, new.limits.max_fields)
+        if new.limits.deadletter_per_second != self.cfg.limits.deadletter_per_second:
+            self._deadletter_bucket = TokenBucket(new.limits.deadletter_per_second)
+        restart = sorted(changed - live - {"profiles_dir"})
+        # The live settings take the new values; the others keep what this process runs with.
+        self.cfg = dataclasses.replace(self.cfg, log=new.log, limits=new.limits, anomaly=dataclasses.replace(
+            self.cfg.anomaly, threshold=new.anomaly.threshold, episode_quiet=new.anomaly.episode_quiet),
+            content=dataclasses.replace(self.cfg.content, mark_threshold=new.content.mark_threshold,
+                                        block_threshold=new.content.block_threshold), profiles_dir=new.profiles_dir)
+        return applied, restart
+
+    def _thresholds(self, cfg: Config) -> list[tuple[Any, dict[str, float | int]]]:
+        """Each loaded model's thresholds under `cfg`: 0 in the config means the model's own value, as its
+        training script recorded it in the model's metadata."""
+        out: list[tuple[Any, dict[str, float | int]]] = []
+        detector, content = self.filters.detector, self.filters.content
+        if detector is not None:
+            meta = model_metadata(detector)
+            out.append((detector, {"threshold": cfg.anomaly.threshold or float(meta["threshold"]),
+                                   "quiet": cfg.anomaly.episode_quiet or int(meta["episode_quiet"])}))
+        if content is not None:
+            meta = model_metadata(content)
+            mark = cfg.content.mark_threshold or float(meta["mark_threshold"])
+            block = cfg.content.block_threshold or float(meta["block_threshold"])
+            if mark > block:
+                raise ValueError(f"content.mark_threshold {mark} is above content.block_threshold {block}")
+            out.append((content, {"mark_threshold": mark, "block_threshold": block}))
+        return out
 
     async def _follow(self, requests: list[FollowRequest]) -> None:
         await self.graph_writer.submit([Change(r.action, r.follower, r.source) for r in requests])
@@ -316,7 +385,7 @@ class Gateway:
         if self.serial is not None:
             self.serial.start()
         log.info("gateway running: broker %s, data %s, influx %s, log at offset %d", self.cfg.mqtt.broker,
-                 self.cfg.storage.data_dir, self.cfg.influx.api, self.appender.last_offset)
+                 self.cfg.data_dir(), self.cfg.influx.api, self.appender.last_offset)
         await stop.wait()
         log.info("shutting down (deadline %.0fs)", deadline)
         self.notifier.stopping()
@@ -443,7 +512,7 @@ class Gateway:
 
     def _write_status(self) -> None:
         """`status.json` in the data folder, replaced atomically every second: what `gateway status` shows."""
-        path = Path(self.cfg.storage.data_dir) / "status.json"
+        path = self.cfg.data_dir() / "status.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.status(), indent=1, sort_keys=True))
         os.replace(tmp, path)
@@ -456,13 +525,46 @@ class Gateway:
                                       tuple(sorted(snap.items())), time.time_ns())])
 
 
+def _settings(cfg: Config) -> dict[str, Any]:
+    """Every setting by its dotted name (as in the config reference)."""
+    out: dict[str, Any] = {}
+    for section, values in config_mod.as_dict(cfg).items():
+        if isinstance(values, dict):
+            out.update({f"{section}.{name}": value for name, value in values.items()})
+        else:
+            out[section] = values
+    return out
+
+
+def model_metadata(model: Any) -> dict[str, str]:
+    """What the training script recorded in a loaded model (its session is the onnxruntime session)."""
+    return dict(model.session.get_modelmeta().custom_metadata_map)
+
+
+def reload_signal(gateway: Gateway, path: Path | None, overrides: dict[str, dict[str, Any]]) -> None:
+    """SIGHUP: read the config file again and apply what can change live; a file that does not validate changes
+    nothing. Command-line overrides still win over the file."""
+    if path is None:
+        log.warning("SIGHUP: no config file to reload (started on the development defaults)")
+        return
+    try:
+        new = config_mod.override(config_mod.load(path), **overrides)
+        applied, restart = gateway.reload(new)
+    except ValueError as exc:  # ConfigError, ProfileError, thresholds that do not go together
+        log.error("SIGHUP: %s not reloaded, nothing changed: %s", path, exc)
+        return
+    log.info("SIGHUP: reloaded %s: %s", path, ", ".join(applied) if applied else "nothing changed")
+    if restart:
+        log.warning("SIGHUP: these changed but take effect only after a restart: %s", ", ".join(restart))
+
+
 def _quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
     if isinstance(context.get("exception"), asyncio.CancelledError):
         return
     loop.default_exception_handler(context)
 
 
-def run(cfg: Config) -> None:
+def run(cfg: Config, config_path: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> None:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -470,6 +572,7 @@ def run(cfg: Config) -> None:
             loop.add_signal_handler(sig, stop.set)
         loop.set_exception_handler(_quiet_cancellations)
         gateway = Gateway(cfg)
+        loop.add_signal_handler(signal.SIGHUP, reload_signal, gateway, config_path, overrides or {})
         await gateway.run(stop)
         if gateway.failed:
             raise SystemExit(1)

@@ -15,6 +15,7 @@ from firmware_sim.social_mode import social_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edge-gateway", prog_name="firmware-sim")
 def main() -> None:
     """Simulated devices for the edge gateway."""
 

@@ -38,6 +38,9 @@ CREATE TABLE IF NOT EXISTS follows (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS follows_by_follower ON follows (follower);
 """
+# PRAGMA user_version of the file. 0: written before versions were recorded, in the same layout as 1. A change of
+# layout raises it, with its conversion in FollowerGraph.__init__, so an upgrade opens the files it finds.
+SCHEMA_VERSION = 1
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,14 @@ class FollowerGraph:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            self._db.close()
+            raise GraphError(f"{path} was written by a newer gateway (schema {version}, this one knows "
+                             f"{SCHEMA_VERSION}); upgrade the gateway or restore a backup")
         self._db.executescript(SCHEMA)
+        if version != SCHEMA_VERSION:
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._followers: dict[str, frozenset[str]] = {}
         self._edges = 0
         self._version = -1

@@ -92,7 +92,18 @@ class MqttSource:
         # One token bucket table per source kind (devices/ID and users/ID), keyed by the id: no key is built per
         # message. None when limits.per_source_rate is 0, so the hot path pays one attribute test.
         self._rate: dict[str, TokenBuckets] | None = None
-        if limits.per_source_rate > 0:
+        self.reconfigure(profiles, limits)
+
+    def reconfigure(self, profiles: ProfileIndex, limits: LimitsConfig) -> None:
+        """New profiles and limits (SIGHUP), from the next message on. The rate limit's buckets start full again
+        only when the rate or burst changed."""
+        before = self._limits
+        self._profiles = profiles
+        self._limits = limits
+        if limits.per_source_rate <= 0:
+            self._rate = None
+        elif self._rate is None or (before.per_source_rate, before.per_source_burst) != (
+                limits.per_source_rate, limits.per_source_burst):
             self._rate = {kind: TokenBuckets(limits.per_source_rate, limits.per_source_burst)
                           for kind in ("devices", "users")}
 

@@ -27,6 +27,7 @@ like a bad MQTT message: resending it could not make it valid.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import glob
 import logging
 import os
@@ -131,8 +132,8 @@ class SerialSource:
         self.path = path
         self.origin = f"serial:{path}"
         self._sink = sink
-        self._by_name = {p.name: p for p in profiles}
-        self._by_id = ProfileIndex(list(profiles))
+        self._hello: dict[str, DeviceProfile] = {}
+        self.set_profiles(profiles)
         self._settings = settings
         self._metrics = metrics
         self._forget_when_gone = forget_when_gone  # found by a glob: when the file is gone, stop; a rescan finds it
@@ -148,7 +149,15 @@ class SerialSource:
         self._gone: str | None = None
         self._paused = False
         self._unsent = bytearray()
-        self._hello: dict[str, DeviceProfile] = {}
+
+    def set_profiles(self, profiles: Sequence[DeviceProfile]) -> None:
+        """The profiles frames are decoded with from the next one on (a device's HELLO names its own)."""
+        self._by_name = {p.name: p for p in profiles}
+        self._by_id = ProfileIndex(list(profiles))
+        self._hello = {device: self._by_name.get(p.name, p) for device, p in self._hello.items()}
+
+    def set_max_fields(self, max_fields: int) -> None:
+        self._settings = dataclasses.replace(self._settings, max_fields=max_fields)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name=f"serial {self.path}")
@@ -437,6 +446,14 @@ class SerialSources:
 
     def connected(self) -> int:
         return sum(s.connected for s in self.sources.values())
+
+    def reconfigure(self, profiles: Sequence[DeviceProfile], max_fields: int) -> None:
+        """New profiles and field limit (SIGHUP), from the next frame on, for open ports and those found later."""
+        self._profiles = list(profiles)
+        self._settings = dataclasses.replace(self._settings, max_fields=max_fields)
+        for source in self.sources.values():
+            source.set_profiles(self._profiles)
+            source.set_max_fields(max_fields)
 
     async def close(self) -> None:
         if self._rescan is not None:

@@ -1,8 +1,14 @@
 """The `gateway` command line, without a daemon: config checks and the follower graph."""
 
+import json
+import time
+
+import pytest
 from click.testing import CliRunner
 
+from gateway import config
 from gateway.cli import main
+from firmware_sim.cli import main as sim_main
 
 
 def test_check_config_accepts_a_good_file(tmp_path):
@@ -40,10 +46,12 @@ def test_run_refuses_a_bad_override_before_touching_anything(tmp_path):
 def test_follow_unfollow_and_list(tmp_path):
     runner = CliRunner()
     d = ["--data-dir", str(tmp_path)]
-    assert runner.invoke(main, ["follow", "alice", "devices/dev-1", *d]).output == "alice follows devices/dev-1\n"
-    assert "already" in runner.invoke(main, ["follow", "alice", "devices/dev-1", *d]).output
-    assert runner.invoke(main, ["following", "alice", *d]).output == "devices/dev-1\n"
-    assert runner.invoke(main, ["unfollow", "alice", "devices/dev-1", *d]).output == "alice unfollowed devices/dev-1\n"
+    first = runner.invoke(main, ["follow", "alice", "devices/dev-1", *d])
+    assert first.stdout == "alice follows devices/dev-1\n"
+    assert first.stderr == f"new follower graph: {tmp_path / 'graph.db'}\n"
+    assert "already" in runner.invoke(main, ["follow", "alice", "devices/dev-1", *d]).stdout
+    assert runner.invoke(main, ["following", "alice", *d]).stdout == "devices/dev-1\n"
+    assert runner.invoke(main, ["unfollow", "alice", "devices/dev-1", *d]).stdout == "alice unfollowed devices/dev-1\n"
     bad = runner.invoke(main, ["follow", "al/ice", "devices/dev-1", *d])
     assert bad.exit_code == 2 and "follower" in bad.output
 
@@ -72,3 +80,73 @@ def test_import_follows_reads_standard_input(tmp_path):
                                 input="dave devices/dev-9\n")
     assert result.exit_code == 0, result.output
     assert "1 follows added, 0 already present, 0 bad lines" in result.output
+
+
+@pytest.mark.parametrize("cli", [main, sim_main], ids=["gateway", "firmware-sim"])
+def test_both_commands_answer_dash_h_and_version(cli):
+    assert CliRunner().invoke(cli, ["-h"]).exit_code == 0
+    version = CliRunner().invoke(cli, ["--version"])
+    assert version.exit_code == 0 and "version 0." in version.stdout
+
+
+def test_an_unknown_log_level_is_refused_with_the_choices_not_a_traceback(tmp_path):
+    result = CliRunner().invoke(main, ["run", "--log-level", "verbose", "--data-dir", str(tmp_path / "d")])
+    assert result.exit_code == 2
+    assert "'verbose' is not one of 'debug', 'info', 'warning', 'error'" in result.output
+    assert not (tmp_path / "d").exists()
+
+
+def test_reading_the_graph_of_a_wrong_folder_is_an_error_not_an_empty_graph(tmp_path):
+    result = CliRunner().invoke(main, ["following", "alice", "--data-dir", str(tmp_path / "elsewhere")])
+    assert result.exit_code == 1
+    assert f"no follower graph at {tmp_path / 'elsewhere' / 'graph.db'}" in result.output
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_every_subcommand_finds_the_config_through_the_environment(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(f'[storage]\ndata_dir = "{data}"\n')
+    monkeypatch.setenv("GATEWAY_CONFIG", str(cfg))
+    assert CliRunner().invoke(main, ["follow", "alice", "users/bob"]).exit_code == 0
+    assert (data / "graph.db").exists()
+    assert CliRunner().invoke(main, ["following", "alice"]).stdout == "users/bob\n"
+    (data / "status.json").write_text(json.dumps({"time": time.time(), "metrics": {}}))
+    assert CliRunner().invoke(main, ["status"]).exit_code == 0
+    assert CliRunner().invoke(main, ["check-config"]).stdout == f"{cfg}: OK\n"
+
+
+def test_a_broken_config_found_by_discovery_is_reported_by_name(tmp_path, monkeypatch):
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text('[mqtt]\nbroker = "nowhere"\n')
+    monkeypatch.setenv("GATEWAY_CONFIG", str(cfg))
+    result = CliRunner().invoke(main, ["status"])
+    assert result.exit_code == 2
+    assert f"configuration error in {cfg}" in result.output and "mqtt.broker = 'nowhere'" in result.output
+
+
+def test_check_config_loads_both_models(tmp_path):
+    not_a_model = tmp_path / "content.onnx"
+    not_a_model.write_bytes(b"this is not an ONNX file")
+    path = tmp_path / "gateway.toml"
+    path.write_text(f'[content]\nmodel = "{not_a_model}"\n')
+    result = CliRunner().invoke(main, ["check-config", str(path)])
+    assert result.exit_code == 2
+    assert f"content.model = '{not_a_model}': does not load" in result.output
+    path.write_text('[content]\nmodel = "/nonexistent/content.onnx"\n')
+    result = CliRunner().invoke(main, ["check-config", str(path)])
+    assert "content.model = '/nonexistent/content.onnx': file not found" in result.output
+
+
+def test_init_config_writes_a_starter_that_check_config_accepts_and_keeps_an_existing_file(tmp_path):
+    path = tmp_path / "etc" / "gateway.toml"
+    result = CliRunner().invoke(main, ["init-config", str(path), "--data-dir", "/var/lib/edge-gateway"])
+    assert result.exit_code == 0, result.output
+    assert config.load(path).storage.data_dir == "/var/lib/edge-gateway"
+    assert CliRunner().invoke(main, ["check-config", str(path)]).exit_code == 0
+    path.write_text("# mine\n")
+    refused = CliRunner().invoke(main, ["init-config", str(path)])
+    assert refused.exit_code == 1 and "--force" in refused.output
+    assert path.read_text() == "# mine\n"
+    assert CliRunner().invoke(main, ["init-config", str(path), "--force"]).exit_code == 0
+    assert path.read_text().startswith("# edge-gateway configuration")

@@ -1,3 +1,6 @@
+import re
+from pathlib import Path
+
 import pytest
 
 from gateway import config
@@ -80,3 +83,41 @@ def test_settings_an_upgrade_removed_are_ignored_with_a_warning_not_refused():
     assert cfg == Config()
     assert len(config.WARNINGS) == 3 and all("is ignored: no longer used" in w for w in config.WARNINGS)
     assert config.parse("") == Config() and config.WARNINGS == []
+
+
+def test_the_starter_file_lists_every_setting_and_uncommented_gives_the_defaults():
+    text = config.starter()
+    assert config.parse(text) == config.Config()  # all commented out
+    uncommented = re.sub(r"^# (\w+ = )", r"\1", text, flags=re.MULTILINE)
+    assert config.parse(uncommented) == config.Config()
+    for row in config.reference().splitlines()[2:]:
+        name = row.split("`")[1].rpartition(".")[2]
+        assert f"# {name} = " in text
+
+
+def test_the_config_is_found_by_option_then_environment_then_system_file(tmp_path):
+    system = tmp_path / "etc.toml"
+    assert config.locate(None, {}, system) is None
+    system.write_text("")
+    assert config.locate(None, {}, system) == system
+    assert config.locate(None, {"GATEWAY_CONFIG": "/x.toml"}, system) == Path("/x.toml")
+    assert config.locate("/y.toml", {"GATEWAY_CONFIG": "/x.toml"}, system) == Path("/y.toml")
+
+
+def test_the_data_folder_is_the_setting_else_systemds_state_directory_else_the_development_one():
+    assert config.Config().data_dir({}) == Path("var/gateway")
+    assert config.Config().data_dir({"STATE_DIRECTORY": "/var/lib/edge-gateway"}) == Path("/var/lib/edge-gateway")
+    assert config.Config().data_dir({"STATE_DIRECTORY": "/a:/b"}) == Path("/a")
+    explicit = config.parse('[storage]\ndata_dir = "/srv/gw"\n')
+    assert explicit.data_dir({"STATE_DIRECTORY": "/var/lib/edge-gateway"}) == Path("/srv/gw")
+
+
+def test_shipped_files_come_from_the_checkout_else_from_the_installed_package(tmp_path, monkeypatch):
+    assert config.shipped("models/anomaly/anomaly.onnx") == config.REPO / "models/anomaly/anomaly.onnx"
+    package = tmp_path / "site-packages" / "gateway"
+    (package / "models" / "anomaly").mkdir(parents=True)
+    (package / "models" / "anomaly" / "anomaly.onnx").write_bytes(b"")
+    monkeypatch.setattr(config, "REPO", package.parent)
+    monkeypatch.setattr(config, "PACKAGE", package)
+    assert config.shipped("models/anomaly/anomaly.onnx") == package / "models/anomaly/anomaly.onnx"
+    assert config.shipped("/abs/model.onnx") == Path("/abs/model.onnx")

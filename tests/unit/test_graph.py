@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from gateway.fanout.graph import FOLLOW, UNFOLLOW, Change, FollowerGraph, GraphError, GraphWriter
+from gateway.fanout.graph import FOLLOW, SCHEMA_VERSION, UNFOLLOW, Change, FollowerGraph, GraphError, GraphWriter
 
 
 def test_follow_and_unfollow_persist(tmp_path):
@@ -118,3 +118,24 @@ def test_a_storage_failure_keeps_the_requests_waiting_and_retries(tmp_path):
     assert asyncio.run(one()) == [True]
     assert not failures
     assert g.followers("users/x") == {"a"}
+
+
+def test_a_graph_written_before_schema_versions_opens_with_its_follows_and_is_stamped(tmp_path):
+    path = tmp_path / "graph.db"
+    db = sqlite3.connect(path)  # what the gateway before version 1 wrote: the same tables, user_version 0
+    db.executescript("CREATE TABLE follows (follower TEXT NOT NULL, source TEXT NOT NULL, since_ms INTEGER NOT NULL,"
+                     " PRIMARY KEY (source, follower)) WITHOUT ROWID;"
+                     "CREATE INDEX follows_by_follower ON follows (follower);"
+                     "INSERT INTO follows VALUES ('alice', 'devices/d-1', 1);")
+    db.close()
+    graph = FollowerGraph(path)
+    assert graph.following("alice") == ["devices/d-1"]
+    graph.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_a_graph_from_a_newer_gateway_is_refused(tmp_path):
+    path = tmp_path / "graph.db"
+    sqlite3.connect(path).execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(GraphError, match="newer gateway"):
+        FollowerGraph(path)

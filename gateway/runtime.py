@@ -252,6 +252,7 @@ class Gateway:
         m.gauge("log_pending", lambda: appender.pending)
         m.gauge("log_pending_peak", lambda: appender.pending_peak)
         m.gauge("log_bytes", lambda: self._log_bytes)
+        m.gauge("log_budget_used", lambda: self._log_bytes / cfg.storage.max_log_bytes)
         m.gauge("log_offset", lambda: appender.last_offset)
         m.gauge("committed", lambda: self.feeds.done_events)
         m.gauge("graph_edges", self.graph.edges)

@@ -450,11 +450,17 @@ class Gateway:
         os.replace(tmp, path)
 
     def _write_metrics_point(self) -> None:
+        """The self-metrics as InfluxDB points: measurement `gateway` (every counter and gauge a field), and
+        `deadletters` (tag `reason`, field `count`: dead letters since the start, one point per reason seen)."""
         if self.influx is None:
             return
         snap = self.metrics.snapshot()
-        self.influx.put_points([Point("gateway", (("gateway", self.cfg.mqtt.client_id),),
-                                      tuple(sorted(snap.items())), time.time_ns())])
+        now = time.time_ns()
+        gw = ("gateway", self.cfg.mqtt.client_id)
+        points = [Point("gateway", (gw,), tuple(sorted(snap.items())), now)]
+        points.extend(Point("deadletters", (gw, ("reason", reason)), (("count", n),), now)
+                      for reason, n in sorted(self.metrics.deadletter_reasons.items()))
+        self.influx.put_points(points)
 
 
 def _quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:

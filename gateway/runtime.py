@@ -132,6 +132,8 @@ class Gateway:
         self.notifier = Notifier()
         self._deadletter_bucket = TokenBucket(cfg.limits.deadletter_per_second)
         self._log_bytes = 0
+        self._last_metrics_ns = time.time_ns()  # the previous self-metrics point; the start before the first
+        self._reasons_written: set[str] = set()
         self.consumers: list[Consumer] = []
         self.influx: InfluxSink | None = None
         self.serial: SerialSources | None = None
@@ -454,15 +456,25 @@ class Gateway:
 
     def _write_metrics_point(self) -> None:
         """The self-metrics as InfluxDB points: measurement `gateway` (every counter and gauge a field), and
-        `deadletters` (tag `reason`, field `count`: dead letters since the start, one point per reason seen)."""
+        `deadletters` (tag `reason`, field `count`: dead letters since the start, one point per reason seen).
+
+        A reason seen for the first time also gets a 0 at the previous point's time (the start, for the first
+        point), which is what its count was then: without it a query of the increase per interval
+        (non_negative_difference) would have no earlier value and miss a reason's first dead letters, the ones
+        that matter most."""
         if self.influx is None:
             return
         snap = self.metrics.snapshot()
         now = time.time_ns()
         gw = ("gateway", self.cfg.mqtt.client_id)
         points = [Point("gateway", (gw,), tuple(sorted(snap.items())), now)]
-        points.extend(Point("deadletters", (gw, ("reason", reason)), (("count", n),), now)
-                      for reason, n in sorted(self.metrics.deadletter_reasons.items()))
+        for reason, n in sorted(self.metrics.deadletter_reasons.items()):
+            tags = (gw, ("reason", reason))
+            if reason not in self._reasons_written:
+                self._reasons_written.add(reason)
+                points.append(Point("deadletters", tags, (("count", 0),), self._last_metrics_ns))
+            points.append(Point("deadletters", tags, (("count", n),), now))
+        self._last_metrics_ns = now
         self.influx.put_points(points)
 
 

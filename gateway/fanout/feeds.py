@@ -86,7 +86,7 @@ class FeedsSink:
             plan = await self._planner([e for e in events if e.kind == KIND_POST or e.kind == KIND_INTERACTION])
             if plan.ignored:
                 self._metrics.inc("interactions_ignored", plan.ignored)
-        deliveries = alerts = blocked = 0
+        deliveries = alerts = blocked = shown = 0
         impressions: dict[str, int] = {}
         revenue: dict[str, int] = {}
         for event in events:
@@ -142,12 +142,15 @@ class FeedsSink:
                 if sponsor is not None:
                     revenue[counted] = revenue.get(counted, 0) + len(to) * self._micros(sponsor)
                 deliveries += len(to)
+                shown += len(to)
         if deliveries:
             self._metrics.inc("delivered", deliveries)
         if alerts:
             self._metrics.inc("alerts", alerts)
         if blocked:
             self._metrics.inc("quarantined", blocked)
+        if shown:
+            self._metrics.inc("impressions", shown)
         if deliveries or alerts or blocked:
             appended_ms = event_ms(events[0].id)
             metrics = self._metrics

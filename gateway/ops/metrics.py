@@ -30,6 +30,7 @@ COUNTERS = (
     "filter_errors",       # batches a model failed on (logged without verdicts)
     "anomalies",           # readings the anomaly model flagged
     "delivered",           # publishes to followers' feeds (acknowledged when their batch is committed)
+    "impressions",         # deliveries of posts to followers' feeds (a repost's too)
     "alerts",              # publishes to alerts/{device}
     "quarantined",         # posts blocked by the content policy
     "marked",              # posts delivered marked sensitive by the content policy

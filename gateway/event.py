@@ -202,3 +202,8 @@ def new_event_id(now_ms: int | None = None) -> str:
     _last_ms = ms
     # The tail tells gateways and restarts apart; it need not be unpredictable, so no syscall per id (os.urandom).
     return f"{ms:012x}{_counter:04x}{_rng.getrandbits(48):012x}"
+
+
+def event_ms(event_id: str) -> int:
+    """The millisecond (since the epoch) an id was made at: when its event's commit was sealed."""
+    return int(event_id[:12], 16)

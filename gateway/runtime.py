@@ -54,6 +54,7 @@ from gateway.mqtt.tls import tls_context
 from gateway.ops.health import HealthServer
 from gateway.ops.logs import set_level as set_log_level
 from gateway.ops.metrics import Metrics
+from gateway.ops.prometheus import Exposition
 from gateway.ops.systemd import Notifier
 from gateway.ratelimit import TokenBucket
 from gateway.sinks.influx import InfluxSink
@@ -148,6 +149,8 @@ class Gateway:
         self.notifier = Notifier()
         self._deadletter_bucket = TokenBucket(cfg.limits.deadletter_per_second)
         self._log_bytes = 0
+        self._last_metrics_ns = time.time_ns()  # the previous self-metrics point; the start before the first
+        self._reasons_written: set[str] = set()
         self.consumers: list[Consumer] = []
         self.influx: InfluxSink | None = None
         self.serial: SerialSources | None = None
@@ -269,6 +272,7 @@ class Gateway:
         m.gauge("log_pending", lambda: appender.pending)
         m.gauge("log_pending_peak", lambda: appender.pending_peak)
         m.gauge("log_bytes", lambda: self._log_bytes)
+        m.gauge("log_budget_used", lambda: self._log_bytes / cfg.storage.max_log_bytes)
         m.gauge("log_offset", lambda: appender.last_offset)
         m.gauge("committed", lambda: self.feeds.done_events)
         m.gauge("graph_edges", self.graph.edges)
@@ -370,7 +374,9 @@ class Gateway:
         tasks.append(upgrade)
         health = None
         if self.cfg.health.listen:
-            health = HealthServer(self.cfg.health.listen, self.status, self._problem)
+            exposition = Exposition(self.metrics, self.cfg.mqtt.client_id)
+            health = HealthServer(self.cfg.health.listen, self.status, self._problem,
+                                  metrics=(exposition.render, exposition.content_type))
             try:
                 await health.start()
                 self.health_address = f"{self.cfg.health.listen.rpartition(':')[0]}:{health.port}"
@@ -518,11 +524,27 @@ class Gateway:
         os.replace(tmp, path)
 
     def _write_metrics_point(self) -> None:
+        """The self-metrics as InfluxDB points: measurement `gateway` (every counter and gauge a field), and
+        `deadletters` (tag `reason`, field `count`: dead letters since the start, one point per reason seen).
+
+        A reason seen for the first time also gets a 0 at the previous point's time (the start, for the first
+        point), which is what its count was then: without it a query of the increase per interval
+        (non_negative_difference) would have no earlier value and miss a reason's first dead letters, the ones
+        that matter most."""
         if self.influx is None:
             return
         snap = self.metrics.snapshot()
-        self.influx.put_points([Point("gateway", (("gateway", self.cfg.mqtt.client_id),),
-                                      tuple(sorted(snap.items())), time.time_ns())])
+        now = time.time_ns()
+        gw = ("gateway", self.cfg.mqtt.client_id)
+        points = [Point("gateway", (gw,), tuple(sorted(snap.items())), now)]
+        for reason, n in sorted(self.metrics.deadletter_reasons.items()):
+            tags = (gw, ("reason", reason))
+            if reason not in self._reasons_written:
+                self._reasons_written.add(reason)
+                points.append(Point("deadletters", tags, (("count", 0),), self._last_metrics_ns))
+            points.append(Point("deadletters", tags, (("count", n),), now))
+        self._last_metrics_ns = now
+        self.influx.put_points(points)
 
 
 def _settings(cfg: Config) -> dict[str, Any]:

@@ -7,6 +7,10 @@
           └──▶ the batch is done when the broker acknowledged all of its publishes; its impressions (deliveries of
                posts) and their revenue are committed with the feeds offset that covers it (exactly once)
 
+The delivery latency is measured once per batch that published anything: from the append of its oldest event (the
+time in the event's id, stamped when its commit was sealed, within a commit window of its arrival) to the broker's
+acknowledgement of the batch's last publish.
+
 The publishes of a batch are written as they are made and leave in one socket write per loop pass; the broker's
 window (its Receive Maximum) is the only thing that makes a batch wait.
 """
@@ -15,9 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
-from gateway.event import KIND_INTERACTION, KIND_POST, KIND_TELEMETRY, Event, InTransaction
+from gateway.event import KIND_INTERACTION, KIND_POST, KIND_TELEMETRY, Event, InTransaction, event_ms
 from gateway.fanout import engagement
 from gateway.fanout.engagement import Plan
 from gateway.fanout.envelope import alert_topic, envelope, notice, notice_topic, quarantine_topic
@@ -81,7 +86,7 @@ class FeedsSink:
             plan = await self._planner([e for e in events if e.kind == KIND_POST or e.kind == KIND_INTERACTION])
             if plan.ignored:
                 self._metrics.inc("interactions_ignored", plan.ignored)
-        deliveries = alerts = 0
+        deliveries = alerts = blocked = shown = 0
         impressions: dict[str, int] = {}
         revenue: dict[str, int] = {}
         for event in events:
@@ -112,8 +117,10 @@ class FeedsSink:
                     assert event.verdict is not None
                     await self._send(quarantine_topic(author), body, 1, batch)
                     await self._send(notice_topic(author), notice(event, event.verdict), 1, batch)
-                    self._metrics.inc("quarantined")
+                    blocked += 1
                     continue
+                if event.verdict is not None and event.verdict.flagged:
+                    self._metrics.inc("marked")
                 to = set(followers_of(event.source))
                 reply_author = plan.reply_authors.get(event.offset)
                 if reply_author is not None:
@@ -135,10 +142,20 @@ class FeedsSink:
                 if sponsor is not None:
                     revenue[counted] = revenue.get(counted, 0) + len(to) * self._micros(sponsor)
                 deliveries += len(to)
+                shown += len(to)
         if deliveries:
             self._metrics.inc("delivered", deliveries)
         if alerts:
             self._metrics.inc("alerts", alerts)
+        if blocked:
+            self._metrics.inc("quarantined", blocked)
+        if shown:
+            self._metrics.inc("impressions", shown)
+        if deliveries or alerts or blocked:
+            appended_ms = event_ms(events[0].id)
+            metrics = self._metrics
+            batch.future.add_done_callback(
+                lambda f: f.cancelled() or metrics.observe_latency(max(0.0, time.time() * 1000 - appended_ms)))
         batch.seal((impressions, revenue) if impressions else None)
         return batch.future
 

@@ -8,7 +8,10 @@ crash the batches after its committed offset are read back and their posts publi
 the last word on every post reaches subscribers, whatever moment the gateway died.
 
 Snapshots (measurement `engagement`: tags event, author; fields likes, reposts, replies, impressions; and `revenue`:
-tags advertiser, event, author; fields revenue, impressions) carry the running totals at the time of writing.
+tags advertiser, event, author; fields revenue, impressions) carry the running totals at the time of writing. A new
+post's first snapshot comes with a point of zeros at the time it was logged (the time in its id): true then, and
+the baseline that lets a dashboard sum each post's increases per interval (InfluxQL `difference`) without losing
+what happened before its first snapshot. Written again on a replay, it is the same point.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Callable, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
 
-from gateway.event import Event, InTransaction, Point
+from gateway.event import KIND_POST, Event, InTransaction, Point, event_ms
 from gateway.fanout.engagement import Counts, stats_payload, touched
 from gateway.fanout.envelope import stats_topic
 from gateway.ops.metrics import Metrics
@@ -33,9 +36,17 @@ class Publisher(Protocol):
     async def room(self) -> None: ...
 
 
-def points(counts: Sequence[Counts], ts_ns: int) -> list[Point]:
+def points(counts: Sequence[Counts], ts_ns: int, born_ns: Mapping[str, int] | None = None) -> list[Point]:
+    """Snapshots of `counts` at `ts_ns`, and zeros at `born_ns[event_id]` for the posts that are new."""
     out: list[Point] = []
     for c in counts:
+        born = born_ns.get(c.event_id) if born_ns else None
+        if born is not None:
+            out.append(Point("engagement", (("author", c.author), ("event", c.event_id)),
+                             (("likes", 0), ("reposts", 0), ("replies", 0), ("impressions", 0)), born))
+            if c.sponsor is not None:
+                out.append(Point("revenue", (("advertiser", c.sponsor), ("author", c.author),
+                                             ("event", c.event_id)), (("revenue", 0.0), ("impressions", 0)), born))
         out.append(Point("engagement", (("author", c.author), ("event", c.event_id)),
                          (("likes", c.likes), ("reposts", c.reposts), ("replies", c.replies),
                           ("impressions", c.impressions)), ts_ns))
@@ -69,6 +80,7 @@ class StatsSink:
         self._interval = interval
         self._metrics = metrics
         self._dirty: set[str] = set()
+        self._born: dict[str, int] = {}  # new posts among the dirty: their log time (ns), for the zero snapshot
         self._next: asyncio.Future[Any] | None = None  # the update that will carry what is dirty now
         self._last = 0.0
 
@@ -77,6 +89,9 @@ class StatsSink:
         if not ids:
             return None
         self._dirty |= ids
+        for e in events:
+            if e.kind == KIND_POST:
+                self._born[e.id] = event_ms(e.id) * 1_000_000
         if self._next is None:
             self._next = asyncio.get_running_loop().create_future()
             asyncio.ensure_future(self._update(self._next))
@@ -90,6 +105,7 @@ class StatsSink:
         if wait > 0:
             await asyncio.sleep(wait)  # coalesce whatever changes meanwhile into this update
         ids, self._dirty, self._next = self._dirty, set(), None
+        born, self._born = self._born, {}
         self._last = time.monotonic()
         try:
             counts = await self._read_counts(ids)
@@ -103,7 +119,7 @@ class StatsSink:
             while not self._publisher.publish(topic, body, 1, True, acks):
                 await self._publisher.room()
         self._metrics.inc("stats_published", len(counts))
-        pts = points(counts, time.time_ns())
+        pts = points(counts, time.time_ns(), born)
         if pts:
             self._put_points(pts)
         if acks.pending == 0 and not done.done():

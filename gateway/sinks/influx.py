@@ -5,7 +5,8 @@
                   future per batch ◀──────── resolved when the request that carried it succeeded ◀──┘
 
 A reading's point: measurement `telemetry`, tags `device` and `anomaly` ("true"/"false"), its numeric fields, `seq`,
-and `anomaly_score`. Its timestamp is the reading's millisecond plus the log offset (mod 10^6) as nanoseconds: two
+`anomaly_score`, and on the reading that starts or ends an anomaly episode (an alert) `anomaly_episode` ("start",
+"end"). Its timestamp is the reading's millisecond plus the log offset (mod 10^6) as nanoseconds: two
 readings of one device in the same millisecond are two points, and writing a batch again (after a crash, or a
 request whose answer was lost) writes identical points, which InfluxDB overwrites: idempotent. Points are written at
 least once; InfluxDB makes that exactly once.
@@ -58,6 +59,8 @@ def telemetry_lines(events: Sequence[Event]) -> tuple[bytes, int]:
             fields.append(("anomaly_score", verdict.score))
             if verdict.flagged:
                 anomalous = "true"
+            if verdict.detail is not None and "episode" in verdict.detail:
+                fields.append(("anomaly_episode", str(verdict.detail["episode"])))
         line = encode_line("telemetry", (("anomaly", anomalous), ("device", e.source_id)), fields,
                            e.ts_ms * 1_000_000 + e.offset % 1_000_000)
         if line is not None:

@@ -74,3 +74,33 @@ def test_two_readings_in_the_same_millisecond_get_distinct_timestamps_and_a_rewr
 def test_only_readings_become_points():
     post = Event(7, "0" * 28, "users/bob", "post", 1, {"text": "hi"}, b'{"text":"hi"}', None)
     assert telemetry_lines([post]) == (b"", 0)
+
+
+def test_an_alert_reading_names_its_episode_in_its_point():
+    start = Verdict("sensor-anomaly", "2.1.0", 0.97, "anomaly", True, {"episode": "start"})
+    body, _ = telemetry_lines([event(verdict=start)])
+    assert b'anomaly_score=0.97,anomaly_episode="start" ' in body
+    assert b"anomaly_episode" not in telemetry_lines([event()])[0]  # flagged, but inside an episode
+
+
+def test_a_new_post_gets_a_zero_snapshot_at_its_log_time_as_the_baseline_of_its_increases():
+    from gateway.fanout.engagement import Counts
+    from gateway.fanout.stats import points
+    from gateway.sinks.lineprotocol import encode
+
+    sponsored = Counts("019ac9e3a1f40000a1b2c3d4e5f6", 3, 1, 0, 40, 100_000, "alice", "acme")
+    older = Counts("019ac9e3a1f00000a1b2c3d4e5f6", 5, 0, 1, 9, 0, "bob", None)
+    born = {sponsored.event_id: 1_764_322_800_123_000_000}
+    lines = encode(points([sponsored, older], 1_764_322_805_000_000_000, born)).decode().splitlines()
+    assert lines == [
+        "engagement,author=alice,event=019ac9e3a1f40000a1b2c3d4e5f6 likes=0i,reposts=0i,replies=0i,impressions=0i "
+        "1764322800123000000",
+        "revenue,advertiser=acme,author=alice,event=019ac9e3a1f40000a1b2c3d4e5f6 revenue=0.0,impressions=0i "
+        "1764322800123000000",
+        "engagement,author=alice,event=019ac9e3a1f40000a1b2c3d4e5f6 likes=3i,reposts=1i,replies=0i,impressions=40i "
+        "1764322805000000000",
+        "revenue,advertiser=acme,author=alice,event=019ac9e3a1f40000a1b2c3d4e5f6 revenue=0.1,impressions=40i "
+        "1764322805000000000",
+        "engagement,author=bob,event=019ac9e3a1f00000a1b2c3d4e5f6 likes=5i,reposts=0i,replies=1i,impressions=9i "
+        "1764322805000000000",
+    ]

@@ -50,6 +50,7 @@ from gateway.mqtt.pool import PublishPool
 from gateway.mqtt.tls import tls_context
 from gateway.ops.health import HealthServer
 from gateway.ops.metrics import Metrics
+from gateway.ops.static import StaticFiles
 from gateway.ops.systemd import Notifier
 from gateway.ratelimit import TokenBucket
 from gateway.sinks.influx import InfluxSink
@@ -301,7 +302,7 @@ class Gateway:
         tasks.append(upgrade)
         health = None
         if self.cfg.health.listen:
-            health = HealthServer(self.cfg.health.listen, self.status, self._problem)
+            health = HealthServer(self.cfg.health.listen, self.status, self._problem, static=StaticFiles())
             try:
                 await health.start()
                 self.health_address = f"{self.cfg.health.listen.rpartition(':')[0]}:{health.port}"

@@ -1,8 +1,9 @@
 """A health endpoint on loopback for systemd, monitors and load balancers: `GET /health` and `GET /status`.
 
 `/health` answers 200 with `ok` while the gateway is connected to the broker and its stages run, and 503 with the
-reason otherwise; `/status` answers the same JSON as `gateway status`. A tiny HTTP/1.0 responder on asyncio streams:
-two fixed routes do not need a web framework, and reading is bounded so a misbehaving client cannot hold memory.
+reason otherwise; `/status` answers the same JSON as `gateway status`; `/web/` is the web view (ops/static.py). A
+tiny HTTP/1.0 responder on asyncio streams: a few fixed routes do not need a web framework, and reading is bounded
+so a misbehaving client cannot hold memory.
 """
 
 from __future__ import annotations
@@ -12,18 +13,24 @@ import json
 import logging
 from typing import Callable
 
+from gateway.ops.static import StaticFiles
+
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 4096
+MAX_REQUEST_BYTES = 8192  # the request line and the headers together; a browser sends about 600 bytes
+REQUEST_TIMEOUT = 5.0
+REASONS = {200: "OK", 308: "Permanent Redirect", 404: "Not Found", 431: "Request Header Fields Too Large",
+           503: "Service Unavailable"}
 
 
 class HealthServer:
     def __init__(self, listen: str, status: Callable[[], dict[str, object]],
-                 problem: Callable[[], str | None]) -> None:
+                 problem: Callable[[], str | None], static: StaticFiles | None = None) -> None:
         host, _, port = listen.rpartition(":")
         self._host, self._port = host, int(port)
         self._status = status
         self._problem = problem
+        self._static = static
         self._server: asyncio.base_events.Server | None = None
 
     @property
@@ -42,21 +49,46 @@ class HealthServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            parts = line[:MAX_REQUEST_BYTES].decode("latin-1").split()
-            path = parts[1] if len(parts) >= 2 and parts[0] == "GET" else ""
-            if path == "/health":
-                problem = self._problem()
-                code, body = (200, b"ok\n") if problem is None else (503, f"{problem}\n".encode())
-            elif path == "/status":
-                code, body = 200, json.dumps(self._status(), sort_keys=True).encode()
+            head = await asyncio.wait_for(_read_head(reader), REQUEST_TIMEOUT)
+            headers: tuple[tuple[str, str], ...] = ()
+            if head is None:
+                code, body = 431, b"request too large\n"
             else:
-                code, body = 404, b"try /health or /status\n"
-            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[code]
-            writer.write(f"HTTP/1.0 {code} {reason}\r\nContent-Length: {len(body)}\r\n"
+                parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+                path = parts[1] if len(parts) >= 2 and parts[0] == "GET" else ""
+                if path == "/health":
+                    problem = self._problem()
+                    code, body = (200, b"ok\n") if problem is None else (503, f"{problem}\n".encode())
+                elif path == "/status":
+                    code, body = 200, json.dumps(self._status(), sort_keys=True).encode()
+                elif self._static is not None and (static := self._static.answer(path)) is not None:
+                    code, body, headers = static.code, static.body, static.headers
+                else:
+                    code, body = 404, b"try /health, /status or /web/\n"
+            extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
+            writer.write(f"HTTP/1.0 {code} {REASONS[code]}\r\nContent-Length: {len(body)}\r\n{extra}"
                          f"Connection: close\r\n\r\n".encode() + body)
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError, UnicodeError):
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, UnicodeError):
             pass
         finally:
             writer.close()
+
+
+async def _read_head(reader: asyncio.StreamReader) -> bytes | None:
+    """The request line and headers, up to the blank line; None when they exceed MAX_REQUEST_BYTES.
+
+    Read to the end, not just the first line: closing a socket with unread bytes makes the kernel answer with a
+    reset, and a browser may then lose the response it was sent.
+    """
+    head = b""
+    while True:
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:
+            return None
+        head += line
+        if len(head) > MAX_REQUEST_BYTES:
+            return None
+        if line in (b"\r\n", b"\n"):
+            return head

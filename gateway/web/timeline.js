@@ -130,6 +130,7 @@
   // The gateway tells the author about a blocked post twice: the notice (the verdict) on feeds/{me}/notices and
   // the post itself on quarantine/{me}. Whichever comes first makes the entry; the other completes it.
   function blocked(id, doc, text) {
+    if (typeof id !== "string") return;
     let node = items.get(id);
     if (!node) {
       node = el("article", {class: "blocked", dataset: {kind: "blocked"}},

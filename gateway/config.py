@@ -122,8 +122,8 @@ class StorageConfig:
 
 @dataclass(frozen=True)
 class HealthConfig:
-    listen: str = _f("127.0.0.1:8787", "Where GET /health and GET /status answer; keep it on loopback. Port 0: "
-                     "any free port (shown by `gateway status`). Empty: off.",
+    listen: str = _f("127.0.0.1:8787", "Where GET /health, GET /status and the web view (/web/) answer; keep it "
+                     "on loopback. Port 0: any free port (shown by `gateway status`). Empty: off.",
                      lambda v: None if v == "" or v.endswith(":0") or _host_port(v) is None
                      else "must be HOST:PORT or empty")
 

@@ -55,6 +55,7 @@ from gateway.ops.health import HealthServer
 from gateway.ops.logs import set_level as set_log_level
 from gateway.ops.metrics import Metrics
 from gateway.ops.prometheus import Exposition
+from gateway.ops.static import StaticFiles
 from gateway.ops.systemd import Notifier
 from gateway.ratelimit import TokenBucket
 from gateway.sinks.influx import InfluxSink
@@ -376,7 +377,7 @@ class Gateway:
         if self.cfg.health.listen:
             exposition = Exposition(self.metrics, self.cfg.mqtt.client_id)
             health = HealthServer(self.cfg.health.listen, self.status, self._problem,
-                                  metrics=(exposition.render, exposition.content_type))
+                                  metrics=(exposition.render, exposition.content_type), static=StaticFiles())
             try:
                 await health.start()
                 self.health_address = f"{self.cfg.health.listen.rpartition(':')[0]}:{health.port}"

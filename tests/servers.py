@@ -210,6 +210,20 @@ def production_mosquitto(base: Path) -> ProductionBroker:
                             env=dict(os.environ), plain_port=plain_port, password_file=password_file, certs=certs)
 
 
+
+def add_websockets_listener(broker: ProductionBroker) -> int:
+    """Appends deploy/mosquitto-websockets.conf (wss, same accounts, ACL and certificates) to the broker's
+    configuration, on a free port, and returns that port. mosquitto 2.0.11 makes this listener listen on every
+    interface: start the broker only inside a private network namespace (tests/netns.py, or `unshare --net`)."""
+    port = free_port()
+    snippet = (REPO / "deploy" / "mosquitto-websockets.conf").read_text()
+    snippet, n = re.subn(r"(?m)^listener\s+8084\s*$", f"listener {port}", snippet)
+    assert n == 1, "deploy/mosquitto-websockets.conf must have exactly one `listener 8084` line"
+    snippet = snippet.replace("/etc/mosquitto/certs/", f"{broker.certs}/")
+    conf = Path(broker.argv[-1])
+    conf.write_text(conf.read_text() + "\n" + snippet)
+    return port
+
 # Loopback only: never route a probe through a proxy named in the environment.
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

@@ -458,13 +458,7 @@ def test_browsers_get_the_same_accounts_tls_and_acl_over_secure_websockets(tmp_p
     creds = Credentials(broker.password_file)
     passwords = {name: creds.add(name, role) for name, role in
                  [("gateway", "service"), ("dev-a", "device"), ("bob", "user"), ("mallory", "user")]}
-    ws_port = servers.free_port()
-    snippet = (servers.REPO / "deploy" / "mosquitto-websockets.conf").read_text()
-    snippet, n = re.subn(r"(?m)^listener\s+8084\s*$", f"listener {ws_port}", snippet)
-    assert n == 1
-    snippet = snippet.replace("/etc/mosquitto/certs/", f"{broker.certs}/")
-    conf = Path(broker.argv[-1])
-    conf.write_text(conf.read_text() + "\n" + snippet)
+    ws_port = servers.add_websockets_listener(broker)
     spec = {"argv": broker.argv, "port": broker.port, "plain_port": broker.plain_port, "ws_port": ws_port,
             "data_dir": str(broker.data_dir), "log_path": str(broker.log_path), "certs": str(broker.certs),
             "password_file": str(broker.password_file), "passwords": passwords}

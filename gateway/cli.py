@@ -404,7 +404,7 @@ def replay(model_path: str, since: str | None, top: int, as_json: bool, config_p
     given at the time: flagged by both, then only, now only, per device or author. Publishes nothing and only
     reads the log, so it is safe beside the running daemon.
 
-    The configuration's thresholds (anomaly.threshold, episode_quiet, content.*_threshold) apply as the daemon would
+    The configuration's thresholds (anomaly.threshold, episode_*, content.*_threshold) apply as the daemon would
     apply them; 0 means the model's own. The anomaly model learns each device's normal as it goes: the first
     24 readings of every series are warm-up here, while the verdicts at the time had the history from before --since
     (and warmed up again after each restart of the daemon). Run it as the daemon's user.

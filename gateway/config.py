@@ -156,6 +156,11 @@ class AnomalyConfig:
     threshold: float = _f(0.0, "Score at or above which an event is flagged anomalous; 0 means the threshold "
                           "chosen at training time and recorded in the model (see models/anomaly/MODEL_CARD.md).",
                           _unit_interval)
+    episode_start: float = _f(0.0, "Score at or above which a flagged reading starts a device's anomaly episode "
+                              "at once; a lower flagged one starts it only after `episode_persist` in a row. 0 means "
+                              "the value recorded in the model.", _unit_interval)
+    episode_persist: int = _f(0, "Flagged readings in a row, each scoring under `episode_start`, that start an "
+                              "anomaly episode; 0 means the value recorded in the model.", _non_negative)
     episode_quiet: int = _f(0, "Unflagged readings in a row that end a device's anomaly episode (an alert is "
                             "published when an episode starts and when it ends); 0 means the value recorded in the "
                             "model.", _non_negative)

@@ -90,8 +90,9 @@ def load_detector(cfg: Config) -> Detector | None:
         return None
     from gateway.filters.anomaly import AnomalyDetector
 
-    return AnomalyDetector(cfg.model_path(), threshold=cfg.anomaly.threshold or None,
-                           quiet=cfg.anomaly.episode_quiet or None, max_series=cfg.anomaly.max_series)
+    a = cfg.anomaly
+    return AnomalyDetector(cfg.model_path(), threshold=a.threshold or None, start=a.episode_start or None,
+                           persist=a.episode_persist or None, quiet=a.episode_quiet or None, max_series=a.max_series)
 
 
 def load_content_filter(cfg: Config) -> TextScorer | None:

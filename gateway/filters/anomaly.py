@@ -10,10 +10,12 @@ A reading's score is the highest anomaly probability among its fields; it is fla
 with the most likely anomaly type of that field, and `detail.fields` names every flagged field with its type. A
 series is scored from its WARMUP-th value on; a reading none of whose fields is scored yet is labelled "warming".
 
-Alerts are episodes, not readings: per device, the first flagged reading after a quiet spell starts an episode
-(`detail.episode = "start"`), and `quiet` unflagged readings in a row end it (`detail.episode = "end"`, on the
-reading that ended it). The gateway publishes an alert at each, so a failing sensor raises one alert, not one per
-reading; every reading still carries its own verdict (followers, InfluxDB's `anomaly` tag).
+Alerts are episodes, not readings: per device, after a quiet spell, a flagged reading scoring at least `start`
+starts an episode at once (`detail.episode = "start"`); one scoring less starts it only as the `persist`-th flagged
+reading in a row, since real series are full of single moderately surprising values while a failing sensor keeps
+failing. `quiet` unflagged readings in a row end an episode (`detail.episode = "end"`, on the reading that ended
+it). The gateway publishes an alert at each, so a failing sensor raises one alert, not one per reading; every
+reading still carries its own verdict (followers, InfluxDB's `anomaly` tag), flagged or not, in an episode or not.
 
 Memory is bounded by `max_series`: a new series beyond it evicts the least recently updated one (which starts over,
 warming, if it comes back), so a device inventing field names churns the cache but cannot grow it.
@@ -26,7 +28,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -46,21 +48,29 @@ class ModelMetadataError(ValueError):
 class AnomalyDetector:
     """Scores micro-batches of telemetry against the committed sensor-anomaly model.
 
-    `threshold` and `quiet` default to what the training script chose and recorded in the model's metadata.
+    `threshold`, `start`, `persist` and `quiet` default to what the training script chose and recorded in the
+    model's metadata; a `start` below the threshold counts as the threshold (every flagged reading starts one).
     `session` is the onnxruntime session; it may be wrapped (for instance to count runs) but must keep `run`.
     """
 
-    def __init__(self, model_path: str | Path, *, threshold: float | None = None, quiet: int | None = None,
-                 max_series: int = 100_000, intra_op_threads: int = 1) -> None:
+    def __init__(self, model_path: str | Path, *, threshold: float | None = None, start: float | None = None,
+                 persist: int | None = None, quiet: int | None = None, max_series: int = 100_000,
+                 intra_op_threads: int = 1) -> None:
         if max_series < 1:
             raise ValueError(f"max_series must be at least 1, got {max_series}")
         self.session: Any
         self.session, meta = open_session(model_path, intra_op_threads)
-        self.name, self.version, self.classes, default_threshold, default_quiet = _read_metadata(meta, model_path)
-        self.threshold = default_threshold if threshold is None else float(threshold)
+        self.name, self.version, self.classes, defaults = _read_metadata(meta, model_path)
+        self.threshold = defaults.threshold if threshold is None else float(threshold)
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"threshold must be within (0, 1], got {self.threshold}")
-        self.quiet = default_quiet if quiet is None else int(quiet)
+        self.start = defaults.start if start is None else float(start)
+        if not 0.0 < self.start <= 1.0:
+            raise ValueError(f"start must be within (0, 1], got {self.start}")
+        self.persist = defaults.persist if persist is None else int(persist)
+        if self.persist < 1:
+            raise ValueError(f"persist must be at least 1, got {self.persist}")
+        self.quiet = defaults.quiet if quiet is None else int(quiet)
         if self.quiet < 1:
             raise ValueError(f"quiet must be at least 1, got {self.quiet}")
         self._input = self.session.get_inputs()[0].name
@@ -70,7 +80,9 @@ class AnomalyDetector:
         self._anomaly_cols = np.array([i for i, c in enumerate(self.classes) if c != NORMAL])
         self.max_series = max_series
         self._series: OrderedDict[tuple[str, str], Series] = OrderedDict()
-        self._episodes: OrderedDict[str, list[int]] = OrderedDict()  # source -> [quiet readings so far]
+        # source -> [readings so far, open]: open, the unflagged readings in a row since the last flagged one;
+        # not open yet, the flagged readings in a row (scoring under `start`) that have not started an episode.
+        self._episodes: OrderedDict[str, list[int]] = OrderedDict()
         self.evicted = 0
 
     @property
@@ -111,11 +123,11 @@ class AnomalyDetector:
         return [self._verdict(i, items[i][0], best[i], best_class[i], warming[i], flagged_fields.get(i))
                 for i in range(len(items))]
 
-    def warm(self, items: Sequence[tuple[str, Mapping[str, float], int, bool]]) -> None:
+    def warm(self, items: Sequence[tuple[str, Mapping[str, float], int, float | None]]) -> None:
         """Learn from readings scored before a restart, without scoring them again: every field's statistics and
         every device's episode continue from where they were, instead of warming up again (and a device in the
-        middle of an episode does not raise a second alert for it). Items are (source, fields, ts_ms, flagged at
-        the time), oldest first."""
+        middle of an episode does not raise a second alert for it). Items are (source, fields, ts_ms, the
+        reading's score if it was flagged at the time, else None), oldest first."""
         for source, fields, ts_ms, flagged in items:
             for name, value in _values(fields):
                 observe(self._series_of(source, name), value, ts_ms)
@@ -136,7 +148,7 @@ class AnomalyDetector:
 
     def _verdict(self, i: int, source: str, score: float, kind: str, warming: bool,
                  fields: dict[str, str] | None) -> Verdict:
-        episode = self._episode(source, fields is not None)
+        episode = self._episode(source, score if fields is not None else None)
         if score < 0:
             return Verdict(self.name, self.version, 0.0, WARMING if warming else NORMAL, False,
                            {"episode": episode} if episode else None)
@@ -148,21 +160,31 @@ class AnomalyDetector:
             return Verdict(self.name, self.version, score, kind, True, detail)
         return Verdict(self.name, self.version, score, NORMAL, False, {"episode": episode} if episode else None)
 
-    def _episode(self, source: str, flagged: bool) -> str | None:
-        """"start" on a device's first flagged reading after a quiet spell, "end" on the reading that completes
-        `quiet` unflagged ones in a row, else None."""
+    def _episode(self, source: str, flagged: float | None) -> str | None:
+        """Given the score of a device's reading when it is flagged (None when not): "start" on the reading that
+        opens an episode after a quiet spell (one scoring at least `start`, or the `persist`-th flagged one in a
+        row), "end" on the reading that completes `quiet` unflagged ones in a row, else None."""
         episodes = self._episodes
         state = episodes.get(source)
-        if flagged:
+        if flagged is not None:
             if state is None:
                 if len(episodes) >= self.max_series:
                     episodes.popitem(last=False)
-                episodes[source] = [0]
+                state = episodes[source] = [0, 0]
+            else:
+                episodes.move_to_end(source)
+            if state[1]:
+                state[0] = 0
+                return None
+            state[0] += 1
+            if flagged >= self.start or state[0] >= self.persist:
+                state[0], state[1] = 0, 1
                 return START
-            state[0] = 0
-            episodes.move_to_end(source)
             return None
         if state is None:
+            return None
+        if not state[1]:  # a flagged run that did not last: forgotten
+            del episodes[source]
             return None
         state[0] += 1
         if state[0] >= self.quiet:
@@ -171,7 +193,8 @@ class AnomalyDetector:
         return None
 
     def in_episode(self, source: str) -> bool:
-        return source in self._episodes
+        state = self._episodes.get(source)
+        return state is not None and state[1] == 1
 
 
 def _values(fields: Mapping[str, Any]) -> list[tuple[str, float]]:
@@ -188,9 +211,21 @@ def _values(fields: Mapping[str, Any]) -> list[tuple[str, float]]:
     return out
 
 
-def _read_metadata(meta: Mapping[str, str], path: str | Path) -> tuple[str, str, list[str], float, int]:
-    missing = [k for k in ("name", "version", "classes", "features", "warmup", "threshold", "episode_quiet")
-               if k not in meta]
+class Defaults(NamedTuple):
+    """The flagging and episode rule the training script chose, from the model's metadata."""
+
+    threshold: float
+    start: float
+    persist: int
+    quiet: int
+
+
+_REQUIRED = ("name", "version", "classes", "features", "warmup", "threshold", "episode_start", "episode_persist",
+             "episode_quiet")
+
+
+def _read_metadata(meta: Mapping[str, str], path: str | Path) -> tuple[str, str, list[str], Defaults]:
+    missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise ModelMetadataError(f"{path}: metadata_props lacks {', '.join(missing)}; retrain with "
                                  "models/anomaly/train.py")
@@ -203,4 +238,11 @@ def _read_metadata(meta: Mapping[str, str], path: str | Path) -> tuple[str, str,
     classes = meta["classes"].split(",")
     if NORMAL not in classes or len(classes) < 2:
         raise ModelMetadataError(f"{path}: classes {classes} must include {NORMAL!r} and at least one anomaly")
-    return meta["name"], meta["version"], classes, float(meta["threshold"]), int(meta["episode_quiet"])
+    try:
+        defaults = Defaults(float(meta["threshold"]), float(meta["episode_start"]), int(meta["episode_persist"]),
+                            int(meta["episode_quiet"]))
+    except ValueError:
+        raise ModelMetadataError(f"{path}: threshold {meta['threshold']!r}, episode_start {meta['episode_start']!r}, "
+                                 f"episode_persist {meta['episode_persist']!r} and episode_quiet "
+                                 f"{meta['episode_quiet']!r} must be numbers") from None
+    return meta["name"], meta["version"], classes, defaults

@@ -136,17 +136,19 @@ def observe(s: Series, x: float, ts_ms: int) -> tuple[float, ...] | None:
     z_log = _slog(z)
     scored = n >= WARMUP
     features = None
+    daily_dev = 0.0  # (value - this hour's mean) / this hour's spread, once the hour has a learned profile
+    known = 0.0
+    daily = s.daily
+    if daily is not None and daily[2 * HOURS + hour] >= DAILY_MIN:
+        mean = daily[hour]
+        var = daily[HOURS + hour] - mean * mean
+        sd = _sqrt(var) if var > 0.0 else 0.0
+        if sd < 0.25 * spread:
+            sd = 0.25 * spread
+        daily_dev = (x - mean) / (sd if sd > floor else floor)
+        known = 1.0
     if scored:
-        z_daily = known = 0.0
-        daily = s.daily
-        if daily is not None and daily[2 * HOURS + hour] >= DAILY_MIN:
-            mean = daily[hour]
-            var = daily[HOURS + hour] - mean * mean
-            sd = _sqrt(var) if var > 0.0 else 0.0
-            if sd < 0.25 * spread:
-                sd = 0.25 * spread
-            z_daily = _slog((x - mean) / (sd if sd > floor else floor))
-            known = 1.0
+        z_daily = _slog(daily_dev)
         steps = s.steps
         signs = s.signs
         z1 = s.z1
@@ -173,7 +175,10 @@ def observe(s: Series, x: float, ts_ms: int) -> tuple[float, ...] | None:
             abs(step_sign + signs[0] + signs[1] + signs[2]) / 4.0,
         )
     u = x
-    if scored and (az > CLIP or (zero and s.zero_rate < 0.05) or (run >= 3 and s.repeat_rate < 0.3)):
+    # Far off the level but where this hour of the day usually is (a working day's load, a night's cold) is normal
+    # for this series: it teaches the level and spread, or a daily swing shorter than HOLD would never be learned.
+    far = az > CLIP and not (known and -CLIP <= daily_dev <= CLIP)
+    if scored and (far or (zero and s.zero_rate < 0.05) or (run >= 3 and s.repeat_rate < 0.3)):
         s.held += 1
     else:
         s.held = 0

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class Detector(Protocol):
     def score(self, items: Sequence[tuple[str, Mapping[str, float], int]]) -> list[Verdict]: ...
 
-    def warm(self, items: Sequence[tuple[str, Mapping[str, float], int, bool]]) -> None: ...
+    def warm(self, items: Sequence[tuple[str, Mapping[str, float], int, float | None]]) -> None: ...
 
 
 class TextScorer(Protocol):
@@ -69,7 +69,8 @@ class Filters:
         AnomalyDetector.warm). Returns how many readings it learned from."""
         if self.detector is None:
             return 0
-        items = [(e.source, measurements(e.payload), e.ts_ms, e.verdict is not None and e.verdict.flagged)
+        items = [(e.source, measurements(e.payload), e.ts_ms,
+                  e.verdict.score if e.verdict is not None and e.verdict.flagged else None)
                  for e in events if e.kind == KIND_TELEMETRY]
         self.detector.warm(items)
         return len(items)

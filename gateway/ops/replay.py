@@ -107,13 +107,17 @@ def _anomaly_model(path: Path, cfg: Config) -> Model:
     from gateway.filters.stage import measurements
 
     a = cfg.anomaly
-    detector = AnomalyDetector(path, threshold=a.threshold or None, quiet=a.episode_quiet or None,
+    detector = AnomalyDetector(path, threshold=a.threshold or None, start=a.episode_start or None,
+                               persist=a.episode_persist or None, quiet=a.episode_quiet or None,
                                max_series=a.max_series)
 
     def score(rows: Sequence[Row]) -> list[Verdict]:
         return detector.score([(source, measurements(orjson.loads(payload)), ts) for _, source, ts, payload, _ in rows])
 
     settings = {"threshold": detector.threshold, "threshold_from": _origin(a.threshold, "anomaly.threshold"),
+                "episode_start": detector.start, "episode_start_from": _origin(a.episode_start, "anomaly.episode_start"),
+                "episode_persist": detector.persist,
+                "episode_persist_from": _origin(a.episode_persist, "anomaly.episode_persist"),
                 "episode_quiet": detector.quiet, "episode_quiet_from": _origin(a.episode_quiet, "anomaly.episode_quiet")}
     return Model(str(path), KIND_TELEMETRY, detector.name, detector.version, settings, score)
 

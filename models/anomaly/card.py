@@ -53,7 +53,7 @@ def _eval_section(name: str, title: str, ev: dict, classes: tuple[str, ...]) -> 
 
 
 def write_card(path: Path, results: dict, train: ModuleType) -> None:
-    threshold, quiet = results["threshold"], results["quiet"]
+    threshold, quiet, rule = results["threshold"], results["quiet"], results["rule"]
     fleets = results["fleets"]
     nab = results["nab"]
     names = sorted(nab)
@@ -76,20 +76,30 @@ def write_card(path: Path, results: dict, train: ModuleType) -> None:
         "running level, spread and noise, how often the field repeats a value or reads 0.0, its own 99th "
         "percentiles of deviation and step, and a profile per hour of the day once its timestamps span two days. "
         "A value that looks anomalous does not teach these statistics, so an anomaly is judged against the history "
-        f"before it; {train.WARMUP} values warm a series up before it is scored. No raw value, unit or field name "
+        "before it, unless it is where its hour of the day usually is (a working day's load is learned, not "
+        f"alarmed on every day); {train.WARMUP} values warm a series up before it is scored. No raw value, unit or field name "
         "reaches the model, which is why it scores fields it never saw.",
         "",
         "Per value it gives the probability of each class: `" + "`, `".join(train.CLASSES) + "`. The gateway "
         "(`gateway/filters/anomaly.py`) takes a reading's score as the highest anomaly probability among its "
-        "fields and flags it at the threshold. **Alerts are episodes**: per device the first flagged reading after "
-        f"a quiet spell starts one, {quiet} unflagged readings in a row end it; the gateway publishes one alert at "
-        "each, not one per reading.",
+        "fields and flags it at the threshold. **Alerts are episodes**: per device, after a quiet spell, a flagged "
+        + (f"reading scoring at least {rule.start:g} starts one at once, a lower one only as the {rule.persist}"
+           f"{'nd' if rule.persist == 2 else 'rd' if rule.persist == 3 else 'th'} flagged reading in a row (real "
+           "series are full of single moderately surprising values; a failing sensor keeps failing); "
+           if rule.start > threshold else "reading starts one; ")
+        + f"{quiet} unflagged readings in a row end it; the gateway publishes one alert at each, not one per "
+        "reading.",
         "",
         "## Defaults",
         "",
-        f"Threshold **{threshold:.2f}** on P(anomaly) = 1 - P(normal) and **{quiet}** quiet readings to end an "
-        "episode, both stored in the model's metadata (the gateway's config can override them). Chosen on the NAB "
-        "tuning set: the most windows hit, then the fewest episodes started outside every window, among the "
+        f"Threshold **{threshold:.2f}** on P(anomaly) = 1 - P(normal); "
+        + (f"an episode starts at once at a score of **{rule.start:g}**, else on **{rule.persist}** flagged readings "
+           "in a row; " if rule.start > threshold else "**every flagged reading** may start an episode; ")
+        + f"**{quiet}** quiet readings end it. All four are stored in the model's metadata (`threshold`, `episode_start`, `episode_persist`, "
+        "`episode_quiet`; the gateway's config can override them). Chosen on the NAB tuning set among "
+        f"{len(train.QUIETS)} quiet lengths ({', '.join(map(str, train.QUIETS))}), starts at once on every flagged "
+        f"reading or only from {', '.join(f'{s:g}' for s in train.STARTS)} (else {' or '.join(map(str, train.PERSISTS))} "
+        "in a row): the most windows hit, then the fewest episodes started outside every window, among the "
         "thresholds at which the simulator's validation fleet is at least as good as the previous model "
         f"(1.1.1: precision {pct(train.PREVIOUS['precision'])}, recall {pct(train.PREVIOUS['recall'])} on its test "
         "fleet). The simulator validation sweep:",
@@ -112,15 +122,15 @@ def write_card(path: Path, results: dict, train: ModuleType) -> None:
         "(`../shared/data/sensors/nab-tuning/`, MIT licence, Numenta): AWS CloudWatch server metrics, road "
         "traffic, and artificial series with and without anomalies. None of them is used to fit the model; they "
         "only choose the threshold and the episode rule. Scored the NAB way: a window is *hit* when a value inside "
-        "it is flagged; *false episodes* are alerts (episode starts) outside every window; *false values* are "
-        "flagged values outside every window.",
+        "it is flagged within an episode (an alert was raised for it); *false episodes* are alerts (episode "
+        "starts) outside every window; *false values* are flagged values outside every window.",
         "",
         "So that the per-series figures are those of series the choice never saw, the choice is made twice: on the "
-        f"non-AWS series and scored on the AWS ones (threshold {c0['threshold']:.2f}, quiet {c0['quiet']}), and "
-        f"the other way round (threshold {c1['threshold']:.2f}, quiet {c1['quiet']}). The *crossed* columns below "
-        "are those held-out figures; the shipped defaults are chosen on all series (the *shipped* columns, not "
-        "held out). The baseline is a rolling z-score (the previous 96 values, flagged at |z| > 4), as episodes "
-        "with the same rule.",
+        f"non-AWS series and scored on the AWS ones ({c0}), and the other way round ({c1}). The *crossed* columns "
+        f"below are those held-out figures; the shipped defaults ({rule}) are chosen on all series (the *shipped* "
+        "columns, not held out). The baseline is a rolling z-score (the previous 96 values, flagged at |z| > 4), "
+        f"as episodes with the same quiet length ({quiet}); having no confidence to tell a high score from a low "
+        "one, every flagged value of it may start one.",
         "",
         _row("", "windows", "hit", "false episodes", "false values"),
         _row(*["---"] * 5),
@@ -155,7 +165,9 @@ def write_card(path: Path, results: dict, train: ModuleType) -> None:
         "a 24 h cycle, a mean-reverting random walk, coupling between fields, white noise and the sensor's range "
         "and resolution; each device draws its own levels, noise, phase and a sample interval of "
         f"{', '.join(f'{i // 1000} s' for i in train.INTERVALS_MS)} (the training fleet also 5 min, so that its "
-        f"devices span days and the model learns what a known daily profile means); "
+        f"devices span days and the model learns what a known daily profile means; half the fields of those also "
+        "switch by a working day, 10-60 noise sigmas from a morning hour to an evening hour, kept from the hour "
+        "their profile is known); "
         f"{train.READINGS_PER_DEVICE} readings per device. Injected anomalies are labelled per value.",
         "",
         _row("fleet", "role", "device kinds", "seed", "devices", "series", "episodes started per reading"),
@@ -188,7 +200,7 @@ def write_card(path: Path, results: dict, train: ModuleType) -> None:
         + ", ".join(f"{k}={v}" for k, v in train.NETWORK.items())
         + "; ReLU, Adam), class weights (n_normal / n_class)^0.5; exported with skl2onnx without zipmap (a "
         f"`probabilities` tensor, columns in the order of metadata `classes`). File size {results['size_mb'] * 1000:.0f} kB. ONNX metadata_props: name, "
-        "version, classes, features, warmup, threshold, episode_quiet.",
+        "version, classes, features, warmup, threshold, episode_start, episode_persist, episode_quiet.",
         "",
         "## Known limits",
         "",

@@ -54,8 +54,10 @@ def episodes(verdicts: list[Verdict]) -> list[str]:
 def test_the_verdict_names_the_model_and_version_from_the_model_metadata(detector):
     verdicts = stream(detector, DeviceSignal("pump-0001", 1, "water"), 40)
     assert {(v.model, v.version) for v in verdicts} == {(META["name"], META["version"])}
-    assert (META["name"], META["version"]) == ("sensor-anomaly", "2.1.0")
+    assert (META["name"], META["version"]) == ("sensor-anomaly", "2.2.0")
     assert detector.threshold == float(META["threshold"])
+    assert detector.start == float(META["episode_start"])
+    assert detector.persist == int(META["episode_persist"])
     assert detector.quiet == int(META["episode_quiet"])
 
 
@@ -171,7 +173,7 @@ def test_a_detector_warmed_from_the_log_scores_on_as_if_there_had_been_no_restar
     history = [signal.next() for _ in range(300)]
     signal.inject("flow_lpm", "stuck", length=40)
     history += [signal.next() for _ in range(20)]  # the restart comes in the middle of the anomaly
-    after = [signal.next() for _ in range(80)]
+    after = [signal.next() for _ in range(int(META["episode_quiet"]) + 60)]  # the rest of it, and its end
     items = [("devices/pump-0080", r.fields, r.ts_ms) for r in history + after]
 
     running = AnomalyDetector(MODEL)
@@ -180,7 +182,7 @@ def test_a_detector_warmed_from_the_log_scores_on_as_if_there_had_been_no_restar
     expected = running.score(items[len(history):])
 
     restarted = AnomalyDetector(MODEL)
-    restarted.warm([(*item, v.flagged) for item, v in zip(items, before)])
+    restarted.warm([(*item, v.score if v.flagged else None) for item, v in zip(items, before)])
     assert restarted.in_episode("devices/pump-0080") and restarted.tracked == running.tracked
     got = restarted.score(items[len(history):])
     assert [v.as_dict() for v in got] == [v.as_dict() for v in expected]
@@ -191,11 +193,97 @@ def test_a_detector_warmed_from_the_log_scores_on_as_if_there_had_been_no_restar
 
 
 def test_the_episode_rule_can_be_overridden_and_is_checked():
-    assert AnomalyDetector(MODEL, quiet=3).quiet == 3
+    d = AnomalyDetector(MODEL, threshold=0.8, start=0.9, persist=4, quiet=3)
+    assert (d.threshold, d.start, d.persist, d.quiet) == (0.8, 0.9, 4, 3)
     with pytest.raises(ValueError, match="quiet"):
         AnomalyDetector(MODEL, quiet=0)
     with pytest.raises(ValueError, match="threshold"):
         AnomalyDetector(MODEL, threshold=1.5)
+    with pytest.raises(ValueError, match="start"):
+        AnomalyDetector(MODEL, start=0.0)
+    with pytest.raises(ValueError, match="start"):
+        AnomalyDetector(MODEL, start=1.01)
+    with pytest.raises(ValueError, match="persist"):
+        AnomalyDetector(MODEL, persist=0)
+
+
+class ScriptedSession:
+    """Stands in for the model: every row of the next run gets P(anomaly) from `script`, as a spike."""
+
+    def __init__(self, inner: Any, classes: list[str]) -> None:
+        self.inner = inner
+        self.classes = classes
+        self.script: list[float] = []
+
+    def run(self, output_names: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        rows = len(next(iter(feed.values())))
+        p = self.script.pop(0)
+        proba = np.zeros((rows, len(self.classes)), dtype=np.float32)
+        proba[:, self.classes.index("normal")] = 1.0 - p
+        proba[:, self.classes.index("spike")] = p
+        return [proba]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def scripted(scores: list[float], **rule: Any) -> list[Verdict]:
+    """The verdicts of one single-field device whose readings score `scores`, one reading per call, once warm."""
+    detector = AnomalyDetector(MODEL, **rule)
+    for i in range(WARMUP):
+        detector.score([("devices/s", {"v": float(i % 3)}, i)])
+    session = detector.session = ScriptedSession(detector.session, detector.classes)
+    out = []
+    for i, p in enumerate(scores):
+        session.script.append(p)
+        out.extend(detector.score([("devices/s", {"v": float(i % 3)}, WARMUP + i)]))
+    return out
+
+
+def marks(verdicts: list[Verdict]) -> list[tuple[int, str]]:
+    return [(i, v.detail["episode"]) for i, v in enumerate(verdicts) if v.detail and "episode" in v.detail]
+
+
+RULE = {"threshold": 0.9, "start": 0.99, "persist": 2, "quiet": 3}
+
+
+def test_a_single_moderately_high_score_does_not_start_an_episode_two_in_a_row_do():
+    verdicts = scripted([0.1, 0.95, 0.1, 0.1, 0.95, 0.96, 0.1, 0.1, 0.1], **RULE)
+    assert [v.flagged for v in verdicts] == [False, True, False, False, True, True, False, False, False]
+    assert marks(verdicts) == [(5, "start"), (8, "end")]
+
+
+def test_a_very_high_score_starts_an_episode_at_once():
+    verdicts = scripted([0.1, 0.995, 0.1, 0.1, 0.1], **RULE)
+    assert marks(verdicts) == [(1, "start"), (4, "end")]
+
+
+def test_inside_an_episode_any_flagged_reading_keeps_it_open():
+    verdicts = scripted([0.995, 0.1, 0.1, 0.92, 0.1, 0.1, 0.1], **RULE)
+    assert marks(verdicts) == [(0, "start"), (6, "end")]
+
+
+def test_a_run_of_moderate_scores_must_be_unbroken_and_as_long_as_persist():
+    verdicts = scripted([0.95, 0.1, 0.95, 0.1, 0.95, 0.95, 0.94, 0.1], **(RULE | {"persist": 3}))
+    assert marks(verdicts) == [(6, "start")]
+
+
+def test_a_start_at_or_under_the_threshold_lets_every_flagged_reading_start_an_episode():
+    verdicts = scripted([0.1, 0.91, 0.1, 0.1, 0.1], **(RULE | {"start": 0.5}))
+    assert marks(verdicts) == [(1, "start"), (4, "end")]
+
+
+def test_a_moderate_run_in_progress_survives_a_restart():
+    """The log holds the score of each flagged reading: warmed, the detector continues a run of moderately high
+    scores as if there had been no restart."""
+    detector = AnomalyDetector(MODEL, **RULE)
+    items = [("devices/s", {"v": float(i % 3)}, i) for i in range(WARMUP + 2)]
+    detector.warm([(*item, None) for item in items[:-1]] + [(*items[-1], 0.95)])
+    assert not detector.in_episode("devices/s")
+    detector.session = ScriptedSession(detector.session, detector.classes)
+    detector.session.script.append(0.95)
+    v = detector.score([("devices/s", {"v": 1.0}, WARMUP + 2)])[0]
+    assert v.flagged and v.detail["episode"] == "start" and detector.in_episode("devices/s")
 
 
 # --- batching and the series cache ------------------------------------------------------------------------------
@@ -318,6 +406,10 @@ def test_every_anomaly_type_is_a_model_class(detector):
     ("features", ",".join(reversed(FEATURE_NAMES)), "retrain"),
     ("warmup", str(WARMUP + 1), "warm-up"),
     ("episode_quiet", None, "episode_quiet"),
+    ("episode_start", None, "episode_start"),
+    ("episode_persist", None, "episode_persist"),
+    ("episode_persist", "two", "must be numbers"),
+    ("threshold", "high", "must be numbers"),
 ])
 def test_a_model_trained_otherwise_is_refused(tmp_path, key, value, match):
     onnx = pytest.importorskip("onnx")

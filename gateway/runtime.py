@@ -68,8 +68,8 @@ log = logging.getLogger(__name__)
 STATUS_TOPIC = "gateway/status"
 TRIM_EVERY = 30.0  # seconds between trims of the log (more often when over its budget)
 # What SIGHUP applies besides every `limits.*` setting and the device profiles; the rest needs a restart.
-LIVE_SETTINGS = frozenset({"log.level", "anomaly.threshold", "anomaly.episode_quiet", "content.mark_threshold",
-                           "content.block_threshold"})
+LIVE_SETTINGS = frozenset({"log.level", "anomaly.threshold", "anomaly.episode_start", "anomaly.episode_persist",
+                           "anomaly.episode_quiet", "content.mark_threshold", "content.block_threshold"})
 
 
 def make_writer(cfg: InfluxConfig) -> Writer:
@@ -316,8 +316,10 @@ class Gateway:
             self._deadletter_bucket = TokenBucket(new.limits.deadletter_per_second)
         restart = sorted(changed - live - {"profiles_dir"})
         # The live settings take the new values; the others keep what this process runs with.
+        a = new.anomaly
         self.cfg = dataclasses.replace(self.cfg, log=new.log, limits=new.limits, anomaly=dataclasses.replace(
-            self.cfg.anomaly, threshold=new.anomaly.threshold, episode_quiet=new.anomaly.episode_quiet),
+            self.cfg.anomaly, threshold=a.threshold, episode_start=a.episode_start,
+            episode_persist=a.episode_persist, episode_quiet=a.episode_quiet),
             content=dataclasses.replace(self.cfg.content, mark_threshold=new.content.mark_threshold,
                                         block_threshold=new.content.block_threshold), profiles_dir=new.profiles_dir)
         return applied, restart
@@ -329,8 +331,11 @@ class Gateway:
         detector, content = self.filters.detector, self.filters.content
         if detector is not None:
             meta = model_metadata(detector)
-            out.append((detector, {"threshold": cfg.anomaly.threshold or float(meta["threshold"]),
-                                   "quiet": cfg.anomaly.episode_quiet or int(meta["episode_quiet"])}))
+            a = cfg.anomaly
+            out.append((detector, {"threshold": a.threshold or float(meta["threshold"]),
+                                   "start": a.episode_start or float(meta["episode_start"]),
+                                   "persist": a.episode_persist or int(meta["episode_persist"]),
+                                   "quiet": a.episode_quiet or int(meta["episode_quiet"])}))
         if content is not None:
             meta = model_metadata(content)
             mark = cfg.content.mark_threshold or float(meta["mark_threshold"])

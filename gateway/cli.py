@@ -86,6 +86,10 @@ def run(config_path: str | None, broker: str | None, influx_url: str | None, inf
     tls_problems = config_mod.tls_files(cfg.mqtt)
     if tls_problems:
         _fail(ConfigError(tls_problems), shown)
+    try:
+        cfg = config_mod.with_secrets(cfg)
+    except ConfigError as exc:
+        _fail(exc, shown)
     configure(cfg.log.level, cfg.log.format)
     logger = logging.getLogger(__name__)
     for warning in config_mod.WARNINGS:
@@ -281,15 +285,35 @@ def following(follower: str, config_path: str | None, data_dir: str | None) -> N
 
 
 @main.command()
-@click.option("--broker", default="127.0.0.1:1883", show_default=True)
+@_config_option
+@click.option("--broker", help="HOST:PORT (overrides mqtt.broker; TLS and its CA come from the config).")
+@click.option("--username", default="", help="Account to log in with (a user's or an operator's; never the "
+              "gateway's own: the broker would cut the gateway off).")
+@click.option("--password-file", type=click.Path(dir_okay=False, exists=True),
+              help="File whose first line is that account's password.")
 @click.option("--follower", required=True, help="Whose feed to watch.")
-@click.option("--data-dir", help="Also show the daemon's counters from its status file.")
+@click.option("--data-dir", help="Also show the daemon's counters from its status file (default: the configured "
+              "data folder, when it has one).")
 @click.option("--seconds", type=float, help="Stop after this long (default: until Ctrl-C).")
-def watch(broker: str, follower: str, data_dir: str | None, seconds: float | None) -> None:
+def watch(config_path: str | None, broker: str | None, username: str, password_file: str | None, follower: str,
+          data_dir: str | None, seconds: float | None) -> None:
     """Live view of a follower's feed, alerts and dead letters."""
-    from gateway.ops.watch import watch as run_watch
+    from gateway.mqtt.tls import tls_context
+    from gateway.ops.watch import Login, watch as run_watch
 
-    run_watch(broker, follower, data_dir, seconds)
+    cfg = _load(config_path)
+    if username and username == cfg.mqtt.username:
+        raise click.BadParameter(f"{username!r} is the gateway's own account: the broker allows one connection per "
+                                 "account and would cut the gateway off; use a user's or an operator's",
+                                 param_hint="--username")
+    try:
+        tls = tls_context(cfg.mqtt)
+    except ConfigError as exc:
+        _fail(exc, "the configuration")
+    password = (Path(password_file).read_text().splitlines() or [""])[0] if password_file else ""
+    if data_dir is None and (cfg.data_dir() / "status.json").is_file():
+        data_dir = str(cfg.data_dir())
+    run_watch(Login(broker or cfg.mqtt.broker, username, password, tls), follower, data_dir, seconds)
 
 
 @main.group()

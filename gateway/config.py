@@ -67,6 +67,10 @@ class MqttConfig:
                        _one_of("auto", "5", "3.1.1"))
     username: str = _f("", "Username, empty for none.")
     password: str = _f("", "Password.", secret=True)
+    password_file: str = _f("", "Read the password from this file instead (its first line), so the config holds "
+                            "no secret. A bare name is one of systemd's credentials: the unit's "
+                            "`LoadCredential=NAME:PATH` puts it in $CREDENTIALS_DIRECTORY, readable by the service "
+                            "alone.")
     keepalive: int = _f(30, "Keepalive in seconds.", _positive)
     session_expiry: int = _f(7 * 24 * 3600, "MQTT 5 session expiry in seconds (how long the broker keeps our "
                              "queued telemetry while we are away).", _non_negative)
@@ -375,6 +379,9 @@ def _consistency(cfg: Config) -> list[ConfigProblem]:
     the password in the clear to someone who believes the link is encrypted."""
     problems = []
     m = cfg.mqtt
+    if m.password and m.password_file:
+        problems.append(ConfigProblem("mqtt.password_file", m.password_file, "set `password` or `password_file`, "
+                                      "not both"))
     if not m.tls:
         for name in ("ca_file", "cert_file", "key_file", "tls_insecure"):
             if getattr(m, name):
@@ -385,6 +392,26 @@ def _consistency(cfg: Config) -> list[ConfigProblem]:
         problems.append(ConfigProblem("limits.per_source_burst", cfg.limits.per_source_burst,
                                       "needs limits.per_source_rate"))
     return problems
+
+
+def with_secrets(cfg: Config, environ: Mapping[str, str] = os.environ) -> Config:
+    """`cfg` with `mqtt.password` read from `mqtt.password_file` (when set); ConfigError when it cannot be read.
+    Done when the daemon starts, not by `parse`: the file may exist only on the machine that runs it."""
+    m = cfg.mqtt
+    if not m.password_file:
+        return cfg
+    path = Path(m.password_file)
+    if path.name == m.password_file:  # a bare name: a systemd credential
+        if not environ.get("CREDENTIALS_DIRECTORY"):
+            raise ConfigError([ConfigProblem("mqtt.password_file", m.password_file, "a bare name is a systemd "
+                                             "credential, but $CREDENTIALS_DIRECTORY is not set (LoadCredential= "
+                                             "in the unit); or give a path")])
+        path = Path(environ["CREDENTIALS_DIRECTORY"]) / m.password_file
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError([ConfigProblem("mqtt.password_file", str(path), exc.strerror or str(exc))]) from None
+    return dataclasses.replace(cfg, mqtt=dataclasses.replace(m, password=lines[0] if lines else ""))
 
 
 def tls_files(m: MqttConfig) -> list[ConfigProblem]:

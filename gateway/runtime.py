@@ -577,7 +577,7 @@ def reload_signal(gateway: Gateway, path: Path | None, overrides: dict[str, dict
         log.warning("SIGHUP: no config file to reload (started on the development defaults)")
         return
     try:
-        new = config_mod.override(config_mod.load(path), **overrides)
+        new = config_mod.with_secrets(config_mod.override(config_mod.load(path), **overrides))
         applied, restart = gateway.reload(new)
     except ValueError as exc:  # ConfigError, ProfileError, thresholds that do not go together
         log.error("SIGHUP: %s not reloaded, nothing changed: %s", path, exc)

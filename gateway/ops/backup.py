@@ -79,14 +79,25 @@ def restore(source: Path, data_dir: Path) -> tuple[list[Copied], Path | None]:
         for p in replaced:
             os.replace(p, aside / p.name)
     restored = [_copy_database(source / name, data_dir / name) for name in DATABASES if (source / name).is_file()]
+    owner = data_dir.stat()
+    if os.geteuid() == 0 and owner.st_uid != 0:  # `sudo gateway restore`: the files are the daemon's, not root's
+        for c in restored:
+            os.chown(data_dir / c.name, owner.st_uid, owner.st_gid)
     return restored, aside
 
 
 def _copy_database(source: Path, target: Path) -> Copied:
     partial = target.with_name(target.name + ".partial")
     partial.unlink(missing_ok=True)
+    # Even a read-only connection creates the WAL's side files when no writer has them open, and leaves them:
+    # created by another user (root, typically) they would keep the daemon from opening its own file.
+    side_files = all(source.with_name(source.name + suffix).exists() for suffix in ("-wal", "-shm"))
+    if _in_wal_mode(source) and not side_files and source.stat().st_uid != os.geteuid():
+        raise BackupError(f"{source} belongs to uid {source.stat().st_uid}: run this as that user "
+                          "(sudo -u edge-gateway gateway ...), so that the files SQLite creates beside it belong "
+                          "to the daemon")
     try:
-        src = sqlite3.connect(source, timeout=10.0)
+        src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
         try:
             dst = sqlite3.connect(partial)
             try:
@@ -116,6 +127,13 @@ def _check(path: Path) -> None:
         raise BackupError(f"{path} is not a readable database: {exc}") from None
     if result != "ok":
         raise BackupError(f"{path} is damaged: {result}")
+
+
+def _in_wal_mode(db: Path) -> bool:
+    """From the file's header (bytes 18 and 19 are 2 in WAL mode): the live files are, the backup's copies not."""
+    with open(db, "rb") as f:
+        header = f.read(20)
+    return len(header) == 20 and header[18] == 2
 
 
 def _files_of(db: Path) -> list[Path]:

@@ -584,3 +584,32 @@ def test_chaos_checks_a_production_installation_with_its_own_accounts_over_tls(b
     refused = subprocess.run(argv, cwd=servers.REPO, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 3, refused.stdout + refused.stderr[-2000:]
     assert "refused client 'chk-0002': Not authorized" in refused.stderr
+
+
+def test_watch_logs_in_over_tls_with_an_operator_account_and_names_a_refused_login(broker, gateway, peers, tmp_path):
+    config = tmp_path / "watch.toml"
+    config.write_text(f'[mqtt]\nbroker = "{broker.address}"\nusername = "gateway"\ntls = true\n'
+                      f'ca_file = "{broker.ca_file}"\n')
+    secret = tmp_path / "operator.password"
+    secret.write_text(broker.passwords["operator"] + "\n")
+    argv = [sys.executable, "-m", "gateway.cli", "watch", "--config", str(config), "--follower", "operator",
+            "--username", "operator", "--password-file", str(secret), "--seconds", "6"]
+    device = peers("dev-c")
+    watching = subprocess.Popen(argv, cwd=servers.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert watching.stdout is not None
+    seen = []
+    for line in watching.stdout:  # the retained "online" arrives once its subscriptions are in place
+        seen.append(line)
+        if "gateway online" in line:
+            break
+    device.publish("devices/dev-c/telemetry", b"{not json")  # a dead letter the operator may read
+    out, err = watching.communicate(timeout=30)
+    out = "".join(seen) + out
+    assert watching.returncode == 0, err
+    assert "gateway online" in out and "DEAD" in out and "dev-c" in out
+
+    secret.write_text("wrong\n")
+    refused = subprocess.run(argv, cwd=servers.REPO, capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 1
+    assert f"the broker at {broker.address} refused the login: Not authorized" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -125,3 +126,20 @@ def test_the_commands_use_the_configured_data_folder_and_copy_the_config(data, t
     put_back = CliRunner().invoke(main, ["restore", str(tmp_path / "b"), "--config", str(cfg)])
     assert put_back.exit_code == 0, put_back.output
     assert "the files it replaced are in" in put_back.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root (CI runs as root)")
+def test_root_backs_up_a_stopped_daemons_files_only_as_their_owner_and_restores_them_to_it(data, tmp_path):
+    daemon = 4321  # the files belong to the daemon's user, and root runs the command
+    for path in [data, *data.iterdir()]:
+        os.chown(path, daemon, daemon)
+    with pytest.raises(BackupError, match="run this as that user"):
+        backup(data, tmp_path / "b")  # it would leave root-owned -wal/-shm beside the daemon's files
+    assert sorted(p.name for p in data.iterdir()) == ["graph.db", "log.db"]
+    for path in data.iterdir():
+        os.chown(path, 0, 0)
+    backup(data, tmp_path / "b")
+    for path in [data, *data.iterdir()]:
+        os.chown(path, daemon, daemon)
+    restored, _ = restore(tmp_path / "b", data)
+    assert {(data / c.name).stat().st_uid for c in restored} == {daemon}

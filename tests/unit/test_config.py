@@ -121,3 +121,18 @@ def test_shipped_files_come_from_the_checkout_else_from_the_installed_package(tm
     monkeypatch.setattr(config, "PACKAGE", package)
     assert config.shipped("models/anomaly/anomaly.onnx") == package / "models/anomaly/anomaly.onnx"
     assert config.shipped("/abs/model.onnx") == Path("/abs/model.onnx")
+
+
+def test_the_broker_password_can_come_from_a_file_or_a_systemd_credential(tmp_path):
+    (tmp_path / "secret").write_text("s3cret\n")
+    by_path = config.parse(f'[mqtt]\npassword_file = "{tmp_path / "secret"}"\n')
+    assert config.with_secrets(by_path, {}).mqtt.password == "s3cret"
+    credential = config.parse('[mqtt]\npassword_file = "secret"\n')
+    assert config.with_secrets(credential, {"CREDENTIALS_DIRECTORY": str(tmp_path)}).mqtt.password == "s3cret"
+    with pytest.raises(ConfigError, match=r"CREDENTIALS_DIRECTORY is not set"):
+        config.with_secrets(credential, {})
+    with pytest.raises(ConfigError, match=r"mqtt.password_file = '.*/missing': No such file"):
+        config.with_secrets(config.parse(f'[mqtt]\npassword_file = "{tmp_path / "missing"}"\n'), {})
+    with pytest.raises(ConfigError, match="not both"):
+        config.parse('[mqtt]\npassword = "x"\npassword_file = "secret"\n')
+    assert config.with_secrets(config.Config(), {}) == config.Config()

@@ -1,9 +1,12 @@
 """The sd_notify client: what systemd receives, and silence outside systemd."""
 
 import os
+import re
 import socket
+import subprocess
 
 from gateway.ops.systemd import Notifier
+from tests.servers import REPO
 
 
 def listen(address: str) -> socket.socket:
@@ -50,3 +53,29 @@ def test_a_vanished_socket_costs_a_warning_not_the_daemon(tmp_path, caplog):
     n = Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone")})
     n.ready("x")
     assert "sd_notify" in caplog.text
+
+
+UNIT = REPO / "deploy" / "edge-gateway.service"
+
+
+def directives(path):
+    out = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def test_the_unit_reloads_with_sighup_keeps_the_password_out_of_the_config_and_is_sandboxed():
+    unit = directives(UNIT)
+    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert unit["LoadCredential"] == ["mqtt-password:/etc/edge-gateway/mqtt-password"]
+    assert unit["StateDirectory"] == ["edge-gateway"]  # $STATE_DIRECTORY: the data folder by default
+    assert unit["CapabilityBoundingSet"] == [""] and unit["SystemCallFilter"] == ["@system-service"]
+    assert "MemoryMax" in unit and "RestrictAddressFamilies" in unit
+    report = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(UNIT)], capture_output=True,
+                            text=True, timeout=60)
+    exposure = re.search(r"Overall exposure level for edge-gateway.service: ([0-9.]+)", report.stdout)
+    assert exposure is not None, report.stdout + report.stderr
+    assert float(exposure.group(1)) <= 2.0, report.stdout  # systemd's scale: 0 safe ... 10 exposed; 1.7 today

@@ -92,6 +92,7 @@ def test_the_production_example_config_is_valid() -> None:
     cfg = config.load(REPO / "deploy" / "gateway-production.toml")
     assert cfg.mqtt.tls and cfg.mqtt.username == "gateway" and not cfg.mqtt.tls_insecure
     assert cfg.limits.per_source_rate > 0
+    assert cfg.mqtt.password_file == "mqtt-password" and not cfg.mqtt.password  # the secret is a credential
 
 
 def _write(tmp_path: Path, cfg: config.Config, name: str = "gateway.toml") -> Path:

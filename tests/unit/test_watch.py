@@ -1,7 +1,13 @@
-"""How `gateway watch` prints an alert: the envelopes the feeds consumer publishes to alerts/{device}."""
+"""`gateway watch`: how it prints an alert (the envelopes the feeds consumer publishes to alerts/{device}), and what
+it says when it cannot watch."""
 
 from __future__ import annotations
 
+import socket
+
+from click.testing import CliRunner
+
+from gateway.cli import main
 from gateway.ops.watch import alert_line
 
 
@@ -24,3 +30,22 @@ def test_an_episode_end_is_said_as_such_not_as_a_normal_reading():
 
 def test_an_alert_without_a_verdict_still_prints():
     assert alert_line({"source": "devices/x", "payload": {"seq": 1}}) == "ALERT ?     devices/x seq=1 None score=0.00 fields=None"
+
+
+def test_a_broker_that_is_down_is_one_clear_line_not_a_traceback(tmp_path):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    result = CliRunner().invoke(main, ["watch", "--broker", f"127.0.0.1:{port}", "--follower", "alice",
+                                       "--data-dir", str(tmp_path), "--seconds", "1"])
+    assert result.exit_code == 1
+    assert f"Error: cannot connect to the broker at 127.0.0.1:{port}: [Errno 111] Connection refused" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_watch_never_logs_in_as_the_gateway_itself(tmp_path):
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text('[mqtt]\nusername = "gateway"\n')
+    result = CliRunner().invoke(main, ["watch", "--config", str(cfg), "--username", "gateway", "--follower", "x"])
+    assert result.exit_code == 2 and "the gateway's own account" in result.output

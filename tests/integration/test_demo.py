@@ -1,0 +1,50 @@
+"""The README's first command, `scripts/demo`, on a machine where its broker's port is already taken (Debian starts
+the system's mosquitto on 1883 when the package is installed): it runs its own broker on a free port, says which,
+and the demo's readings reach the follower's live view."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.servers import REPO
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_demo_moves_to_a_free_port_when_its_port_is_taken_and_says_so(tmp_path):
+    holder = socket.socket()  # stands for the system's broker: the port the demo prefers is taken
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    demo_dir = tmp_path / "demo"
+    env = {**os.environ, "DEMO_PORT": str(taken), "DEMO_DIR": str(demo_dir), "PYTHONUNBUFFERED": "1"}
+    out = open(tmp_path / "demo.out", "wb")
+    err = open(tmp_path / "demo.err", "wb")
+    demo = subprocess.Popen([str(REPO / "scripts" / "demo"), "--events", "200", "--devices", "2"], cwd=REPO,
+                            env=env, stdout=out, stderr=err, start_new_session=True)
+    try:
+        summary = demo_dir / "simulator-summary.json"
+        deadline = time.monotonic() + 120
+        while not (summary.exists() and summary.stat().st_size and b"delivered 200" in
+                   (tmp_path / "demo.out").read_bytes()):
+            assert demo.poll() is None, (tmp_path / "demo.err").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "demo.err").read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C in the demo's terminal
+        demo.wait(60)
+        out.close()
+        err.close()
+        holder.close()
+    said = (tmp_path / "demo.err").read_text()
+    port = json.loads(summary.read_text())["broker"].rpartition(":")[2]
+    assert f"port {taken} is taken" in said and f"listens on 127.0.0.1:{port}" in said
+    assert int(port) != taken
+    assert json.loads(summary.read_text())["acknowledged"] == 200  # and the view showed all 200 delivered (above)

@@ -8,9 +8,19 @@
 const View = (() => {
   const params = new URLSearchParams(location.search);
 
-  // deploy/mosquitto-websockets.conf listens on 8084; ?broker=wss://host:port/ points the page elsewhere.
+  // deploy/mosquitto-websockets.conf listens on 8084; ?broker=wss://host:port/ names another port or path. Only on
+  // this page's own host: a link must not be able to send the password typed here to someone else's server (the
+  // field stays editable, in plain sight, for a user who means to).
   function defaultBroker() {
-    return params.get("broker") || `wss://${location.hostname || "localhost"}:8084/`;
+    const own = `wss://${location.hostname || "localhost"}:8084/`;
+    const asked = params.get("broker");
+    if (!asked) return own;
+    try {
+      const url = new URL(asked);
+      return (url.protocol === "wss:" || url.protocol === "ws:") && url.hostname === location.hostname ? asked : own;
+    } catch (e) {
+      return own;
+    }
   }
 
   function el(tag, attrs, ...children) {

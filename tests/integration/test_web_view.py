@@ -398,3 +398,20 @@ def test_a_second_page_of_the_same_account_takes_over_and_the_first_stops(pages,
     second.wait(lambda d: second.js("return document.body.dataset.state") == "live", "the second page lost it")
     assert first.js("return window.view.client.connected") is False
     assert second.errors() == []
+
+
+def test_a_link_cannot_point_the_login_at_another_host(gateway, browser):
+    """The password typed into the form goes to the broker the form names: a crafted ?broker= of another host is
+    ignored (the page's own host is filled in instead); another port of the same host is taken."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    if browser.current_url.startswith("http"):
+        browser.switch_to.new_window("window")
+    shown = {}
+    for asked in ("wss://broker.example.org:8084/", "wss://127.0.0.1:9999/", "javascript:alert(1)"):
+        browser.get(f"{gateway.url}/web/?broker={asked}")
+        WebDriverWait(browser, 10).until(lambda d: d.execute_script("return document.body.dataset.state") == "login")
+        shown[asked] = browser.execute_script("return document.querySelector('#login [name=broker]').value")
+    assert shown == {"wss://broker.example.org:8084/": "wss://127.0.0.1:8084/",
+                     "wss://127.0.0.1:9999/": "wss://127.0.0.1:9999/",
+                     "javascript:alert(1)": "wss://127.0.0.1:8084/"}

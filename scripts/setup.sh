@@ -16,6 +16,12 @@ ensure_venv() {  # ensure_venv [extra]: a venv with the project installed (edita
     if [ ! -x "$VENV/bin/python" ]; then
         python3 -m venv "$VENV" || { apt_install python3-venv && python3 -m venv "$VENV"; }
     fi
+    local other
+    if [ -z "$extra" ]; then  # the project with any extra (scripts/test installs [test]) is the project
+        for other in "$VENV"/.installed*; do
+            [ -f "$other" ] && [ ! pyproject.toml -nt "$other" ] && return 0
+        done
+    fi
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
         "$VENV/bin/python" -m pip install -q -e ".${extra:+[$extra]}"

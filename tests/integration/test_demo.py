@@ -39,12 +39,34 @@ def test_the_demo_moves_to_a_free_port_when_its_port_is_taken_and_says_so(tmp_pa
             time.sleep(0.2)
     finally:
         os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C in the demo's terminal
-        demo.wait(60)
-        out.close()
-        err.close()
-        holder.close()
+        try:
+            demo.wait(60)
+        except subprocess.TimeoutExpired:
+            left = _processes_of(demo_dir)
+            for pid in left:  # what the demo started and did not stop, so nothing outlives the test
+                os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"the demo did not stop on Ctrl-C within 60 s; its processes: {left}")
+        finally:
+            out.close()
+            err.close()
+            holder.close()
+        assert not _processes_of(demo_dir), "the demo left processes running"
     said = (tmp_path / "demo.err").read_text()
     port = json.loads(summary.read_text())["broker"].rpartition(":")[2]
     assert f"port {taken} is taken" in said and f"listens on 127.0.0.1:{port}" in said
     assert int(port) != taken
     assert json.loads(summary.read_text())["acknowledged"] == 200  # and the view showed all 200 delivered (above)
+
+
+def _processes_of(demo_dir) -> dict[int, str]:
+    """The processes whose command line names the demo's folder (its broker, gateway, simulator and view)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(demo_dir) in cmdline:
+                found[int(entry)] = cmdline
+    return found

@@ -45,7 +45,7 @@ def test_the_demo_moves_to_a_free_port_when_its_port_is_taken_and_says_so(tmp_pa
             left = _processes_of(demo_dir)
             for pid in left:  # what the demo started and did not stop, so nothing outlives the test
                 os.kill(pid, signal.SIGKILL)
-            raise AssertionError(f"the demo did not stop on Ctrl-C within 60 s; its processes: {left}")
+            raise AssertionError(f"the demo did not stop on Ctrl-C within 60 s; its processes: {left}") from None
         finally:
             out.close()
             err.close()

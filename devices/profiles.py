@@ -11,6 +11,10 @@ A device needs no profile to be accepted; a profile adds meaning and checks. Pro
     min = -40.0
     max = 85.0
 
+A profile may also say how devices that speak another dialect (Tasmota, zigbee2mqtt, ESPHome) become readings: a
+`[source]` table with their topic pattern, and `path`, `values`, `unit_path`/`units` in its fields
+(devices/mapping.py). Such a profile needs no `match`: it applies to the devices of its topics.
+
 Parsing (`parse`) is separate from reading files (`load_dir`) so that tests and `check-config` share it.
 """
 
@@ -20,11 +24,15 @@ import fnmatch
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from devices.telemetry import Telemetry, TelemetryError
+from devices import mapping
+from devices.mapping import Conversion, MappingError, Router, Source
+from devices.telemetry import RESERVED, Telemetry, TelemetryError
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "profiles"
+# Profiles for devices that speak another dialect, shipped but not loaded: copy one into the profiles folder.
+DIALECTS_DIR = Path(__file__).resolve().parent / "dialects"
 
 
 class ProfileError(ValueError):
@@ -39,6 +47,13 @@ class FieldSpec:
     min: float | None = None
     max: float | None = None
     scale: float = 1.0  # serial encodings send integers; value = raw * scale
+    # What only foreign payloads use (devices/mapping.py): value = raw * scale + offset.
+    offset: float = 0.0
+    path: tuple[str, ...] = ()  # where the value is in a JSON payload; () is the field's own name
+    optional: bool = False  # a message without it is still a reading (else: dead letter `missing_path`)
+    values: Mapping[str, float] | None = None  # strings the device sends for numbers: { ON = 1, OFF = 0 }
+    unit_path: tuple[str, ...] = ()  # where the message names its unit
+    units: tuple[tuple[str, Conversion], ...] = ()  # each unit the device may use, converted to `unit`
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +62,7 @@ class DeviceProfile:
     match: tuple[str, ...]
     fields: tuple[FieldSpec, ...]
     strict: bool = False
+    sources: tuple[Source, ...] = ()  # topics of devices that speak another dialect (devices/mapping.py)
 
     def applies_to(self, device_id: str) -> bool:
         return any(fnmatch.fnmatchcase(device_id, pattern) for pattern in self.match)
@@ -82,17 +98,37 @@ def parse(text: str, origin: str = "<profile>") -> DeviceProfile:
     name = doc.get("name")
     if not isinstance(name, str) or not name:
         raise ProfileError(f"{origin}: name must be a non-empty string, got {name!r}")
+    raw_sources = doc.get("source", [])
+    raw_sources = [raw_sources] if isinstance(raw_sources, dict) else raw_sources
+    if not isinstance(raw_sources, list):
+        raise ProfileError(f"{origin}: source must be a table ([source]) or tables ([[source]])")
+    try:
+        sources = tuple(mapping.compile_source(raw, f"source[{i}]" if len(raw_sources) > 1 else "source")
+                        for i, raw in enumerate(raw_sources))
+    except MappingError as exc:
+        raise ProfileError(f"{origin}: {exc}") from None
+    # A dialect's profile applies to the devices of its topics; `match` (device ids on devices/{id}/telemetry and
+    # serial ports) is then optional.
     match = doc.get("match", [])
-    if not isinstance(match, list) or not all(isinstance(m, str) for m in match) or not match:
+    if not isinstance(match, list) or not all(isinstance(m, str) for m in match) or not (match or sources):
         raise ProfileError(f"{origin}: match must be a non-empty list of patterns, got {match!r}")
     raw_fields = doc.get("fields", {})
     if not isinstance(raw_fields, dict):
         raise ProfileError(f"{origin}: fields must be a table")
     fields = tuple(_field(origin, key, spec) for key, spec in raw_fields.items())
+    if sources:
+        for spec in fields:
+            if spec.name in RESERVED:
+                raise ProfileError(f"{origin}: fields.{spec.name}: {spec.name!r} is reserved (seq, ts)")
+            if spec.unit_path and any(s.payload == "value" for s in sources):
+                raise ProfileError(f"{origin}: fields.{spec.name}.unit_path: a value payload has no unit to read")
     strict = doc.get("strict", False)
     if not isinstance(strict, bool):
         raise ProfileError(f"{origin}: strict must be true or false, got {strict!r}")
-    return DeviceProfile(name, tuple(match), fields, strict)
+    unknown = set(doc) - {"name", "match", "strict", "fields", "source"}
+    if unknown:
+        raise ProfileError(f"{origin}: unknown setting {sorted(unknown)[0]!r}")
+    return DeviceProfile(name, tuple(match), fields, strict, sources)
 
 
 def _field(origin: str, name: str, spec: Any) -> FieldSpec:
@@ -114,7 +150,29 @@ def _field(origin: str, name: str, spec: Any) -> FieldSpec:
         raise ProfileError(f"{origin}: fields.{name}.unit must be a string, got {unit!r}")
     if bounds["scale"] is not None and bounds["scale"] <= 0:
         raise ProfileError(f"{origin}: fields.{name}.scale must be greater than 0, got {bounds['scale']!r}")
-    return FieldSpec(name, kind, unit, bounds["min"], bounds["max"], bounds["scale"] or 1.0)
+    offset = spec.get("offset", 0.0)
+    if type(offset) not in (int, float) or not -1e300 <= offset <= 1e300:
+        raise ProfileError(f"{origin}: fields.{name}.offset must be a finite number, got {offset!r}")
+    optional = spec.get("optional", False)
+    if not isinstance(optional, bool):
+        raise ProfileError(f"{origin}: fields.{name}.optional must be true or false, got {optional!r}")
+    unknown = set(spec) - {"type", "unit", "min", "max", "scale", "offset", "path", "optional", "values",
+                           "unit_path", "units"}
+    if unknown:
+        raise ProfileError(f"{origin}: fields.{name}: unknown setting {sorted(unknown)[0]!r}")
+    try:
+        path = mapping.path(spec["path"], f"fields.{name}.path") if "path" in spec else ()
+        values = mapping.string_values(spec["values"], f"fields.{name}.values") if "values" in spec else None
+        unit_path = mapping.path(spec["unit_path"], f"fields.{name}.unit_path") if "unit_path" in spec else ()
+        units = mapping.conversions(spec["units"], f"fields.{name}.units") if "units" in spec else ()
+    except MappingError as exc:
+        raise ProfileError(f"{origin}: {exc}") from None
+    if bool(unit_path) != bool(units):
+        raise ProfileError(f"{origin}: fields.{name}: unit_path and units go together")
+    if units and (bounds["scale"] is not None or offset):
+        raise ProfileError(f"{origin}: fields.{name}: with units, each unit has its own scale and offset")
+    return FieldSpec(name, kind, unit, bounds["min"], bounds["max"], bounds["scale"] or 1.0, float(offset), path,
+                     optional, values, unit_path, units)
 
 
 def load_dir(path: Path) -> list[DeviceProfile]:
@@ -128,6 +186,8 @@ class ProfileIndex:
         self._profiles = profiles
         self._cache: dict[str, DeviceProfile | None] = {}
         self._max_cached = max_cached
+        # The dialects' topic patterns, compiled once per profile list (a SIGHUP builds a new index).
+        self.router = Router(profiles)
 
     def __len__(self) -> int:
         return len(self._profiles)

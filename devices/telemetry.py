@@ -83,6 +83,15 @@ def decode(payload: bytes, *, max_bytes: int = 16_384, max_fields: int = 64) -> 
         return from_mapping(_slow_decode(payload), max_fields=max_fields)
 
 
+def parse_json(payload: bytes) -> Any:
+    """Any JSON document, with the codec's reasons for what is not JSON (`malformed_json`, `invalid_utf8`,
+    `non_finite`): what the foreign payload mappings (devices/mapping.py) read."""
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return _slow_decode(payload)
+
+
 def _slow_decode(payload: bytes) -> Any:
     try:
         text = payload.decode("utf-8")

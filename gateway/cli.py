@@ -186,6 +186,75 @@ def config_reference() -> None:
     click.echo(config_mod.reference())
 
 
+@main.command("try-profile")
+@click.argument("profile")
+@click.option("--topic", required=True, help="The topic the device publishes on.")
+@click.option("--payload", required=True, help="The message, as the device sends it ('-': standard input).")
+@_config_option
+def try_profile(profile: str, topic: str, payload: str, config_path: str | None) -> None:
+    """What one message becomes under a device profile: the device id and the reading's fields, or the dead letter's
+    reason and message. PROFILE is a profile file, or the name of a profile in the configured profiles folder (or
+    of a shipped dialect: tasmota, zigbee2mqtt, esphome). Exit 0 for a reading, 1 for a dead letter or an ignored
+    topic, 2 when the profile cannot be found or read."""
+    from devices.profiles import DIALECTS_DIR, ProfileError, ProfileIndex, parse
+    from devices.telemetry import TelemetryError
+
+    cfg = _load(config_path)
+    path = Path(profile)
+    try:
+        if path.suffix == ".toml" or path.is_file():
+            found, origin = parse(path.read_text(), str(path)), str(path)
+        else:
+            named = [(p, f) for folder in (cfg.profiles_path(), DIALECTS_DIR) if folder.is_dir()
+                     for f in sorted(folder.glob("*.toml")) for p in _profile_or_none(f) if p.name == profile]
+            if not named:
+                _refuse(f"no profile named {profile!r} in {cfg.profiles_path()} or {DIALECTS_DIR}, and no such file")
+            found, origin = named[0][0], str(named[0][1])
+    except (OSError, ProfileError) as exc:
+        _refuse(str(exc))
+    body = sys.stdin.buffer.read() if payload == "-" else payload.encode()
+    click.echo(f"profile     {found.name} ({origin})")
+    router = ProfileIndex([found]).router
+    if not router:
+        _refuse(f"profile {found.name!r} has no [source]: its devices publish on devices/{{id}}/telemetry")
+    match = router.route(topic, topic.split("/"))
+    if match is False:
+        click.echo(f"ignored     {topic} is under the profile's ignore list: no reading, no dead letter")
+        sys.exit(1)
+    try:
+        if match is None:
+            patterns = ", ".join(s.topic for s in found.sources)
+            raise TelemetryError("unknown_topic", f"the topic matches none of the profile's patterns ({patterns})")
+        click.echo(f"topic       {topic} (pattern {match.source.topic})")
+        device_id = match.device_id()
+        t = match.reading(body, max_bytes=cfg.limits.max_payload_bytes, max_fields=cfg.limits.max_fields)
+    except TelemetryError as exc:
+        click.echo(f"dead letter {exc.reason}: {exc.message}")
+        sys.exit(1)
+    click.echo(f"reading     devices/{device_id} telemetry (feeds/{{follower}}/devices/{device_id}/telemetry)")
+    width = max(len(name) for name in t.fields)
+    for name, value in t.fields.items():
+        spec = found.field(name)
+        unit = f" {spec.unit}" if spec is not None and spec.unit else ""
+        click.echo(f"  {name:<{width}}  {value!r}{unit}")
+
+
+def _refuse(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _profile_or_none(path: Path) -> list[Any]:
+    """The profile in a file, or nothing when it does not parse (try-profile looks for one name among them; a
+    broken neighbour is check-config's business)."""
+    from devices.profiles import ProfileError, parse
+
+    try:
+        return [parse(path.read_text(), str(path))]
+    except (OSError, ProfileError):
+        return []
+
+
 def _graph(config_path: str | None, data_dir: str | None, *, create: bool = True) -> Any:
     """The follower graph of the configured data folder. Changing it creates the file if need be (and says so);
     reading it does not: a wrong folder is an error, not an empty graph."""

@@ -111,7 +111,9 @@ def publisher_settings(cfg: Config, i: int) -> Settings:
                                status_topic="", session_expiry=0)
 
 
-def mqtt_settings(cfg: Config) -> Settings:
+def mqtt_settings(cfg: Config, dialect_topics: Sequence[str] = ()) -> Settings:
+    """The main connection's settings; `dialect_topics` are the device profiles' topic patterns as MQTT filters
+    (devices/mapping.py), subscribed beside the gateway's own topics."""
     m = cfg.mqtt
     host, _, port = m.broker.rpartition(":")
     if m.password and not m.tls and host not in ("127.0.0.1", "::1", "localhost"):
@@ -120,7 +122,8 @@ def mqtt_settings(cfg: Config) -> Settings:
                     password=m.password, keepalive=m.keepalive, session_expiry=m.session_expiry,
                     receive_maximum=m.max_inflight, tls=tls_context(m), reconnect_min=m.reconnect_min,
                     reconnect_max=m.reconnect_max, status_topic=STATUS_TOPIC,
-                    subscriptions=(m.telemetry_topic, m.follows_topic, "users/+/posts", "users/+/interactions"))
+                    subscriptions=(m.telemetry_topic, m.follows_topic, "users/+/posts", "users/+/interactions",
+                                   *dialect_topics))
 
 
 class Gateway:
@@ -219,7 +222,7 @@ class Gateway:
             max_pending=cfg.mqtt.max_inflight, score=self.filters.score, hook=Engagement(self.graph.followers).hook,
             over_budget=self._log_over_budget, on_deadletters=self._publish_deadletters)
         self.source = MqttSource(self.appender, self._follow, self.profiles, cfg.limits, m, cfg.social)
-        self.client = MqttClient(mqtt_settings(cfg), self.source.take)
+        self.client = MqttClient(mqtt_settings(cfg, self.profiles.router.subscriptions), self.source.take)
         self.source.attach(self.client)
         # The feeds also go over publish-only connections: one window per connection (gateway/mqtt/pool.py).
         self.publishers = [MqttClient(publisher_settings(cfg, i), lambda messages, connection_no: None)
@@ -315,6 +318,10 @@ class Gateway:
         if new.limits.deadletter_per_second != self.cfg.limits.deadletter_per_second:
             self._deadletter_bucket = TokenBucket(new.limits.deadletter_per_second)
         restart = sorted(changed - live - {"profiles_dir"})
+        # A new dialect's mapping applies at once, but the connection subscribes to topics when it connects.
+        new_topics = set(self.profiles.router.subscriptions) - set(self.client.settings.subscriptions)
+        if new_topics:
+            restart.append(f"device profile topics ({', '.join(sorted(new_topics))})")
         # The live settings take the new values; the others keep what this process runs with.
         a = new.anomaly
         self.cfg = dataclasses.replace(self.cfg, log=new.log, limits=new.limits, anomaly=dataclasses.replace(

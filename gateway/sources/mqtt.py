@@ -132,10 +132,16 @@ class MqttSource:
                 else:
                     records.append(request)  # type: ignore[arg-type]
                 continue
-            records.append(self.parse(topic, parts, payload))
+            record = self.parse(topic, parts, payload)
+            if record is not None:
+                records.append(record)
         self._metrics.inc("received", len(messages))
         read = _Read(ids, connection_no, bool(records) + bool(follows))
         if not read.waiting:
+            if ids:  # only messages a dialect ignores: handled, acknowledged in their turn
+                self._reads.append(read)
+                if self._reads[0] is read:
+                    self._ack_ready()
             return
         self._reads.append(read)
         if records:
@@ -199,13 +205,16 @@ class MqttSource:
         return dead(topic, "rate_limited", f"the source sent more than limits.per_source_rate = "
                     f"{self._limits.per_source_rate:g} events/s", payload)
 
-    def parse(self, topic: str, parts: list[str], payload: bytes) -> Ingested | DeadLetter:
+    def parse(self, topic: str, parts: list[str], payload: bytes) -> Ingested | DeadLetter | None:
+        """The record of one message; None for a topic a device profile's dialect ignores (not a reading)."""
         try:
             if len(parts) == 3:
                 if parts[0] == "devices" and parts[2] == "telemetry":
                     return self._telemetry(topic, parts[1], payload)
                 if parts[0] == "users" and parts[2] in ("posts", "interactions"):
                     return self._user_event(topic, parts[1], parts[2], payload)
+            if self._profiles.router:
+                return self._foreign(topic, parts, payload)
             return dead(topic, "unknown_topic", "no handler for this topic", payload)
         except Exception as exc:  # a codec bug must cost one dead letter, not the read's acknowledgements
             log.exception("parser failed on a message from %s", topic[:120])
@@ -228,6 +237,25 @@ class MqttSource:
         dedup = None if t.seq is None else (f"{t.seq}@{t.ts_ms}" if t.ts_ms is not None else str(t.seq))
         return Ingested(f"devices/{device_id}", KIND_TELEMETRY, t.ts_ms if t.ts_ms is not None else now_ms, body,
                         compact_json(body), dedup)
+
+    def _foreign(self, topic: str, parts: list[str], payload: bytes) -> Ingested | DeadLetter | None:
+        """A device speaking another dialect on its own topics (devices/mapping.py): the same reading as if it had
+        published on devices/{id}/telemetry, with no seq or ts (the arrival time is the reading's time)."""
+        match = self._profiles.router.route(topic, parts)
+        if match is None:
+            return dead(topic, "unknown_topic", "no handler for this topic, and no device profile's topic pattern "
+                        "matches it", payload)
+        if match is False:
+            return None
+        try:
+            device_id = match.device_id()
+            if self._rate is not None and not self._rate["devices"].allow(device_id):
+                return self._rate_limited(topic, payload)
+            t = match.reading(payload, max_bytes=self._limits.max_payload_bytes, max_fields=self._limits.max_fields)
+        except TelemetryError as exc:
+            return dead(topic, exc.reason, exc.message, payload)
+        body = t.as_payload()
+        return Ingested(f"devices/{device_id}", KIND_TELEMETRY, int(time.time() * 1000), body, compact_json(body))
 
     def _user_event(self, topic: str, user_id: str, what: str, payload: bytes) -> Ingested | DeadLetter:
         if not ID.fullmatch(user_id):

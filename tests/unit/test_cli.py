@@ -150,3 +150,60 @@ def test_init_config_writes_a_starter_that_check_config_accepts_and_keeps_an_exi
     assert path.read_text() == "# mine\n"
     assert CliRunner().invoke(main, ["init-config", str(path), "--force"]).exit_code == 0
     assert path.read_text().startswith("# edge-gateway configuration")
+
+
+# --- try-profile -----------------------------------------------------------------------------------------------
+
+
+def test_try_profile_shows_the_reading_a_message_becomes():
+    result = CliRunner().invoke(main, ["try-profile", "tasmota", "--topic", "tele/kitchen/SENSOR", "--payload",
+                                       '{"Time":"2024-05-01T12:00:00","BME280":{"Temperature":21.4,"Humidity":40.2,'
+                                       '"Pressure":1013.2},"PressureUnit":"hPa","TempUnit":"C"}'])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("profile     tasmota (") and lines[0].endswith("devices/dialects/tasmota.toml)")
+    assert lines[1:] == ["topic       tele/kitchen/SENSOR (pattern tele/{id}/SENSOR)",
+                         "reading     devices/tasmota-kitchen telemetry "
+                         "(feeds/{follower}/devices/tasmota-kitchen/telemetry)",
+                         "  temperature  21.4 degC",
+                         "  humidity     40.2 %RH",
+                         "  pressure     1013.2 hPa"]
+
+
+def test_try_profile_shows_the_dead_letter_and_exits_1():
+    result = CliRunner().invoke(main, ["try-profile", "zigbee2mqtt", "--topic", "zigbee2mqtt/living room",
+                                       "--payload", '{"temperature": 21.5}'])
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1].startswith(
+        "dead letter bad_device_id: zigbee2mqtt: name 'living room' gives device id 'z2m-living room'")
+    other = CliRunner().invoke(main, ["try-profile", "esphome", "--topic", "kitchen/status", "--payload", "online"])
+    assert other.exit_code == 1
+    assert other.output.splitlines()[-1] == (
+        "dead letter unknown_topic: the topic matches none of the profile's patterns "
+        "({id}/sensor/{field}/state, {id}/binary_sensor/{field}/state)")
+    ignored = CliRunner().invoke(main, ["try-profile", "zigbee2mqtt", "--topic", "zigbee2mqtt/bridge/state",
+                                        "--payload", "online"])
+    assert ignored.exit_code == 1 and "ignored" in ignored.output
+
+
+def test_try_profile_reads_a_file_a_configured_folder_and_standard_input(tmp_path):
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    (folder / "broken.toml").write_text("name = ")  # a broken neighbour does not hide the one asked for
+    (folder / "meter.toml").write_text('name = "meter"\n[source]\ntopic = "meters/{id}/{field}"\n'
+                                       'payload = "value"\n[fields.power]\nunit = "W"\n')
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(f'profiles_dir = "{folder}"\n')
+    by_name = CliRunner().invoke(main, ["try-profile", "meter", "--config", str(cfg), "--topic", "meters/m1/power",
+                                        "--payload", "-"], input="230.5\n")
+    assert by_name.exit_code == 0, by_name.output
+    assert by_name.output.splitlines()[-1] == "  power  230.5 W"
+    by_file = CliRunner().invoke(main, ["try-profile", str(folder / "meter.toml"), "--topic", "meters/m1/power",
+                                        "--payload", "lots"])
+    assert by_file.exit_code == 1 and "dead letter not_numeric" in by_file.output
+    unknown = CliRunner().invoke(main, ["try-profile", "nope", "--config", str(cfg), "--topic", "a", "--payload", ""])
+    assert unknown.exit_code == 2 and "no profile named 'nope'" in unknown.output
+    broken = CliRunner().invoke(main, ["try-profile", str(folder / "broken.toml"), "--topic", "a", "--payload", ""])
+    assert broken.exit_code == 2 and "broken.toml" in broken.output
+    plain = CliRunner().invoke(main, ["try-profile", "env-sensor", "--topic", "a", "--payload", ""])
+    assert plain.exit_code == 2 and "has no [source]" in plain.output

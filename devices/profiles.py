@@ -5,6 +5,8 @@ A device needs no profile to be accepted; a profile adds meaning and checks. Pro
     name = "env-sensor"
     match = ["env-*"]            # device ids this profile applies to (shell-style patterns)
     strict = false               # true: fields not listed here are rejected
+    manufacturer = "Acme"        # optional: who makes it, and its model (shown by Home Assistant; the model
+    model = "EnviroSense 2"      # defaults to the profile's name)
 
     [fields.temperature]
     unit = "degC"
@@ -47,6 +49,8 @@ class DeviceProfile:
     match: tuple[str, ...]
     fields: tuple[FieldSpec, ...]
     strict: bool = False
+    manufacturer: str = ""
+    model: str = ""
 
     def applies_to(self, device_id: str) -> bool:
         return any(fnmatch.fnmatchcase(device_id, pattern) for pattern in self.match)
@@ -92,7 +96,13 @@ def parse(text: str, origin: str = "<profile>") -> DeviceProfile:
     strict = doc.get("strict", False)
     if not isinstance(strict, bool):
         raise ProfileError(f"{origin}: strict must be true or false, got {strict!r}")
-    return DeviceProfile(name, tuple(match), fields, strict)
+    about = {}
+    for key in ("manufacturer", "model"):
+        value = doc.get(key, "")
+        if not isinstance(value, str):
+            raise ProfileError(f"{origin}: {key} must be a string, got {value!r}")
+        about[key] = value
+    return DeviceProfile(name, tuple(match), fields, strict, about["manufacturer"], about["model"])
 
 
 def _field(origin: str, name: str, spec: Any) -> FieldSpec:

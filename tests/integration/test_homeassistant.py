@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import subprocess
 import sys
 import uuid
@@ -191,5 +192,32 @@ def test_nothing_is_published_for_home_assistant_when_it_is_off(mosquitto, tmp_p
         assert mine == []
         watch.close()
         feed.close()
+    finally:
+        gw.kill()
+
+
+def test_sighup_with_other_profiles_announces_every_known_device_again(mosquitto, tmp_path):
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    probe = profiles / "probe.toml"
+    probe.write_text('name = "probe"\nmatch = ["hap-*"]\n[fields.temperature]\nunit = "degC"\n')
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'profiles_dir = "{profiles}"\n[homeassistant]\nenabled = true\n')
+    gw = GatewayProcess(tmp_path / "gw", mosquitto.address, "--influx-api", "none", client_id=uid("gw-ha"),
+                        config=config)
+    device = uid("hap")
+    gw.start()
+    try:
+        configs = Collector(mosquitto.address, f"homeassistant/sensor/{gw.client_id}/{device}__temperature/config")
+        publish_all(mosquitto.address, [(f"devices/{device}/telemetry", reading(s)) for s in range(3)])
+        assert configs.wait_for(lambda m: m and json.loads(m[-1][1]).get("unit_of_measurement") == "°C")
+        probe.write_text('name = "probe"\nmatch = ["hap-*"]\nmanufacturer = "Acme"\n[fields.temperature]\n'
+                         'unit = "degF"\n')
+        gw.proc.send_signal(signal.SIGHUP)  # no new reading needed: the devices it knows are announced again
+        assert configs.wait_for(lambda m: json.loads(m[-1][1]).get("unit_of_measurement") == "°F")
+        c = ha_schema.check_sensor(json.loads(configs.messages[-1][1]))
+        assert (c["device_class"], c["device"]["manufacturer"], c["device"]["model"]) == ("temperature", "Acme",
+                                                                                          "probe")
+        configs.close()
     finally:
         gw.kill()

@@ -5,6 +5,8 @@ A device needs no profile to be accepted; a profile adds meaning and checks. Pro
     name = "env-sensor"
     match = ["env-*"]            # device ids this profile applies to (shell-style patterns)
     strict = false               # true: fields not listed here are rejected
+    manufacturer = "Acme"        # optional: who makes it, and its model (shown by Home Assistant; the model
+    model = "EnviroSense 2"      # defaults to the profile's name)
 
     [fields.temperature]
     unit = "degC"
@@ -63,6 +65,8 @@ class DeviceProfile:
     fields: tuple[FieldSpec, ...]
     strict: bool = False
     sources: tuple[Source, ...] = ()  # topics of devices that speak another dialect (devices/mapping.py)
+    manufacturer: str = ""  # for Home Assistant's device registry (gateway/fanout/ha_discovery.py)
+    model: str = ""
 
     def applies_to(self, device_id: str) -> bool:
         return any(fnmatch.fnmatchcase(device_id, pattern) for pattern in self.match)
@@ -125,10 +129,16 @@ def parse(text: str, origin: str = "<profile>") -> DeviceProfile:
     strict = doc.get("strict", False)
     if not isinstance(strict, bool):
         raise ProfileError(f"{origin}: strict must be true or false, got {strict!r}")
-    unknown = set(doc) - {"name", "match", "strict", "fields", "source"}
+    about = {}
+    for key in ("manufacturer", "model"):
+        value = doc.get(key, "")
+        if not isinstance(value, str):
+            raise ProfileError(f"{origin}: {key} must be a string, got {value!r}")
+        about[key] = value
+    unknown = set(doc) - {"name", "match", "strict", "fields", "source", "manufacturer", "model"}
     if unknown:
         raise ProfileError(f"{origin}: unknown setting {sorted(unknown)[0]!r}")
-    return DeviceProfile(name, tuple(match), fields, strict, sources)
+    return DeviceProfile(name, tuple(match), fields, strict, sources, about["manufacturer"], about["model"])
 
 
 def _field(origin: str, name: str, spec: Any) -> FieldSpec:

@@ -228,6 +228,24 @@ class InfluxConfig:
     metrics_interval: float = _f(5.0, "Seconds between the gateway's self-metric points.", _positive)
 
 
+def _topic_prefix(v: Any) -> str | None:
+    levels = str(v).split("/")
+    if not v or "" in levels or str(v).startswith("$") or any(c in str(v) for c in "+#\0"):
+        return "must be one or more topic levels (no wildcards, no empty level, no leading $ or /, no trailing /)"
+    return None
+
+
+@dataclass(frozen=True)
+class HomeAssistantConfig:
+    enabled: bool = _f(False, "Publish Home Assistant MQTT discovery configs for the devices the gateway sees: a "
+                       "sensor per field (unit and device class from the device's profile) and a `problem` binary "
+                       "sensor that is on during an anomaly episode, with their states on gateway/ha/{device}/... "
+                       "(retained), available while gateway/status says online (README \"Home Assistant\").")
+    discovery_prefix: str = _f("homeassistant", "Topic prefix of the discovery configs: Home Assistant's own "
+                               "`discovery_prefix` (MQTT integration options); the broker's ACL must let the gateway "
+                               "write under it.", _topic_prefix)
+
+
 def _paths(v: Any) -> str | None:
     return None if all(isinstance(p, str) and p for p in v) else "must be a list of non-empty paths or globs"
 
@@ -261,6 +279,7 @@ class Config:
     social: SocialConfig = field(default_factory=SocialConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     influx: InfluxConfig = field(default_factory=InfluxConfig)
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     serial: SerialConfig = field(default_factory=SerialConfig)
     log: LogConfig = field(default_factory=LogConfig)
     profiles_dir: str = _f("devices/profiles", "Folder of device profile TOML files (relative: to the project, or "

@@ -2,8 +2,9 @@
 
     MQTT (MqttClient) ─▶ sources/mqtt ─┐                                        ┌─▶ fanout/feeds  ─▶ MQTT feeds, alerts
     serial ports ─────▶ sources/serial ┴─▶ log/appender ─▶ log.db (one fsync) ─┼─▶ sinks/influx  ─▶ InfluxDB
-                                           (filters score                       └─▶ fanout/stats  ─▶ events/{id}/stats
-                                            before the append)      each a log/consumers.Consumer at its own offset
+                                           (filters score                       ├─▶ fanout/stats  ─▶ events/{id}/stats
+                                            before the append)                  └─▶ fanout/homeassistant (when enabled)
+                                                                    each a log/consumers.Consumer at its own offset
 
 Start: the log and the graph, the consumers (a consumer behind the log starts reading back at once), the appender,
 then the MQTT connection and the serial ports (sources last, so nothing is acknowledged before what is behind it
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -35,12 +37,14 @@ from typing import Any, Sequence
 from devices.profiles import ProfileIndex, load_dir
 from gateway import config as config_mod
 from gateway.config import Config, InfluxConfig
-from gateway.event import DeadLetter, FollowRequest, Point, dead
+from gateway.event import KIND_TELEMETRY, DeadLetter, FollowRequest, Point, dead
 from gateway.fanout import engagement
 from gateway.fanout.engagement import Engagement
 from gateway.fanout.envelope import DEADLETTER_TOPIC
 from gateway.fanout.feeds import FeedsSink
 from gateway.fanout.graph import Change, FollowerGraph, GraphWriter
+from gateway.fanout.ha_discovery import Discovery
+from gateway.fanout.homeassistant import HomeAssistantSink
 from gateway.fanout.stats import StatsSink
 from gateway.filters.stage import Detector, Filters, TextScorer
 from gateway.log.appender import Appender
@@ -158,6 +162,7 @@ class Gateway:
         self._reasons_written: set[str] = set()
         self.consumers: list[Consumer] = []
         self.influx: InfluxSink | None = None
+        self.homeassistant: HomeAssistantSink | None = None
         self.serial: SerialSources | None = None
         self._build()
 
@@ -232,8 +237,8 @@ class Gateway:
         committed = self.store.progress()
         log_end = lambda: self.appender.last_offset  # noqa: E731 - read on every catch-up check
 
-        def consumer(sink: Any, **kw: Any) -> Consumer:
-            c = Consumer(sink, self.reader, log_end, committed.get(sink.name, 0), m,
+        def consumer(sink: Any, start: int = 0, **kw: Any) -> Consumer:
+            c = Consumer(sink, self.reader, log_end, committed.get(sink.name, start), m,
                          batch_max=cfg.pipeline.batch_max, **kw)
             self.appender.listen(c.offer)
             self.appender.track(c)
@@ -257,6 +262,16 @@ class Gateway:
             accept=engagement.is_social, gate=lambda: self.feeds.committed_offset)
         self.feeds.on_committed = lambda _offset: self.stats.gate_moved()
         self.stats.on_gated = self.appender.request_progress
+        if cfg.homeassistant.enabled:
+            detector = self.filters.detector
+            self.homeassistant = HomeAssistantSink(
+                self.client, Discovery(cfg.homeassistant.discovery_prefix, cfg.mqtt.client_id, STATUS_TOPIC,
+                                       _version()),
+                self.profiles, getattr(detector, "in_episode", None), m)
+            # Switched on for the first time: from the end of the log. Home Assistant wants the latest values, and
+            # reading a day of history back on a Pi to get them would cost minutes of a core; each device appears
+            # with its next reading.
+            consumer(self.homeassistant, start=self.store.last_offset(), accept=_is_telemetry)
 
         if cfg.serial.ports:
             sc = cfg.serial
@@ -310,9 +325,12 @@ class Gateway:
         for model, values in thresholds:
             for name, value in values.items():
                 setattr(model, name, value)
+        profiles_changed = profiles != self._profile_list
         self._profile_list = profiles
         self.profiles = ProfileIndex(profiles)
         self.source.reconfigure(self.profiles, new.limits)
+        if self.homeassistant is not None and profiles_changed:
+            self.homeassistant.reprofile(self.profiles)
         if self.serial is not None:
             self.serial.reconfigure(profiles, new.limits.max_fields)
         if new.limits.deadletter_per_second != self.cfg.limits.deadletter_per_second:
@@ -559,6 +577,17 @@ class Gateway:
             points.append(Point("deadletters", tags, (("count", n),), now))
         self._last_metrics_ns = now
         self.influx.put_points(points)
+
+
+def _is_telemetry(event: Any) -> bool:
+    return bool(event.kind == KIND_TELEMETRY)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("edge-gateway")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return ""
 
 
 def _settings(cfg: Config) -> dict[str, Any]:

@@ -36,6 +36,8 @@ COUNTERS = (
     "marked",              # posts delivered marked sensitive by the content policy
     "interactions_ignored",  # likes/reposts of unknown or blocked events
     "stats_published",     # events/{id}/stats updates (coalesced)
+    "ha_configs_published",  # Home Assistant discovery configs published (once per device and field per run)
+    "ha_states_published",   # Home Assistant state messages: latest values (coalesced) and anomaly ON/OFF
     "follows",
     "unfollows",
     "storage_errors",
@@ -68,6 +70,7 @@ GAUGES = (
     "feeds_lag",           # events appended that each consumer has not finished
     "influx_lag",
     "stats_lag",
+    "homeassistant_lag",   # (with homeassistant.enabled)
     "log_lag",             # the largest consumer lag: what keeps the log from being trimmed
     "written",             # points InfluxDB accepted (cumulative)
     "retried",             # InfluxDB requests retried (cumulative)

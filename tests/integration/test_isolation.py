@@ -40,7 +40,7 @@ OFFENSIVE = "you are a stupid worthless idiot, shut up you pathetic moron"
 RATE, BURST = 5.0, 20.0  # the gateway's limits.per_source_* here; every other test stays far below the burst
 
 ACCOUNTS = {
-    "gateway": "service", "operator": "service",
+    "gateway": "service", "operator": "service", "homeassistant": "service", "dev-ha": "device",
     "dev-a": "device", "dev-b": "device", "dev-c": "device", "dev-flood": "device", "dev-calm": "device",
     "alice": "user", "bob": "user", "carol": "user", "dave": "user", "fan": "user", "mallory": "user",
     "sim0001": "device", "sim0002": "device", "simfan": "user",
@@ -67,7 +67,7 @@ def gateway(broker: servers.ProductionBroker, tmp_path_factory: pytest.TempPathF
     config.write_text(f'[mqtt]\nusername = "gateway"\npassword = "{broker.passwords["gateway"]}"\n'
                       f'tls = true\nca_file = "{broker.ca_file}"\npublish_connections = 1\n'
                       f"[limits]\nper_source_rate = {RATE}\nper_source_burst = {BURST}\n"
-                      "[social]\nstats_interval_ms = 50\n")
+                      "[social]\nstats_interval_ms = 50\n[homeassistant]\nenabled = true\n")
     gw = GatewayProcess(base / "gw", broker.address, "--influx-api", "none", client_id="gw-isolation",
                         config=config)
     gw.start()
@@ -280,6 +280,27 @@ def test_no_one_can_forge_what_only_the_gateway_writes(broker, gateway, peers):
     assert dev.publish("users/bob/posts", {"text": "I am bob"}) == NOT_AUTHORIZED
     assert bob.wait_for(lambda m: ("gateway/status", b"online") in m, timeout=5)  # retained, from the gateway
     assert not any(b"forged" in p or b"I am bob" in p for _, p in bob.messages)
+
+
+def test_home_assistant_reads_its_discovery_and_states_and_no_one_else_reads_or_forges_them(broker, gateway,
+                                                                                             peers):
+    ha = peers("homeassistant", "homeassistant/#", "gateway/ha/#", "gateway/status")
+    mallory = peers("mallory", "#", "homeassistant/#", "gateway/ha/#")
+    dev = peers("dev-ha")
+    assert ha.publish("homeassistant/status", b"online") == 0  # Home Assistant's own birth message
+    for topic in ("homeassistant/sensor/gw-isolation/dev-ha__level/config", "homeassistant/device/x/config",
+                  "gateway/ha/dev-ha/state", "gateway/ha/dev-ha/anomaly"):
+        assert mallory.publish(topic, b'{"forged": 1}', retain=True) == NOT_AUTHORIZED, topic
+        assert dev.publish(topic, b'{"forged": 1}', retain=True) == NOT_AUTHORIZED, topic
+        assert ha.publish(topic, b'{"forged": 1}', retain=True) == NOT_AUTHORIZED, topic  # it reads, never writes
+    assert dev.publish("devices/dev-ha/telemetry", {"seq": 1, "level": 3.0}) == 0
+    assert ha.wait_for(lambda m: (b'{"seq":1,"level":3.0}' in [p for t, p in m if t == "gateway/ha/dev-ha/state"]
+                                  and "homeassistant/sensor/gw-isolation/dev-ha__level/config" in {t for t, _ in m}
+                                  and ("gateway/ha/dev-ha/anomaly", b"OFF") in m))
+    assert not any(b"forged" in p for _, p in ha.messages)
+    assert ("gateway/status", b"online") in ha.messages  # the availability every entity follows
+    leaked = {t for t in mallory.topics() if t.startswith(("homeassistant/", "gateway/ha/"))}
+    assert not leaked, f"mallory read {leaked}"
 
 
 def test_no_one_reads_a_feed_that_is_not_theirs_even_with_wildcards(broker, gateway, peers):

@@ -73,6 +73,15 @@ def test_the_reference_documents_every_setting():
             assert f"`{section}.{name}`" in ref
 
 
+def test_home_assistant_is_off_by_default_and_its_prefix_is_topic_levels_without_wildcards():
+    assert Config().homeassistant.enabled is False
+    assert Config().homeassistant.discovery_prefix == "homeassistant"
+    assert config.parse('[homeassistant]\ndiscovery_prefix = "site/ha"').homeassistant.discovery_prefix == "site/ha"
+    for bad in ("", "ha/", "/ha", "ha//x", "ha/+", "ha/#", "$SYS"):
+        with pytest.raises(ConfigError, match="homeassistant.discovery_prefix"):
+            config.parse(f'[homeassistant]\ndiscovery_prefix = "{bad}"')
+
+
 def test_the_readme_carries_the_current_configuration_reference():
     readme = (config.REPO / "README.md").read_text()
     assert config.reference() in readme, "regenerate the README's table with `gateway config-reference`"

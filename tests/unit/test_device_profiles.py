@@ -39,11 +39,18 @@ def test_a_profile_checks_ranges_types_and_unknown_fields():
         ('name = "x"\nmatch = ["x"]\n[fields.a]\nmin = 5\nmax = 1', "above max"),
         ('name = "x"\nmatch = ["x"]\n[fields.a]\ntype = "complex"', "fields.a.type"),
         ("name = ", "pump.toml"),
+        ('name = "x"\nmatch = ["x"]\nmanufacturer = 3', "manufacturer"),
     ],
 )
 def test_profile_errors_name_the_field(text, message):
     with pytest.raises(ProfileError, match=message):
         parse(text, "pump.toml")
+
+
+def test_a_profile_may_name_the_manufacturer_and_model():
+    p = parse(PROFILE.replace('strict = true', 'strict = true\nmanufacturer = "Acme"\nmodel = "Flow 3"'))
+    assert (p.manufacturer, p.model) == ("Acme", "Flow 3")
+    assert (parse(PROFILE).manufacturer, parse(PROFILE).model) == ("", "")
 
 
 def test_the_index_finds_a_profile_by_device_id_pattern():

@@ -1,0 +1,186 @@
+"""The Home Assistant consumer: discovery configs and retained states for the devices the gateway sees.
+
+    telemetry batch ──▶ per event: the device's latest values (one dict update), an anomaly episode's start or end
+                        ──▶ gateway/ha/{device}/anomaly ON / OFF, at once (rare, and never coalesced away)
+                  └──▶ every STATE_INTERVAL, the devices that sent something since the last update:
+                        first time since the start (or since the profiles changed): their discovery configs
+                        then gateway/ha/{device}/state, retained: every field's latest value in one JSON object
+
+What the topics and configs are: gateway/fanout/ha_discovery.py. Like the live counts (fanout/stats.py) a batch is
+done when the update that carries it was acknowledged by the broker, so after a crash the batches after the
+committed offset are read back and the latest values published again. A reading costs a dict update; a burst from
+one device becomes one state message per interval, whatever its rate, which is also what Home Assistant's recorder
+wants to store. An episode that starts and ends within one interval still shows as ON then OFF.
+
+A device is announced once per run: its configs are retained, so Home Assistant finds them after its own restart
+without the gateway. Announced again: after the gateway's restart (at the device's first reading), when the device
+sends a field it had not sent before, and when SIGHUP brings other profiles. The anomaly state published with the
+announcement is the detector's (`in_episode`), which the detector rebuilt from the log at start, so a device in the
+middle of an episode stays ON across a restart. Configs of devices or fields that went away are not removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable, Protocol, Sequence
+
+from devices.profiles import ProfileIndex
+from gateway.event import Event, InTransaction, compact_json
+from gateway.fanout.ha_discovery import ANOMALY_OFF, ANOMALY_ON, NOT_FIELDS, Discovery, fields_of
+from gateway.ops.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+STATE_INTERVAL = 1.0  # seconds: at most one state message per device this often
+MAX_DEVICES = 100_000  # devices whose latest values are kept; beyond, the oldest is forgotten (and announced again)
+
+
+class Publisher(Protocol):
+    def publish(self, topic: bytes, payload: bytes, qos: int = 1, retain: bool = False,
+                tracker: Any = None) -> bool: ...
+
+    async def room(self) -> None: ...
+
+
+class _Update:
+    """One coalesced update: done when the broker acknowledged every publish made for it and it was sealed."""
+
+    __slots__ = ("future", "pending", "sealed")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.future: asyncio.Future[Any] = loop.create_future()
+        self.pending = 0
+        self.sealed = False
+
+    def acked(self) -> None:
+        self.pending -= 1
+        if self.pending == 0 and self.sealed and not self.future.done():
+            self.future.set_result(None)
+
+    def seal(self) -> None:
+        self.sealed = True
+        if self.pending == 0 and not self.future.done():
+            self.future.set_result(None)
+
+
+class HomeAssistantSink:
+    name = "homeassistant"
+
+    def __init__(self, publisher: Publisher, discovery: Discovery, profiles: ProfileIndex,
+                 in_episode: Callable[[str], bool] | None, metrics: Metrics, *,
+                 interval: float = STATE_INTERVAL, max_devices: int = MAX_DEVICES) -> None:
+        self._publisher = publisher
+        self._discovery = discovery
+        self._profiles = profiles
+        self._in_episode = in_episode  # None: no anomaly model, so no anomaly binary sensor
+        self._metrics = metrics
+        self._interval = interval
+        self._max_devices = max_devices
+        self._latest: dict[str, dict[str, Any]] = {}  # device id -> every field's latest value
+        self._announced: dict[str, frozenset[str]] = {}  # device id -> the fields whose configs were published
+        self._dirty: set[str] = set()
+        self._next: _Update | None = None  # the update that will carry what is dirty now
+        self._last = 0.0
+
+    async def deliver(self, events: Sequence[Event]) -> asyncio.Future[Any]:
+        # Every event joins the pending update before anything here waits: the update cannot be taken from under
+        # half a batch while a publish waits for room.
+        update = self._pending()
+        latest, dirty = self._latest, self._dirty
+        episodes: list[tuple[str, bytes]] = []
+        for event in events:
+            device = event.source_id
+            values = latest.get(device)
+            if values is None:
+                if len(latest) >= self._max_devices:
+                    self._forget(next(iter(latest)))
+                values = latest[device] = {}
+            values.update(event.payload)
+            dirty.add(device)
+            verdict = event.verdict
+            if verdict is not None and verdict.detail is not None:
+                episode = verdict.detail.get("episode")
+                if episode is not None:
+                    episodes.append((device, ANOMALY_ON if episode == "start" else ANOMALY_OFF))
+        if self._in_episode is not None:
+            for device, state in episodes:
+                await self._publish(self._discovery.anomaly_topic(device), state, update)
+            if episodes:
+                self._metrics.inc("ha_states_published", len(episodes))
+        return update.future
+
+    def state(self, results: list[Any]) -> InTransaction | None:
+        return None
+
+    def reprofile(self, profiles: ProfileIndex) -> None:
+        """SIGHUP brought other profiles: announce every known device again, with its new units and fields."""
+        self._profiles = profiles
+        self._announced.clear()
+        self._dirty.update(self._latest)
+        if self._dirty:
+            self._pending()
+
+    def _forget(self, device: str) -> None:
+        del self._latest[device]
+        self._announced.pop(device, None)
+        self._dirty.discard(device)
+
+    def _pending(self) -> _Update:
+        if self._next is None:
+            self._next = _Update(asyncio.get_running_loop())
+            asyncio.ensure_future(self._update(self._next))
+        return self._next
+
+    async def _publish(self, topic: bytes, payload: bytes, update: _Update) -> None:
+        update.pending += 1
+        while not self._publisher.publish(topic, payload, 1, True, update):
+            await self._publisher.room()
+
+    async def _update(self, update: _Update) -> None:
+        wait = self._interval - (time.monotonic() - self._last)
+        if wait > 0:
+            await asyncio.sleep(wait)  # whatever arrives meanwhile joins this update
+        devices, self._dirty, self._next = self._dirty, set(), None
+        self._last = time.monotonic()
+        try:
+            configs = states = 0
+            for device in sorted(devices):
+                values = self._latest.get(device)
+                if values is None:
+                    continue  # forgotten meanwhile
+                configs += await self._announce(device, values, update)
+                await self._publish(self._discovery.state_topic(device), compact_json(values), update)
+                states += 1
+            self._metrics.inc("ha_configs_published", configs)
+            self._metrics.inc("ha_states_published", states)
+        except Exception as exc:  # the consumer reads these events again from the log
+            log.error("homeassistant: update failed: %r", exc)
+            if not update.future.done():
+                update.future.set_exception(exc)
+            return
+        update.seal()
+
+    async def _announce(self, device: str, values: dict[str, Any], update: _Update) -> int:
+        """Publish the configs the device does not have yet: every field of its profile and every field it sent,
+        and the first time, the anomaly binary sensor and its state. Returns how many configs were published."""
+        announced = self._announced.get(device)
+        sent = values.keys() - NOT_FIELDS
+        if announced is not None and sent <= announced:
+            return 0
+        profile = self._profiles.get(device)
+        fields = fields_of(profile) | sent
+        d = self._discovery
+        n = 0
+        for field in sorted(fields - (announced or frozenset())):
+            await self._publish(d.sensor_topic(device, field), d.sensor_config(device, field, profile), update)
+            n += 1
+        if announced is None and self._in_episode is not None:
+            await self._publish(d.anomaly_config_topic(device), d.anomaly_config(device, profile), update)
+            await self._publish(d.anomaly_topic(device),
+                                ANOMALY_ON if self._in_episode(f"devices/{device}") else ANOMALY_OFF, update)
+            self._metrics.inc("ha_states_published")
+            n += 1
+        self._announced[device] = fields
+        return n

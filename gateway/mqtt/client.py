@@ -324,8 +324,11 @@ class MqttClient:
                 log.info("broker at %s does not speak MQTT 5; trying 3.1.1", self.address)
             raise
         if connack.reason != 0:
-            if s.protocol == "auto" and self.version == pk.V5 and connack.reason == pk.UNSUPPORTED_PROTOCOL_V5:
+            # A 5.0 broker says 0x84; a 3.1.1-only one answers with its own return code 0x01 (nats-server 2.9).
+            if s.protocol == "auto" and self.version == pk.V5 and connack.reason in (
+                    pk.UNSUPPORTED_PROTOCOL_V5, pk.UNACCEPTABLE_PROTOCOL_V311):
                 self.version = pk.V311
+                log.info("broker at %s speaks MQTT 3.1.1 only; trying 3.1.1", self.address)
             raise ConnectError(f"broker refused the connection: {pk.reason_text(connack.reason, self.version)}",
                                connack.reason)
         self.stats.connects += 1

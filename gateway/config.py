@@ -120,8 +120,8 @@ class StorageConfig:
     retention_hours: float = _f(24.0, "Events every consumer is done with are trimmed from the log after this long "
                                 "(sooner when the log reaches `max_log_bytes`).", _positive)
     max_log_bytes: int = _f(1 << 30, "Disk budget for the log (its pages in use; the WAL beside it stays near 1 MiB). "
-                            "Events are kept until every consumer (feeds, InfluxDB, live counts) is done with them; "
-                            "when the log reaches this size with nothing left to trim, the gateway stops "
+                            "Events are kept until every consumer (feeds, InfluxDB, live counts, the upstream "
+                            "link) is done with them; when the log reaches this size with nothing left to trim, the gateway stops "
                             "acknowledging new events and the broker and devices hold them.", _positive)
 
 

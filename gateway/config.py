@@ -278,7 +278,7 @@ def _topic_template(v: Any) -> str | None:
         topic = str(v).format(**sample)
     except (KeyError, IndexError, ValueError) as exc:
         return f"may only use the fields {', '.join('{' + f + '}' for f in TOPIC_FIELDS)} ({exc!r})"
-    if "{source" not in v and "{source_id}" not in v:
+    if "{source}" not in v and "{source_id}" not in v:
         return "must contain {source} (or {source_id}), so each source keeps a topic (and an order) of its own"
     if "{kind}" not in v:
         return "must contain {kind}: telemetry, alert and stats are told apart by it"

@@ -60,6 +60,7 @@ def test_topics_fill_the_template_per_source_and_kind() -> None:
 
 @pytest.mark.parametrize("template, why", [
     ("sites/{site}/{kind}", "{source}"),
+    ("sites/{site}/{source_kind}/{kind}", "{source}"),
     ("sites/{site}/{source}", "{kind}"),
     ("sites/{site}/{source}/{kind}/{nope}", "may only use"),
     ("sites/+/{source}/{kind}", "wildcards"),

@@ -258,8 +258,8 @@ class MqttClient:
                 log.info("disconnected from %s (shutting down)", self.address)
                 return
             delay = self._backoff.next_delay()
-            log.warning("connection to %s lost (%s); reconnecting in %.1fs", self.address, self.stats.last_error,
-                        delay)
+            log.warning("connection to %s lost (%s); reconnecting in %.1fs", self.address,
+                        self.stats.last_error or "closed by the broker", delay)
             self._address = (self._address + 1) % len(self._addresses)
             await self._sleep(delay)
 
@@ -332,6 +332,7 @@ class MqttClient:
             raise ConnectError(f"broker refused the connection: {pk.reason_text(connack.reason, self.version)}",
                                connack.reason)
         self.stats.connects += 1
+        self.stats.last_error = None  # a later loss must not show the reason of an earlier failure
         self._backoff.reset()
         if s.subscriptions:
             self._subscribed = loop.create_future()

@@ -207,7 +207,12 @@ def test_a_killed_nats_node_loses_nothing_the_link_forwarded(make_gateway, durab
     try:
         gw = make_gateway(site.address, config={
             "mqtt": {"reconnect_max": 1.0},
-            "upstream": {"enabled": True, "brokers": [n.address for n in nodes], "keepalive": KEEPALIVE}})
+            # nats-server stores each QoS 1 publish in JetStream from the connection's read loop, one after the
+            # other; while the cluster re-forms that took 4-7 s for a window of 1,000 (seen), longer than 1.5
+            # keepalives of 2 s: the link dropped the connection, re-sent the window, and never got ahead. A smaller
+            # window and a longer keepalive (a SIGKILLed node closes its sockets, so failover needs no keepalive).
+            "upstream": {"enabled": True, "brokers": [n.address for n in nodes], "keepalive": 10,
+                         "max_inflight": 100}})
         gw.start()
         far = FarSide(nodes[2].address, f"sites/{gw.client_id}/#", v5=False)
         gw.wait_status(lambda s: s["upstream"]["connected"], 30)

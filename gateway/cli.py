@@ -83,7 +83,7 @@ def run(config_path: str | None, broker: str | None, influx_url: str | None, inf
         cfg = config_mod.override(cfg, **overrides)
     except ConfigError as exc:
         _fail(exc, shown)
-    tls_problems = config_mod.tls_files(cfg.mqtt)
+    tls_problems = config_mod.tls_files(cfg.mqtt) + config_mod.tls_files(cfg.upstream, "upstream")
     if tls_problems:
         _fail(ConfigError(tls_problems), shown)
     try:
@@ -114,6 +114,7 @@ def check_config(path: str | None) -> None:
     shown = str(origin) if origin is not None else "the development defaults"
     problems = _model_problems(cfg)
     problems += [str(p) for p in config_mod.tls_files(cfg.mqtt)]
+    problems += [str(p) for p in config_mod.tls_files(cfg.upstream, "upstream")]
     if not problems and cfg.mqtt.tls:
         from gateway.mqtt.tls import tls_context
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,8 +120,8 @@ class StorageConfig:
     retention_hours: float = _f(24.0, "Events every consumer is done with are trimmed from the log after this long "
                                 "(sooner when the log reaches `max_log_bytes`).", _positive)
     max_log_bytes: int = _f(1 << 30, "Disk budget for the log (its pages in use; the WAL beside it stays near 1 MiB). "
-                            "Events are kept until every consumer (feeds, InfluxDB, live counts) is done with them; "
-                            "when the log reaches this size with nothing left to trim, the gateway stops "
+                            "Events are kept until every consumer (feeds, InfluxDB, live counts, the upstream "
+                            "link) is done with them; when the log reaches this size with nothing left to trim, the gateway stops "
                             "acknowledging new events and the broker and devices hold them.", _positive)
 
 
@@ -268,6 +269,94 @@ class SerialConfig:
                                              "(all are counted).", _positive)
 
 
+UPSTREAM_KINDS = ("telemetry", "alerts", "stats")
+TOPIC_FIELDS = ("site", "source", "source_kind", "source_id", "kind")
+
+
+def _brokers(v: Any) -> str | None:
+    if not all(isinstance(b, str) and _host_port(b) is None for b in v):
+        return "must be a list of HOST:PORT"
+    return None
+
+
+def _kinds(v: Any) -> str | None:
+    bad = [k for k in v if k not in UPSTREAM_KINDS]
+    return f"unknown kind(s) {bad}; choose among {', '.join(map(repr, UPSTREAM_KINDS))}" if bad else None
+
+
+def _site(v: Any) -> str | None:
+    return None if v == "" or re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", v) else \
+        "must be 1-64 characters of A-Z a-z 0-9 _ . - (one topic level), or empty"
+
+
+def _topic_template(v: Any) -> str | None:
+    """A template every event can fill: known fields only, and no wildcard or empty level in what it makes."""
+    sample = {"site": "s", "source": "devices/d", "source_kind": "devices", "source_id": "d", "kind": "telemetry"}
+    try:
+        topic = str(v).format(**sample)
+    except (KeyError, IndexError, ValueError) as exc:
+        return f"may only use the fields {', '.join('{' + f + '}' for f in TOPIC_FIELDS)} ({exc!r})"
+    if "{source}" not in v and "{source_id}" not in v:
+        return "must contain {source} (or {source_id}), so each source keeps a topic (and an order) of its own"
+    if "{kind}" not in v:
+        return "must contain {kind}: telemetry, alert and stats are told apart by it"
+    if "+" in topic or "#" in topic or topic.startswith("$") or "//" in topic or topic.startswith("/") \
+            or topic.endswith("/"):
+        return "must make topics without wildcards (+ #), empty levels or a leading $"
+    return None
+
+
+def _status_topic(v: Any) -> str | None:
+    try:
+        topic = str(v).format(site="s")
+    except (KeyError, IndexError, ValueError):
+        return "may only use the field {site}"
+    return "must be a topic without wildcards (+ #)" if "+" in topic or "#" in topic else None
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    enabled: bool = _f(False, "Forward events to a central MQTT broker over its own connection, as a consumer of "
+                       "the log with its own committed offset: a WAN outage of any length within "
+                       "`storage.max_log_bytes` loses nothing (README \"Upstream (store-and-forward)\").")
+    brokers: list[str] = _f([], "The central broker, HOST:PORT; more than one (the nodes of a cluster): after a "
+                            "failed attempt or a lost connection the next is tried, in turn.", _brokers)
+    client_id: str = _f("", "Client id upstream (a persistent session); empty: `mqtt.client_id` + '-upstream'.")
+    protocol: str = _f("auto", "MQTT version: '5', '3.1.1', or 'auto' (5, falling back to 3.1.1). The event id "
+                       "travels as the user property `event-id` over 5, and in the payload always.",
+                       _one_of("auto", "5", "3.1.1"))
+    username: str = _f("", "Username upstream, empty for none.")
+    password: str = _f("", "Password upstream.", secret=True)
+    password_file: str = _f("", "Read the upstream password from this file (its first line), or from the systemd "
+                            "credential of that name, as `mqtt.password_file`.")
+    tls: bool = _f(False, "Connect upstream over TLS (chain and host name verified, TLS 1.2 or later).")
+    ca_file: str = _f("", "CA certificate(s), PEM, the central broker's certificate must chain to; empty: the "
+                      "system's trusted CAs. Needs `tls`.")
+    cert_file: str = _f("", "Client certificate, PEM, for a central broker that requires one. Needs `tls`.")
+    key_file: str = _f("", "Private key of `cert_file`, PEM; empty: the key is in `cert_file`.")
+    tls_insecure: bool = _f(False, "Do not check that the certificate names the host (the chain is still "
+                            "verified).")
+    keepalive: int = _f(30, "Keepalive in seconds: a central broker silent for 1.5 of these is taken for gone and "
+                        "the link reconnects.", _positive)
+    session_expiry: int = _f(7 * 24 * 3600, "MQTT 5 session expiry asked of the central broker, in seconds.",
+                             _non_negative)
+    site: str = _f("", "This site's name in the topics (`{site}`); empty: `mqtt.client_id`.", _site)
+    topic_template: str = _f("sites/{site}/{source}/{kind}", "Topic of each forwarded message. Fields: {site}, "
+                             "{source} (devices/ID, users/ID, or events/ID for stats), {source_kind}, {source_id}, "
+                             "{kind} (telemetry, alert or stats).", _topic_template)
+    status_topic: str = _f("sites/{site}/status", "Retained `online`/`offline` of the link on the central broker "
+                           "(`offline` is also the will); empty: none. Field: {site}.", _status_topic)
+    kinds: list[str] = _f(["telemetry", "alerts", "stats"], "What is forwarded: 'telemetry' (every reading), "
+                          "'alerts' (the readings that start and end an anomaly episode, kind `alert`), 'stats' "
+                          "(a post's counts, coalesced as `social.stats_interval_ms`).", _kinds)
+    max_events_per_second: float = _f(0.0, "Most messages forwarded per second on average (a returning link "
+                                      "catches up at this pace); 0: no cap.", _non_negative)
+    max_bytes_per_second: float = _f(0.0, "Most payload bytes forwarded per second on average; 0: no cap.",
+                                     _non_negative)
+    max_inflight: int = _f(1000, "Most forwarded messages awaiting the central broker's PUBACK (below its own "
+                           "receive maximum): bounds memory and what is sent again after a reconnect.", _positive)
+
+
 @dataclass(frozen=True)
 class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -281,6 +370,7 @@ class Config:
     influx: InfluxConfig = field(default_factory=InfluxConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     serial: SerialConfig = field(default_factory=SerialConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     log: LogConfig = field(default_factory=LogConfig)
     profiles_dir: str = _f("devices/profiles", "Folder of device profile TOML files (relative: to the project, or "
                            "to the installed package).")
@@ -407,6 +497,19 @@ def _consistency(cfg: Config) -> list[ConfigProblem]:
                 problems.append(ConfigProblem(f"mqtt.{name}", getattr(m, name), "needs mqtt.tls = true"))
     if m.key_file and not m.cert_file:
         problems.append(ConfigProblem("mqtt.key_file", m.key_file, "needs mqtt.cert_file"))
+    u = cfg.upstream
+    if u.enabled and not u.brokers:
+        problems.append(ConfigProblem("upstream.brokers", u.brokers, "needs at least one HOST:PORT when "
+                                      "upstream.enabled"))
+    if u.password and u.password_file:
+        problems.append(ConfigProblem("upstream.password_file", u.password_file, "set `password` or "
+                                      "`password_file`, not both"))
+    if not u.tls:
+        for name in ("ca_file", "cert_file", "key_file", "tls_insecure"):
+            if getattr(u, name):
+                problems.append(ConfigProblem(f"upstream.{name}", getattr(u, name), "needs upstream.tls = true"))
+    if u.key_file and not u.cert_file:
+        problems.append(ConfigProblem("upstream.key_file", u.key_file, "needs upstream.cert_file"))
     if cfg.limits.per_source_burst and not cfg.limits.per_source_rate:
         problems.append(ConfigProblem("limits.per_source_burst", cfg.limits.per_source_burst,
                                       "needs limits.per_source_rate"))
@@ -414,26 +517,35 @@ def _consistency(cfg: Config) -> list[ConfigProblem]:
 
 
 def with_secrets(cfg: Config, environ: Mapping[str, str] = os.environ) -> Config:
-    """`cfg` with `mqtt.password` read from `mqtt.password_file` (when set); ConfigError when it cannot be read.
-    Done when the daemon starts, not by `parse`: the file may exist only on the machine that runs it."""
-    m = cfg.mqtt
-    if not m.password_file:
-        return cfg
-    path = Path(m.password_file)
-    if path.name == m.password_file:  # a bare name: a systemd credential
+    """`cfg` with `mqtt.password` read from `mqtt.password_file` (when set), and `upstream.password` likewise;
+    ConfigError when one cannot be read. Done when the daemon starts, not by `parse`: the file may exist only on
+    the machine that runs it."""
+    if cfg.mqtt.password_file:
+        cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(
+            cfg.mqtt, password=_read_secret("mqtt.password_file", cfg.mqtt.password_file, environ)))
+    if cfg.upstream.password_file:
+        cfg = dataclasses.replace(cfg, upstream=dataclasses.replace(
+            cfg.upstream, password=_read_secret("upstream.password_file", cfg.upstream.password_file, environ)))
+    return cfg
+
+
+def _read_secret(setting: str, name: str, environ: Mapping[str, str]) -> str:
+    """The first line of a password file, or of the systemd credential `name` when it is a bare name."""
+    path = Path(name)
+    if path.name == name:  # a bare name: a systemd credential
         if not environ.get("CREDENTIALS_DIRECTORY"):
-            raise ConfigError([ConfigProblem("mqtt.password_file", m.password_file, "a bare name is a systemd "
-                                             "credential, but $CREDENTIALS_DIRECTORY is not set (LoadCredential= "
-                                             "in the unit); or give a path")])
-        path = Path(environ["CREDENTIALS_DIRECTORY"]) / m.password_file
+            raise ConfigError([ConfigProblem(setting, name, "a bare name is a systemd credential, but "
+                                             "$CREDENTIALS_DIRECTORY is not set (LoadCredential= in the unit); or "
+                                             "give a path")])
+        path = Path(environ["CREDENTIALS_DIRECTORY"]) / name
     try:
         lines = path.read_text().splitlines()
     except OSError as exc:
-        raise ConfigError([ConfigProblem("mqtt.password_file", str(path), exc.strerror or str(exc))]) from None
-    return dataclasses.replace(cfg, mqtt=dataclasses.replace(m, password=lines[0] if lines else ""))
+        raise ConfigError([ConfigProblem(setting, str(path), exc.strerror or str(exc))]) from None
+    return lines[0] if lines else ""
 
 
-def tls_files(m: MqttConfig) -> list[ConfigProblem]:
+def tls_files(m: MqttConfig | UpstreamConfig, section: str = "mqtt") -> list[ConfigProblem]:
     """The TLS files that are named but cannot be read (checked when the daemon starts and by check-config,
     not by `parse`: the file may live only on the machine that runs the gateway)."""
     problems = []
@@ -444,7 +556,7 @@ def tls_files(m: MqttConfig) -> list[ConfigProblem]:
                 with open(path, "rb"):
                     pass
             except OSError as exc:
-                problems.append(ConfigProblem(f"mqtt.{name}", path, exc.strerror or str(exc)))
+                problems.append(ConfigProblem(f"{section}.{name}", path, exc.strerror or str(exc)))
     return problems
 
 

@@ -1,4 +1,5 @@
-"""Rate limits: the gateway's one token bucket, per source (`TokenBuckets`) or alone (`TokenBucket`).
+"""Rate limits: the gateway's one token bucket, per source (`TokenBuckets`) or alone (`TokenBucket`), refusing
+(`take`) or pacing (`delay`).
 
 Per-source limits are cheap enough for the per-message hot path.
 
@@ -74,6 +75,15 @@ class TokenBucket:
         self._tokens = self.burst
         self._clock = clock
         self._at = clock()
+
+    def delay(self, n: float = 1.0) -> float:
+        """Pacing rather than refusing: take `n` tokens now, into debt if need be, and return how many seconds the
+        caller must wait before acting so that the average stays at `rate` (0: at once). For a sender that must
+        not drop anything, only slow down (the upstream link's events and bytes per second)."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate) - n
+        self._at = now
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
     def take(self) -> bool:
         now = self._clock()

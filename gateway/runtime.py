@@ -37,7 +37,7 @@ from typing import Any, Sequence
 from devices.profiles import ProfileIndex, load_dir
 from gateway import config as config_mod
 from gateway.config import Config, InfluxConfig
-from gateway.event import KIND_TELEMETRY, DeadLetter, FollowRequest, Point, dead
+from gateway.event import KIND_TELEMETRY, DeadLetter, FollowRequest, Point, dead, event_ms
 from gateway.fanout import engagement
 from gateway.fanout.engagement import Engagement
 from gateway.fanout.envelope import DEADLETTER_TOPIC
@@ -64,12 +64,14 @@ from gateway.ops.systemd import Notifier
 from gateway.ratelimit import TokenBucket
 from gateway.sinks.influx import InfluxSink
 from gateway.sinks.influx_writers import InfluxV1Writer, InfluxV2Writer, Writer
+from gateway.sinks.upstream import Pacer, Topics, UpstreamSink
 from gateway.sources.mqtt import MqttSource
 from gateway.sources.serial import SerialSettings, SerialSources
 
 log = logging.getLogger(__name__)
 
 STATUS_TOPIC = "gateway/status"
+UPSTREAM_DRAIN = 5.0  # seconds the upstream link has at shutdown to finish what it sent
 TRIM_EVERY = 30.0  # seconds between trims of the log (more often when over its budget)
 # What SIGHUP applies besides every `limits.*` setting and the device profiles; the rest needs a restart.
 LIVE_SETTINGS = frozenset({"log.level", "anomaly.threshold", "anomaly.episode_start", "anomaly.episode_persist",
@@ -113,6 +115,27 @@ def publisher_settings(cfg: Config, i: int) -> Settings:
     speaks for the gateway), and no session to keep: what it has in flight at a reconnect it sends again itself."""
     return dataclasses.replace(mqtt_settings(cfg), client_id=f"{cfg.mqtt.client_id}-out{i}", subscriptions=(),
                                status_topic="", session_expiry=0)
+
+
+def upstream_settings(cfg: Config) -> Settings:
+    """The upstream link's connection: its own client id and persistent session, no subscriptions, its retained
+    status on the central broker, every node of `upstream.brokers` to fail over across."""
+    u = cfg.upstream
+    addresses = [(host, int(port)) for host, _, port in (b.rpartition(":") for b in u.brokers)]
+    if u.password and not u.tls:
+        log.warning("upstream.password is sent to %s without TLS: set upstream.tls", ", ".join(u.brokers))
+    site = upstream_site(cfg)
+    return Settings(host=addresses[0][0], port=addresses[0][1], alternates=tuple(addresses[1:]),
+                    client_id=u.client_id or f"{cfg.mqtt.client_id}-upstream", protocol=u.protocol,
+                    username=u.username, password=u.password, keepalive=u.keepalive,
+                    session_expiry=u.session_expiry, tls=tls_context(u, "upstream"),
+                    reconnect_min=cfg.mqtt.reconnect_min, reconnect_max=cfg.mqtt.reconnect_max,
+                    status_topic=u.status_topic.format(site=site) if u.status_topic else "",
+                    send_maximum=u.max_inflight)
+
+
+def upstream_site(cfg: Config) -> str:
+    return cfg.upstream.site or cfg.mqtt.client_id
 
 
 def mqtt_settings(cfg: Config, dialect_topics: Sequence[str] = ()) -> Settings:
@@ -164,6 +187,9 @@ class Gateway:
         self.influx: InfluxSink | None = None
         self.homeassistant: HomeAssistantSink | None = None
         self.serial: SerialSources | None = None
+        self.upstream_client: MqttClient | None = None
+        self.upstream: list[Consumer] = []  # the upstream link's consumers (events; stats)
+        self._upstream_lag_seconds = 0.0
         self._build()
 
     # --- wiring ----------------------------------------------------------------------------------------------------
@@ -260,7 +286,6 @@ class Gateway:
             StatsSink(self.client, lambda ids: reader.run(engagement.counts, ids), put_points or (lambda p: True),
                       cfg.social.stats_interval_ms / 1000, m),
             accept=engagement.is_social, gate=lambda: self.feeds.committed_offset)
-        self.feeds.on_committed = lambda _offset: self.stats.gate_moved()
         self.stats.on_gated = self.appender.request_progress
         if cfg.homeassistant.enabled:
             detector = self.filters.detector
@@ -272,6 +297,10 @@ class Gateway:
             # reading a day of history back on a Pi to get them would cost minutes of a core; each device appears
             # with its next reading.
             consumer(self.homeassistant, start=self.store.last_offset(), accept=_is_telemetry)
+        if cfg.upstream.enabled:
+            self._build_upstream(consumer, committed)
+        behind_feeds = [c for c in self.consumers if c is self.stats or c.name == "upstream_stats"]
+        self.feeds.on_committed = lambda _offset: [c.gate_moved() for c in behind_feeds]
 
         if cfg.serial.ports:
             sc = cfg.serial
@@ -305,6 +334,53 @@ class Gateway:
             m.gauge("retried", lambda: influx.stats().retried)
             m.gauge("write_dropped", lambda: influx.stats().dropped)
             m.gauge("influx_buffered", lambda: influx.stats().buffered)
+
+    def _build_upstream(self, consumer: Any, committed: dict[str, int]) -> None:
+        """The upstream link (gateway/sinks/upstream.py): a connection of its own and one or two consumers."""
+        cfg, m, u = self.cfg, self.metrics, self.cfg.upstream
+        names = ["upstream"] + (["upstream_stats"] if "stats" in u.kinds else [])
+        new = {name: self.store.last_offset() for name in names if name not in committed}
+        if new:
+            # Enabled for the first time: from what is appended from now on, not the whole retained log over a
+            # mobile uplink. Recorded at once, so a crash before the first acknowledgement does not move the start.
+            self.store.commit_progress(new)
+            committed.update(new)
+            log.info("upstream: first start; forwarding from log offset %d on", max(new.values()))
+        client = self.upstream_client = MqttClient(upstream_settings(cfg), lambda messages, connection_no: None,
+                                                   queue_limit=1024)
+        topics = Topics(u.topic_template, upstream_site(cfg))
+        pacer = Pacer(u.max_events_per_second, u.max_bytes_per_second) if (
+            u.max_events_per_second or u.max_bytes_per_second) else None
+        sink = UpstreamSink(client, topics, u.kinds, m, pacer)
+        self.upstream.append(consumer(sink))
+        if "stats" in u.kinds:
+            reader = self.reader
+            stats = consumer(StatsSink(client, lambda ids: reader.run(engagement.counts, ids), lambda p: True,
+                                       cfg.social.stats_interval_ms / 1000, m, name="upstream_stats",
+                                       topic=topics.stats, counter="upstream_stats_published"),
+                             accept=engagement.is_social, gate=lambda: self.feeds.committed_offset)
+            stats.on_gated = self.appender.request_progress
+            self.upstream.append(stats)
+        m.gauge("upstream_connected", lambda: float(client.connected.is_set()))
+        m.gauge("upstream_connects", lambda: client.stats.connects)
+        m.gauge("upstream_disconnects", lambda: client.stats.disconnects)
+        m.gauge("upstream_resent", lambda: client.stats.resent)
+        m.gauge("upstream_refused", lambda: client.stats.refused)
+        m.gauge("upstream_in_flight", lambda: client.in_flight)
+        m.gauge("upstream_paced_seconds", lambda: sink.paced_seconds)
+        m.gauge("upstream_lag_seconds", lambda: self._upstream_lag_seconds)
+
+    async def _measure_upstream_lag(self) -> None:
+        """Seconds behind: the age of the oldest event an upstream consumer has not finished (its append time is
+        in its id), read from the log: a lag of hours has long left memory."""
+        oldest: int | None = None
+        for c in self.upstream:
+            if c.lag > 0:
+                events = await self.reader.read(c.done, 1)
+                if events:
+                    ms = event_ms(events[0].id)
+                    oldest = ms if oldest is None else min(oldest, ms)
+        self._upstream_lag_seconds = 0.0 if oldest is None else max(0.0, time.time() - oldest / 1000)
 
     # --- reload (SIGHUP) -------------------------------------------------------------------------------------------
 
@@ -420,6 +496,9 @@ class Gateway:
         self.notifier.ready(f"connecting to {self.cfg.mqtt.broker}")
         link = asyncio.create_task(self.client.run(), name="mqtt")
         links = [asyncio.create_task(p.run(), name=f"mqtt publisher {p.settings.client_id}") for p in self.publishers]
+        upstream_link = None
+        if self.upstream_client is not None:
+            upstream_link = asyncio.create_task(self.upstream_client.run(), name="mqtt upstream")
         if self.serial is not None:
             self.serial.start()
         log.info("gateway running: broker %s, data %s, influx %s, log at offset %d", self.cfg.mqtt.broker,
@@ -443,6 +522,9 @@ class Gateway:
             if not task.done():
                 await publisher.close(timeout=max(1.0, deadline * 0.1))
                 task.cancel()
+        if upstream_link is not None and self.upstream_client is not None and not upstream_link.done():
+            await self.upstream_client.close(timeout=max(1.0, deadline * 0.1))
+            upstream_link.cancel()
         self._write_status()  # the final word: what was appended and committed when we stopped
         if self.influx is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.influx.stop, 2.0)
@@ -472,12 +554,24 @@ class Gateway:
         await self.appender.close()
         if self.influx is not None:
             self.influx.hurry()
-        await asyncio.gather(*(c.drain() for c in self.consumers))
+        await asyncio.gather(*(c.drain() for c in self.consumers if c not in self.upstream),
+                             *(self._drain_upstream(c) for c in self.upstream))
         await self.appender.commit_progress()
         self._write_metrics_point()  # the last word of the self-metrics: what was done when we stopped
         if self.influx is not None:
             await self.influx.flush(timeout=2.0)
-        await asyncio.gather(self.client.close(), *(p.close() for p in self.publishers))
+        await asyncio.gather(self.client.close(), *(p.close() for p in self.publishers),
+                             *([self.upstream_client.close()] if self.upstream_client is not None else []))
+
+    async def _drain_upstream(self, consumer: Consumer) -> None:
+        """The WAN may be down at shutdown: the upstream link gets a few seconds to have what it sent acknowledged,
+        not the whole deadline. What is not acknowledged stays in the log, past the committed offset, for the next
+        start."""
+        try:
+            await asyncio.wait_for(consumer.drain(), UPSTREAM_DRAIN)
+        except (asyncio.TimeoutError, TimeoutError):
+            log.info("%s: not all acknowledged by the central broker within %.0fs; the rest is forwarded after the "
+                     "restart (duplicates possible)", consumer.name, UPSTREAM_DRAIN)
 
     async def _housekeeping(self) -> None:
         loop = asyncio.get_running_loop()
@@ -490,6 +584,8 @@ class Gateway:
                 # On the reader's thread: the writer's may be busy with a slow disk, and the budget must be known.
                 self._log_bytes = await loop.run_in_executor(self.reading, self.reader.size_bytes)
                 await loop.run_in_executor(self.storage, self.graph.refresh_if_changed)
+                if self.upstream:
+                    await self._measure_upstream_lag()
                 if now - last_metrics >= self.cfg.influx.metrics_interval:
                     last_metrics = now
                     self._write_metrics_point()
@@ -534,11 +630,24 @@ class Gateway:
             "consumers": {c.name: {"done": c.done, "committed": c.committed_offset, "lag": c.lag,
                                    "reading_back": c.behind} for c in self.consumers},
             "health_endpoint": self.health_address,
+            "upstream": self._upstream_status(),
             "healthy": self._problem() is None,
             "problem": self._problem(),
             "metrics": self.metrics.snapshot_counts(),
             "deadletter_reasons": dict(self.metrics.deadletter_reasons),
         }
+
+    def _upstream_status(self) -> dict[str, object] | None:
+        """The link in `gateway status` and /status; None when it is off. A WAN outage is not a problem of the
+        gateway's health (the log holds the events), so it shows here and in the metrics, not in /health."""
+        client = self.upstream_client
+        if client is None:
+            return None
+        return {"broker": client.address, "connected": client.connected.is_set(), "lag": self.upstream[0].lag,
+                "lag_seconds": round(self._upstream_lag_seconds, 3),
+                "stats_lag": self.upstream[1].lag if len(self.upstream) > 1 else 0,
+                "forwarded": self.metrics.get("upstream_forwarded"), "in_flight": client.in_flight,
+                "connects": client.stats.connects, "last_error": client.stats.last_error}
 
     def _problem(self) -> str | None:
         """Why the gateway is not healthy, or None."""

@@ -404,3 +404,77 @@ def vm_samples(server: Server, match: str, expect: int,
         if len(samples) >= expect or time.monotonic() > deadline:
             return sorted(samples, key=lambda s: (sorted(s[0].items()), s[1], s[2]))
         time.sleep(0.1)
+
+
+# --- NATS (a cluster with JetStream and its MQTT listener) ---------------------------------------------------------
+
+
+@dataclass(repr=False)
+class NatsNode(Server):
+    """One nats-server of a cluster. `port` is its MQTT listener (what the gateway dials); `monitor_port` answers
+    /healthz, which says ok once JetStream is up on this node."""
+
+    monitor_port: int = 0
+
+    def __repr__(self) -> str:
+        return f"<nats-server {self.name}: MQTT at {self.address}, data in {self.data_dir}>"
+
+    def launch(self) -> None:
+        """Start the process without waiting: a node's JetStream is ready only once a quorum of nodes runs."""
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        log.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        wait_for_http(f"http://127.0.0.1:{self.monitor_port}/healthz", timeout, self.proc)
+        wait_for_port(self.port, timeout, self.proc)
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.launch()
+        self.wait_ready(timeout)
+
+
+def start_cluster(nodes: list[NatsNode], timeout: float = 30.0) -> None:
+    for node in nodes:
+        node.launch()
+    for node in nodes:
+        node.wait_ready(timeout)
+
+
+def nats_cluster(base: Path, nodes: int = 3) -> list[NatsNode]:
+    """`nodes` nats-servers routed to each other, each with JetStream (its own store_dir) and an MQTT listener.
+
+    nats-server's MQTT keeps sessions, QoS 1 messages and retained messages in JetStream streams, so it needs
+    JetStream and a server_name; in a cluster those streams are replicated (up to 3), so one node can die without
+    losing them: `stream_replicas` is set, as the default follows the nodes that happen to be up when the streams
+    are made (2, seen on 2.9.10), and an R2 stream stops taking writes when one of its two nodes dies. Every listener is on loopback and a free port; nothing is shared with another test."""
+    exe = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    ports = [(free_port(), free_port(), free_port(), free_port()) for _ in range(nodes)]  # client, route, mqtt, http
+    out = []
+    for i, (client, route, mqtt, monitor) in enumerate(ports):
+        name = f"n{i + 1}"
+        data = base / f"nats-{name}"
+        (data / "jetstream").mkdir(parents=True, exist_ok=True)
+        routes = ", ".join(f"nats-route://127.0.0.1:{p[1]}" for j, p in enumerate(ports) if j != i)
+        conf = data / "nats.conf"
+        conf.write_text(f"""\
+server_name: {name}
+listen: 127.0.0.1:{client}
+http: 127.0.0.1:{monitor}
+jetstream {{
+  store_dir: "{data / 'jetstream'}"
+}}
+cluster {{
+  name: upstream-test
+  listen: 127.0.0.1:{route}
+  routes: [{routes}]
+}}
+mqtt {{
+  listen: 127.0.0.1:{mqtt}
+  stream_replicas: {min(3, nodes)}
+}}
+""")
+        out.append(NatsNode(f"nats-{name}", [exe, "-c", str(conf)], mqtt, data, data / "nats.log",
+                            env=dict(os.environ), monitor_port=monitor))
+    return out

@@ -70,10 +70,16 @@ class _Acks:
 
 
 class StatsSink:
-    name = "stats"
 
     def __init__(self, publisher: Publisher, read_counts: Callable[[set[str]], Awaitable[list[Counts]]],
-                 put_points: Callable[[Sequence[Point]], bool], interval: float, metrics: Metrics) -> None:
+                 put_points: Callable[[Sequence[Point]], bool], interval: float, metrics: Metrics, *,
+                 name: str = "stats", topic: Callable[[str], bytes] = stats_topic,
+                 counter: str = "stats_published") -> None:
+        """`name`, `topic` and `counter` differ for the upstream link's copy (gateway/sinks/upstream.py): the same
+        counts, to the central broker, at its own offset."""
+        self.name = name
+        self._topic = topic
+        self._counter = counter
         self._publisher = publisher
         self._read_counts = read_counts
         self._put_points = put_points
@@ -115,10 +121,10 @@ class StatsSink:
         acks = _Acks(done)
         for c in counts:
             acks.pending += 1
-            topic, body = stats_topic(c.event_id), stats_payload(c)
+            topic, body = self._topic(c.event_id), stats_payload(c)
             while not self._publisher.publish(topic, body, 1, True, acks):
                 await self._publisher.room()
-        self._metrics.inc("stats_published", len(counts))
+        self._metrics.inc(self._counter, len(counts))
         pts = points(counts, time.time_ns(), born)
         if pts:
             self._put_points(pts)

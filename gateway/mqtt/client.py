@@ -80,6 +80,10 @@ class Settings:
     subscriptions: tuple[str, ...] = ()
     status_topic: str = "gateway/status"  # retained online/offline and the will; "" for none
     connect_timeout: float = 10.0
+    # More addresses of the same service (the nodes of a cluster): after a failed attempt or a lost connection the
+    # next one in turn is tried, host:port first. What is in flight is sent again to whichever answers.
+    alternates: tuple[tuple[str, int], ...] = ()
+    send_maximum: int = 65535  # the most of our QoS 1 publishes unacknowledged, below the broker's own window
 
 
 @dataclass
@@ -88,6 +92,7 @@ class Stats:
     disconnects: int = 0
     connect_failures: int = 0
     resent: int = 0  # publishes sent again after a reconnect
+    refused: int = 0  # publishes the broker acknowledged with a failure reason (5.0), and so did not take
     oversize: int = 0  # publishes over the broker's maximum packet size, not sent
     last_error: str | None = None
     refused_subscriptions: list[str] = field(default_factory=list)
@@ -110,6 +115,8 @@ class MqttClient:
         self.version = pk.V311 if settings.protocol == "3.1.1" else pk.V5
         self._protocol: _Connection | None = None
         self._backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
+        self._addresses = [(settings.host, settings.port), *settings.alternates]
+        self._address = 0  # index in _addresses of the one tried now
         self._closing = False
         self._lost: asyncio.Future[None] | None = None
         # Our publishes awaiting PUBACK, in publish order: packet id -> [packet, tracker, connection it was sent
@@ -120,8 +127,9 @@ class MqttClient:
         self.window = 1  # the broker's Receive Maximum, from its CONNACK
         self._max_packet = pk.MAX_REMAINING_LENGTH + 5
         self._room: asyncio.Future[None] | None = None
-        # QoS 1 publishes beyond the broker's window: (topic, payload, retain, tracker), sent in order as it opens.
-        self._queue: deque[tuple[bytes, bytes, bool, Tracker | None]] = deque()
+        # QoS 1 publishes beyond the broker's window: (topic, payload, retain, tracker, properties), sent in order
+        # as it opens.
+        self._queue: deque[tuple[bytes, bytes, bool, Tracker | None, bytes]] = deque()
         self._queue_limit = queue_limit
         self._out: list[bytes] = []
         self._flush_scheduled = False
@@ -145,19 +153,26 @@ class MqttClient:
         """QoS 1 publishes waiting for room in the broker's window (or for the connection)."""
         return len(self._queue)
 
+    @property
+    def address(self) -> str:
+        """HOST:PORT of the broker connected to now (or tried next)."""
+        host, port = self._addresses[self._address]
+        return f"{host}:{port}"
+
     def publish(self, topic: bytes, payload: bytes, qos: int = 1, retain: bool = False,
-                tracker: Tracker | None = None) -> bool:
+                tracker: Tracker | None = None, properties: bytes = b"") -> bool:
         """Send a publish with this loop pass's write. QoS 1 beyond the broker's window waits in a bounded queue
         and goes out as PUBACKs make room, in the same callback that read them, so the window is refilled without
         a trip through the event loop; also while disconnected, until the reconnect. False (nothing taken) only
-        when that queue is full: wait for `room()`. QoS 0 publishes while disconnected are dropped."""
+        when that queue is full: wait for `room()`. QoS 0 publishes while disconnected are dropped. `properties`:
+        encoded MQTT 5 properties (packets.user_properties), left out on a 3.1.1 connection."""
         if qos:
             if self._queue or not self._ready or len(self._inflight) >= self.window:
                 if len(self._queue) >= self._queue_limit:
                     return False
-                self._queue.append((topic, payload, retain, tracker))
+                self._queue.append((topic, payload, retain, tracker, properties))
                 return True
-            self._send(topic, payload, retain, tracker)
+            self._send(topic, payload, retain, tracker, properties)
         elif self._ready:
             packet = pk.publish(topic, payload, 0, qos=0, retain=retain, version=self.version)
             if len(packet) > self._max_packet:
@@ -166,9 +181,11 @@ class MqttClient:
                 self._write(packet)
         return True
 
-    def _send(self, topic: bytes, payload: bytes, retain: bool, tracker: Tracker | None) -> None:
+    def _send(self, topic: bytes, payload: bytes, retain: bool, tracker: Tracker | None,
+              properties: bytes = b"") -> None:
         packet_id = self._allocate()
-        packet = pk.publish(topic, payload, packet_id, qos=1, retain=retain, version=self.version)
+        packet = pk.publish(topic, payload, packet_id, qos=1, retain=retain, version=self.version,
+                            properties=properties)
         if len(packet) > self._max_packet:
             self._oversize(topic, len(packet), tracker)
             return
@@ -213,6 +230,7 @@ class MqttClient:
         """Connect, and reconnect whenever the connection is lost, until `close()`."""
         self._loop = asyncio.get_running_loop()
         while not self._closing:
+            version = self.version
             try:
                 await self._connect()
             except (OSError, ConnectError, pk.ProtocolError, asyncio.TimeoutError, TimeoutError) as exc:
@@ -222,8 +240,10 @@ class MqttClient:
                 self.stats.connect_failures += 1
                 self.stats.last_error = str(exc) or type(exc).__name__
                 delay = self._backoff.next_delay()
-                log.warning("cannot connect to %s:%d (%s); retrying in %.1fs", self.settings.host,
-                            self.settings.port, self.stats.last_error, delay)
+                log.warning("cannot connect to %s (%s); retrying in %.1fs", self.address, self.stats.last_error,
+                            delay)
+                if self.version == version:  # the same address again when only the protocol version changed
+                    self._address = (self._address + 1) % len(self._addresses)
                 await self._sleep(delay)
                 continue
             assert self._lost is not None
@@ -235,11 +255,12 @@ class MqttClient:
             self.connected.clear()
             self.stats.disconnects += 1
             if self._closing:
-                log.info("disconnected from %s:%d (shutting down)", self.settings.host, self.settings.port)
+                log.info("disconnected from %s (shutting down)", self.address)
                 return
             delay = self._backoff.next_delay()
-            log.warning("connection to %s:%d lost (%s); reconnecting in %.1fs", self.settings.host,
-                        self.settings.port, self.stats.last_error, delay)
+            log.warning("connection to %s lost (%s); reconnecting in %.1fs", self.address,
+                        self.stats.last_error or "closed by the broker", delay)
+            self._address = (self._address + 1) % len(self._addresses)
             await self._sleep(delay)
 
     async def close(self, timeout: float = 5.0) -> None:
@@ -281,9 +302,10 @@ class MqttClient:
         self._connack = loop.create_future()
         self._lost = loop.create_future()
         timeout = s.connect_timeout
+        host, port = self._addresses[self._address]
         transport, protocol = await asyncio.wait_for(loop.create_connection(
-            lambda: _Connection(self, self.version), s.host, s.port, ssl=s.tls,
-            server_hostname=s.host if s.tls is not None else None), timeout)
+            lambda: _Connection(self, self.version), host, port, ssl=s.tls,
+            server_hostname=host if s.tls is not None else None), timeout)
         self._protocol = protocol
         self.connection_no += 1  # before any PUBLISH of this connection can arrive
         sock = transport.get_extra_info("socket")
@@ -299,14 +321,18 @@ class MqttClient:
         except ConnectError:
             if self.version == pk.V5 and s.protocol == "auto":
                 self.version = pk.V311  # a broker that knows only 3.1.1 refuses 5.0 or hangs up on it
-                log.info("broker at %s:%d does not speak MQTT 5; trying 3.1.1", s.host, s.port)
+                log.info("broker at %s does not speak MQTT 5; trying 3.1.1", self.address)
             raise
         if connack.reason != 0:
-            if s.protocol == "auto" and self.version == pk.V5 and connack.reason == pk.UNSUPPORTED_PROTOCOL_V5:
+            # A 5.0 broker says 0x84; a 3.1.1-only one answers with its own return code 0x01 (nats-server 2.9).
+            if s.protocol == "auto" and self.version == pk.V5 and connack.reason in (
+                    pk.UNSUPPORTED_PROTOCOL_V5, pk.UNACCEPTABLE_PROTOCOL_V311):
                 self.version = pk.V311
+                log.info("broker at %s speaks MQTT 3.1.1 only; trying 3.1.1", self.address)
             raise ConnectError(f"broker refused the connection: {pk.reason_text(connack.reason, self.version)}",
                                connack.reason)
         self.stats.connects += 1
+        self.stats.last_error = None  # a later loss must not show the reason of an earlier failure
         self._backoff.reset()
         if s.subscriptions:
             self._subscribed = loop.create_future()
@@ -321,7 +347,7 @@ class MqttClient:
             self.publish(s.status_topic.encode(), b"online", qos=1, retain=True) or self._publish_later(
                 s.status_topic.encode(), b"online")
         self.connected.set()
-        log.info("connected to %s:%d as %s (MQTT %s, session present: %s, broker window %d)", s.host, s.port,
+        log.info("connected to %s as %s (MQTT %s, session present: %s, broker window %d)", self.address,
                  s.client_id, "5" if self.version == pk.V5 else "3.1.1", connack.session_present, self.window)
         if self._on_connected is not None:
             self._on_connected(connack.session_present)
@@ -433,6 +459,7 @@ class MqttClient:
             if self._subscribed is not None and not self._subscribed.done():
                 self._subscribed.set_result(packet)
         elif isinstance(packet, pk.PubAck):
+            self.stats.refused += 1
             log.warning("broker refused publish %d: %s", packet.packet_id,
                         pk.reason_text(packet.reason, self.version))
         elif isinstance(packet, pk.Disconnect):
@@ -443,7 +470,7 @@ class MqttClient:
     def _accepted(self, connack: pk.ConnAck) -> None:
         """CONNACK accepted: from here on packets may be written. Done at once, not when `_connect` resumes, so
         that nothing received or published in between can go out of order."""
-        self.window = max(1, connack.receive_maximum)
+        self.window = max(1, min(connack.receive_maximum, self.settings.send_maximum))
         self._max_packet = connack.maximum_packet_size
         self._ready = True
         if self._paused and self._protocol is not None:

@@ -43,6 +43,7 @@ P_TOPIC_ALIAS_MAXIMUM = 0x22
 P_TOPIC_ALIAS = 0x23
 P_MAXIMUM_QOS = 0x24
 P_MAXIMUM_PACKET_SIZE = 0x27
+P_USER_PROPERTY = 0x26
 
 # How each property's value is laid out (2.2.2.2), so that unknown ones can be skipped.
 _BYTE, _TWO, _FOUR, _VARINT, _STRING, _BINARY, _PAIR = range(7)
@@ -137,6 +138,11 @@ def _properties(props: dict[int, int]) -> bytes:
     return varint(len(out)) + bytes(out)
 
 
+def user_properties(pairs: list[tuple[str, str]]) -> bytes:
+    """User Properties (3.3.2.3.7), encoded for `publish(properties=...)`: one name-value string pair each."""
+    return b"".join(bytes((P_USER_PROPERTY,)) + _string(name) + _string(value) for name, value in pairs)
+
+
 @dataclass(frozen=True)
 class Will:
     topic: str
@@ -187,16 +193,17 @@ def subscribe(packet_id: int, filters: list[str], qos: int = 1, version: int = V
 
 
 def publish(topic: bytes, payload: bytes, packet_id: int, *, qos: int = 1, retain: bool = False,
-            dup: bool = False, version: int = V5) -> bytes:
+            dup: bool = False, version: int = V5, properties: bytes = b"") -> bytes:
     """A PUBLISH packet. `topic` is the UTF-8 topic name, already encoded: the hot path encodes a follower's topic
-    once and may send many payloads to it. `packet_id` is ignored at QoS 0."""
+    once and may send many payloads to it. `packet_id` is ignored at QoS 0. `properties`: 5.0 properties, encoded
+    (`user_properties`); 3.1.1 has none, so they are left out there."""
     first = (PUBLISH << 4) | (qos << 1) | (0x08 if dup else 0) | (0x01 if retain else 0)
     if qos:
         head = struct.pack("!H", len(topic)) + topic + struct.pack("!H", packet_id)
     else:
         head = struct.pack("!H", len(topic)) + topic
     if version == V5:
-        head += b"\x00"
+        head += varint(len(properties)) + properties if properties else b"\x00"
     length = len(head) + len(payload)
     if length < 128:
         return bytes((first, length)) + head + payload

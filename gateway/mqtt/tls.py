@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import ssl
 
-from gateway.config import ConfigError, ConfigProblem, MqttConfig, tls_files
+from gateway.config import ConfigError, ConfigProblem, MqttConfig, UpstreamConfig, tls_files
 
 
-def tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
-    """The TLS context for `mqtt.tls`, or None without TLS. Raises ConfigError naming the setting when a file is
-    missing or unusable, so the daemon stops at start instead of retrying a connection that cannot work."""
+def tls_context(cfg: MqttConfig | UpstreamConfig, section: str = "mqtt") -> ssl.SSLContext | None:
+    """The TLS context for `mqtt.tls` (or `upstream.tls`), or None without TLS. Raises ConfigError naming the
+    setting when a file is missing or unusable, so the daemon stops at start instead of retrying a connection that
+    cannot work."""
     if not cfg.tls:
         return None
-    problems = tls_files(cfg)
+    problems = tls_files(cfg, section)
     if problems:
         raise ConfigError(problems)
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)  # verifies the chain and, by default, the name
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    setting, path = "mqtt.ca_file", cfg.ca_file
+    setting, path = f"{section}.ca_file", cfg.ca_file
     try:
         if cfg.ca_file:
             ctx.load_verify_locations(cafile=cfg.ca_file)
         if cfg.cert_file:
-            setting, path = "mqtt.cert_file", cfg.cert_file
+            setting, path = f"{section}.cert_file", cfg.cert_file
             ctx.load_cert_chain(cfg.cert_file, cfg.key_file or None)
     except (ssl.SSLError, ValueError) as exc:
         raise ConfigError([ConfigProblem(setting, path, f"cannot be used for TLS ({exc})")]) from None

@@ -50,6 +50,8 @@ COUNTERS = (
     "serial_resyncs",      # bytes discarded up to the next delimiter (every frame that did not decode)
     "serial_oversize",     # runs of bytes longer than a frame without a delimiter
     "serial_nacks",        # NACKs sent (damaged frame still naming its seq, or HELLO required)
+    "upstream_forwarded",  # messages (telemetry, alerts) the central broker acknowledged (upstream.enabled)
+    "upstream_stats_published",  # stats updates sent upstream (coalesced, as stats_published)
 )
 
 GAUGES = (
@@ -71,6 +73,16 @@ GAUGES = (
     "influx_lag",
     "stats_lag",
     "homeassistant_lag",   # (with homeassistant.enabled)
+    "upstream_lag",        # events appended that the upstream link has not had acknowledged (upstream.enabled)
+    "upstream_stats_lag",  # the same for its stats, which trail the feeds as stats_lag does
+    "upstream_lag_seconds",  # age of the oldest event the upstream link has not finished; 0 when it has all
+    "upstream_connected",  # 1 while the link to the central broker is up
+    "upstream_connects",   # its CONNACKs since the start (cumulative)
+    "upstream_disconnects",  # its connections lost (cumulative)
+    "upstream_resent",     # publishes sent again upstream after a reconnect: possible duplicates (cumulative)
+    "upstream_refused",    # publishes the central broker refused (PUBACK with a failure reason; cumulative)
+    "upstream_in_flight",  # publishes awaiting the central broker's PUBACK
+    "upstream_paced_seconds",  # time the link waited for its rate cap (cumulative)
     "log_lag",             # the largest consumer lag: what keeps the log from being trimmed
     "written",             # points InfluxDB accepted (cumulative)
     "retried",             # InfluxDB requests retried (cumulative)
@@ -83,7 +95,9 @@ GAUGES = (
 # Gauges read from another component's own counters: they only go up while the process runs, so a scraper should
 # treat them as counters (rates, resets at a restart).
 CUMULATIVE_GAUGES = frozenset({"mqtt_connects", "mqtt_disconnects", "mqtt_connect_failures", "mqtt_resent",
-                               "committed", "written", "retried", "write_dropped", "cpu_seconds"})
+                               "committed", "written", "retried", "write_dropped", "cpu_seconds",
+                               "upstream_connects", "upstream_disconnects", "upstream_resent", "upstream_refused",
+                               "upstream_paced_seconds"})
 
 # Upper bounds (ms) of the delivery latency histogram's buckets; the last, +Inf, is implied.
 LATENCY_BUCKETS_MS = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0)

@@ -27,8 +27,11 @@ def test_the_demo_moves_to_a_free_port_when_its_port_is_taken_and_says_so(tmp_pa
     env = {**os.environ, "DEMO_PORT": str(taken), "DEMO_DIR": str(demo_dir), "PYTHONUNBUFFERED": "1"}
     out = open(tmp_path / "demo.out", "wb")
     err = open(tmp_path / "demo.err", "wb")
+    # As from a terminal: Ctrl-C's signal at its default. A test run started in the background (nohup ... &, as a CI
+    # job may be) has SIGINT ignored, and a shell started with a signal ignored cannot trap it.
     demo = subprocess.Popen([str(REPO / "scripts" / "demo"), "--events", "200", "--devices", "2"], cwd=REPO,
-                            env=env, stdout=out, stderr=err, start_new_session=True)
+                            env=env, stdout=out, stderr=err, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         summary = demo_dir / "simulator-summary.json"
         deadline = time.monotonic() + 120

@@ -46,7 +46,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, every: f
 
 
 def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    """A gateway TOML config from {"section": {"key": value}} (numbers, strings and booleans only)."""
+    """A gateway TOML config from {"section": {"key": value}} (numbers, strings, booleans, lists of strings)."""
     lines: list[str] = []
     for name, values in sections.items():
         lines.append(f"[{name}]")
@@ -55,6 +55,8 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
                 lines.append(f"{key} = {'true' if value else 'false'}")
             elif isinstance(value, (int, float)):
                 lines.append(f"{key} = {value!r}")
+            elif isinstance(value, list):
+                lines.append(f"{key} = {json.dumps([str(v) for v in value])}")
             else:
                 lines.append(f"{key} = {json.dumps(str(value))}")
     path.write_text("\n".join(lines) + "\n")

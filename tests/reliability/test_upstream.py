@@ -224,7 +224,11 @@ def test_a_killed_nats_node_loses_nothing_the_link_forwarded(make_gateway, durab
         nodes[0].kill()  # SIGKILL, while the link has publishes in flight to it
         gw.wait_status(lambda s: s["upstream"]["connected"] and s["upstream"]["broker"] != nodes[0].address, 30)
         failed_over = upstream(gw)["broker"]
-        nodes[0].start()  # the same store_dir: it rejoins and catches its replicas up
+        # The same store_dir: it rejoins and catches its replicas up. Its /healthz turns ok only once every stream is
+        # current, which took over 30 s on a loaded CI machine (seen); the link is on another node meanwhile and
+        # nothing here waits for n1, so only its MQTT listener is waited for.
+        nodes[0].launch()
+        servers.wait_for_port(nodes[0].port, 30, nodes[0].proc)
         restarted = time.monotonic()
         # A JetStream consumer whose acknowledgements died with n1 redelivers them, unflagged (seen: 1 copy); its
         # window, max_ack_pending, is 1024 for nats-server's MQTT sessions.

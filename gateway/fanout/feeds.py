@@ -26,6 +26,7 @@ from gateway.event import KIND_INTERACTION, KIND_POST, KIND_TELEMETRY, Event, In
 from gateway.fanout import engagement
 from gateway.fanout.engagement import Plan
 from gateway.fanout.envelope import alert_topic, envelope, notice, notice_topic, quarantine_topic
+from gateway.mqtt.acks import AckedBatch
 from gateway.ops.metrics import Metrics
 
 EMPTY_PLAN = Plan()
@@ -40,27 +41,6 @@ class Publisher(Protocol):
     async def room(self) -> None: ...
 
 
-class _Batch:
-    """Counts a batch's publishes until the broker acknowledged each; then resolves with the batch's counts."""
-
-    __slots__ = ("future", "pending", "sealed", "result")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.future: asyncio.Future[Any] = loop.create_future()
-        self.pending = 0
-        self.sealed = False
-        self.result: Any = None
-
-    def acked(self) -> None:
-        self.pending -= 1
-        if self.pending == 0 and self.sealed and not self.future.done():
-            self.future.set_result(self.result)
-
-    def seal(self, result: Any) -> None:
-        self.sealed = True
-        self.result = result
-        if self.pending == 0 and not self.future.done():
-            self.future.set_result(result)
 
 
 class FeedsSink:
@@ -77,7 +57,7 @@ class FeedsSink:
         self._micros = micros_per_impression
 
     async def deliver(self, events: Sequence[Event]) -> asyncio.Future[Any]:
-        batch = _Batch(asyncio.get_running_loop())
+        batch = AckedBatch(asyncio.get_running_loop())
         publish = self._publisher.publish
         qos = self._qos
         followers_of = self._followers_of
@@ -159,13 +139,13 @@ class FeedsSink:
         batch.seal((impressions, revenue) if impressions else None)
         return batch.future
 
-    async def _send(self, topic: bytes, body: bytes, qos: int, batch: _Batch) -> None:
+    async def _send(self, topic: bytes, body: bytes, qos: int, batch: AckedBatch) -> None:
         batch.pending += 1
         if not self._publisher.publish(topic, body, qos, False, batch):
             batch.pending -= 1
             await self._publish_later(topic, body, qos, batch)
 
-    async def _publish_later(self, topic: bytes, body: bytes, qos: int, batch: _Batch) -> None:
+    async def _publish_later(self, topic: bytes, body: bytes, qos: int, batch: AckedBatch) -> None:
         """The broker's window is full: wait for its acknowledgements to make room."""
         while True:
             await self._publisher.room()

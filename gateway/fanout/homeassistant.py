@@ -29,6 +29,7 @@ from typing import Any, Callable, Protocol, Sequence
 from devices.profiles import ProfileIndex
 from gateway.event import Event, InTransaction, compact_json
 from gateway.fanout.ha_discovery import ANOMALY_OFF, ANOMALY_ON, NOT_FIELDS, Discovery, fields_of
+from gateway.mqtt.acks import AckedBatch
 from gateway.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -44,25 +45,6 @@ class Publisher(Protocol):
     async def room(self) -> None: ...
 
 
-class _Update:
-    """One coalesced update: done when the broker acknowledged every publish made for it and it was sealed."""
-
-    __slots__ = ("future", "pending", "sealed")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.future: asyncio.Future[Any] = loop.create_future()
-        self.pending = 0
-        self.sealed = False
-
-    def acked(self) -> None:
-        self.pending -= 1
-        if self.pending == 0 and self.sealed and not self.future.done():
-            self.future.set_result(None)
-
-    def seal(self) -> None:
-        self.sealed = True
-        if self.pending == 0 and not self.future.done():
-            self.future.set_result(None)
 
 
 class HomeAssistantSink:
@@ -81,7 +63,7 @@ class HomeAssistantSink:
         self._latest: dict[str, dict[str, Any]] = {}  # device id -> every field's latest value
         self._announced: dict[str, frozenset[str]] = {}  # device id -> the fields whose configs were published
         self._dirty: set[str] = set()
-        self._next: _Update | None = None  # the update that will carry what is dirty now
+        self._next: AckedBatch | None = None  # the update that will carry what is dirty now
         self._last = 0.0
 
     async def deliver(self, events: Sequence[Event]) -> asyncio.Future[Any]:
@@ -127,18 +109,18 @@ class HomeAssistantSink:
         self._announced.pop(device, None)
         self._dirty.discard(device)
 
-    def _pending(self) -> _Update:
+    def _pending(self) -> AckedBatch:
         if self._next is None:
-            self._next = _Update(asyncio.get_running_loop())
+            self._next = AckedBatch(asyncio.get_running_loop())
             asyncio.ensure_future(self._update(self._next))
         return self._next
 
-    async def _publish(self, topic: bytes, payload: bytes, update: _Update) -> None:
+    async def _publish(self, topic: bytes, payload: bytes, update: AckedBatch) -> None:
         update.pending += 1
         while not self._publisher.publish(topic, payload, 1, True, update):
             await self._publisher.room()
 
-    async def _update(self, update: _Update) -> None:
+    async def _update(self, update: AckedBatch) -> None:
         wait = self._interval - (time.monotonic() - self._last)
         if wait > 0:
             await asyncio.sleep(wait)  # whatever arrives meanwhile joins this update
@@ -162,7 +144,7 @@ class HomeAssistantSink:
             return
         update.seal()
 
-    async def _announce(self, device: str, values: dict[str, Any], update: _Update) -> int:
+    async def _announce(self, device: str, values: dict[str, Any], update: AckedBatch) -> int:
         """Publish the configs the device does not have yet: every field of its profile and every field it sent,
         and the first time, the anomaly binary sensor and its state. Returns how many configs were published."""
         announced = self._announced.get(device)

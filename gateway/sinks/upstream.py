@@ -27,6 +27,7 @@ from typing import Any, Protocol, Sequence
 from gateway.event import KIND_TELEMETRY, Event
 from gateway.fanout.envelope import envelope
 from gateway.mqtt import packets as pk
+from gateway.mqtt.acks import AckedBatch
 from gateway.ops.metrics import Metrics
 from gateway.ratelimit import TokenBucket
 
@@ -86,25 +87,6 @@ class Pacer:
         return wait
 
 
-class _Batch:
-    """Counts a batch's publishes until the central broker acknowledged each (a tracker of MqttClient)."""
-
-    __slots__ = ("future", "pending", "sealed")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.future: asyncio.Future[Any] = loop.create_future()
-        self.pending = 0
-        self.sealed = False
-
-    def acked(self) -> None:
-        self.pending -= 1
-        if self.pending == 0 and self.sealed and not self.future.done():
-            self.future.set_result(None)
-
-    def seal(self) -> None:
-        self.sealed = True
-        if self.pending == 0 and not self.future.done():
-            self.future.set_result(None)
 
 
 class UpstreamSink:
@@ -121,7 +103,7 @@ class UpstreamSink:
         self.paced_seconds = 0.0  # time spent waiting for the rate cap, since the start
 
     async def deliver(self, events: Sequence[Event]) -> asyncio.Future[Any] | None:
-        batch: _Batch | None = None
+        batch: AckedBatch | None = None
         sent = 0
         for event in events:
             if event.kind != KIND_TELEMETRY:
@@ -131,7 +113,7 @@ class UpstreamSink:
             if not (self._telemetry or alert):
                 continue
             if batch is None:
-                batch = _Batch(asyncio.get_running_loop())
+                batch = AckedBatch(asyncio.get_running_loop())
             body = envelope(event)
             props = pk.user_properties([(EVENT_ID_PROPERTY, event.id)])
             if self._telemetry:
@@ -148,7 +130,7 @@ class UpstreamSink:
         batch.seal()
         return batch.future
 
-    async def _publish(self, topic: bytes, body: bytes, props: bytes, batch: _Batch) -> None:
+    async def _publish(self, topic: bytes, body: bytes, props: bytes, batch: AckedBatch) -> None:
         link = self._link
         if not link.connected.is_set():
             await link.connected.wait()  # nothing piles up in memory while the WAN is down: the log holds it

@@ -486,33 +486,29 @@ def from_dict(doc: dict[str, Any]) -> Config:
 def _consistency(cfg: Config) -> list[ConfigProblem]:
     """Settings that are valid alone but not together. Fail closed: TLS files without `tls` would otherwise send
     the password in the clear to someone who believes the link is encrypted."""
-    problems = []
-    m = cfg.mqtt
-    if m.password and m.password_file:
-        problems.append(ConfigProblem("mqtt.password_file", m.password_file, "set `password` or `password_file`, "
-                                      "not both"))
-    if not m.tls:
-        for name in ("ca_file", "cert_file", "key_file", "tls_insecure"):
-            if getattr(m, name):
-                problems.append(ConfigProblem(f"mqtt.{name}", getattr(m, name), "needs mqtt.tls = true"))
-    if m.key_file and not m.cert_file:
-        problems.append(ConfigProblem("mqtt.key_file", m.key_file, "needs mqtt.cert_file"))
+    problems = _connection_problems(cfg.mqtt, "mqtt") + _connection_problems(cfg.upstream, "upstream")
     u = cfg.upstream
     if u.enabled and not u.brokers:
         problems.append(ConfigProblem("upstream.brokers", u.brokers, "needs at least one HOST:PORT when "
                                       "upstream.enabled"))
-    if u.password and u.password_file:
-        problems.append(ConfigProblem("upstream.password_file", u.password_file, "set `password` or "
-                                      "`password_file`, not both"))
-    if not u.tls:
-        for name in ("ca_file", "cert_file", "key_file", "tls_insecure"):
-            if getattr(u, name):
-                problems.append(ConfigProblem(f"upstream.{name}", getattr(u, name), "needs upstream.tls = true"))
-    if u.key_file and not u.cert_file:
-        problems.append(ConfigProblem("upstream.key_file", u.key_file, "needs upstream.cert_file"))
     if cfg.limits.per_source_burst and not cfg.limits.per_source_rate:
         problems.append(ConfigProblem("limits.per_source_burst", cfg.limits.per_source_burst,
                                       "needs limits.per_source_rate"))
+    return problems
+
+
+def _connection_problems(c: MqttConfig | UpstreamConfig, section: str) -> list[ConfigProblem]:
+    """A broker connection's password and TLS settings that contradict each other."""
+    problems = []
+    if c.password and c.password_file:
+        problems.append(ConfigProblem(f"{section}.password_file", c.password_file, "set `password` or "
+                                      "`password_file`, not both"))
+    if not c.tls:
+        for name in ("ca_file", "cert_file", "key_file", "tls_insecure"):
+            if getattr(c, name):
+                problems.append(ConfigProblem(f"{section}.{name}", getattr(c, name), f"needs {section}.tls = true"))
+    if c.key_file and not c.cert_file:
+        problems.append(ConfigProblem(f"{section}.key_file", c.key_file, f"needs {section}.cert_file"))
     return problems
 
 

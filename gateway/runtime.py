@@ -427,20 +427,19 @@ class Gateway:
 
     def _thresholds(self, cfg: Config) -> list[tuple[Any, dict[str, float | int]]]:
         """Each loaded model's thresholds under `cfg`: 0 in the config means the model's own value, as its
-        training script recorded it in the model's metadata."""
+        training script recorded it (the models keep those as `defaults`)."""
         out: list[tuple[Any, dict[str, float | int]]] = []
-        detector, content = self.filters.detector, self.filters.content
+        detector: Any = self.filters.detector
+        content: Any = self.filters.content
         if detector is not None:
-            meta = model_metadata(detector)
-            a = cfg.anomaly
-            out.append((detector, {"threshold": a.threshold or float(meta["threshold"]),
-                                   "start": a.episode_start or float(meta["episode_start"]),
-                                   "persist": a.episode_persist or int(meta["episode_persist"]),
-                                   "quiet": a.episode_quiet or int(meta["episode_quiet"])}))
+            a, own = cfg.anomaly, detector.defaults
+            out.append((detector, {"threshold": a.threshold or own.threshold, "start": a.episode_start or own.start,
+                                   "persist": a.episode_persist or own.persist,
+                                   "quiet": a.episode_quiet or own.quiet}))
         if content is not None:
-            meta = model_metadata(content)
-            mark = cfg.content.mark_threshold or float(meta["mark_threshold"])
-            block = cfg.content.block_threshold or float(meta["block_threshold"])
+            own_mark, own_block = content.defaults
+            mark = cfg.content.mark_threshold or own_mark
+            block = cfg.content.block_threshold or own_block
             if mark > block:
                 raise ValueError(f"content.mark_threshold {mark} is above content.block_threshold {block}")
             out.append((content, {"mark_threshold": mark, "block_threshold": block}))
@@ -708,11 +707,6 @@ def _settings(cfg: Config) -> dict[str, Any]:
         else:
             out[section] = values
     return out
-
-
-def model_metadata(model: Any) -> dict[str, str]:
-    """What the training script recorded in a loaded model (its session is the onnxruntime session)."""
-    return dict(model.session.get_modelmeta().custom_metadata_map)
 
 
 def reload_signal(gateway: Gateway, path: Path | None, overrides: dict[str, dict[str, Any]]) -> None:

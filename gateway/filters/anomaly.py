@@ -61,6 +61,7 @@ class AnomalyDetector:
         self.session: Any
         self.session, meta = open_session(model_path, intra_op_threads)
         self.name, self.version, self.classes, defaults = _read_metadata(meta, model_path)
+        self.defaults = defaults  # what 0 in the config means (a reload applies thresholds again)
         self.threshold = defaults.threshold if threshold is None else float(threshold)
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"threshold must be within (0, 1], got {self.threshold}")

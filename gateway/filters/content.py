@@ -113,6 +113,7 @@ class ContentClassifier:
         self.session: Any
         self.session, meta = open_session(model_path, intra_op_threads)
         self.name, self.version, default_mark, default_block = _read_metadata(meta, model_path)
+        self.defaults = (default_mark, default_block)  # what 0 in the config means (a reload applies them again)
         self.mark_threshold = default_mark if mark_threshold is None else float(mark_threshold)
         self.block_threshold = default_block if block_threshold is None else float(block_threshold)
         for field, value in (("mark_threshold", self.mark_threshold), ("block_threshold", self.block_threshold)):

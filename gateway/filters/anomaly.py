@@ -96,33 +96,52 @@ class AnomalyDetector:
         rows: list[tuple[float, ...]] = []
         row_item: list[int] = []
         row_field: list[str] = []
-        warming = [False] * len(items)
+        warming: set[int] = set()
+        series, series_of = self._series, self._series_of
+        # The per-value loop is the filter's hot path (about 60 % of its time is observe): the series lookup of
+        # _series_of is inlined for the common case, a series already known.
         for i, (source, fields, ts_ms) in enumerate(items):
             for name, value in _values(fields):
-                f = observe(self._series_of(source, name), value, ts_ms)
+                key = (source, name)
+                s = series.get(key)
+                if s is None:
+                    s = series_of(source, name)
+                else:
+                    series.move_to_end(key)
+                f = observe(s, value, ts_ms)
                 if f is None:
-                    warming[i] = True
+                    warming.add(i)
                 else:
                     rows.append(f)
                     row_item.append(i)
                     row_field.append(name)
-        best = [-1.0] * len(items)
-        best_class = [""] * len(items)
+        best: dict[int, tuple[float, int]] = {}  # item -> (highest P(anomaly), its row)
         flagged_fields: dict[int, dict[str, str]] = {}
         if rows:
             proba = np.asarray(self.session.run(["probabilities"], {self._input: np.array(rows, dtype=np.float32)})[0])
             p_anomaly = (1.0 - proba[:, self._normal]).tolist()
             kinds = self._anomaly_cols[np.argmax(proba[:, self._anomaly_cols], axis=1)].tolist()
             threshold, classes = self.threshold, self.classes
-            for r, p in enumerate(p_anomaly):
-                i = row_item[r]
-                if p > best[i]:
-                    best[i] = p
-                    best_class[i] = classes[kinds[r]]
+            for r, (i, p) in enumerate(zip(row_item, p_anomaly)):
+                b = best.get(i)
+                if b is None or p > b[0]:
+                    best[i] = (p, r)
                 if p >= threshold:
                     flagged_fields.setdefault(i, {})[row_field[r]] = classes[kinds[r]]
-        return [self._verdict(i, items[i][0], best[i], best_class[i], warming[i], flagged_fields.get(i))
-                for i in range(len(items))]
+        out: list[Verdict] = []
+        name, version, episodes = self.name, self.version, self._episodes
+        for i, item in enumerate(items):
+            b = best.get(i)
+            fields = flagged_fields.get(i)
+            source = item[0]
+            if b is not None and fields is None and source not in episodes:
+                # The common case: scored, nothing flagged, no episode open or pending for the device.
+                out.append(Verdict(name, version, round(b[0], 6), NORMAL, False, None))
+            elif b is None:
+                out.append(self._verdict(source, -1.0, "", i in warming, fields))
+            else:
+                out.append(self._verdict(source, b[0], self.classes[kinds[b[1]]], False, fields))
+        return out
 
     def warm(self, items: Sequence[tuple[str, Mapping[str, float], int, float | None]]) -> None:
         """Learn from readings scored before a restart, without scoring them again: every field's statistics and
@@ -147,7 +166,7 @@ class AnomalyDetector:
             series.move_to_end(key)
         return s
 
-    def _verdict(self, i: int, source: str, score: float, kind: str, warming: bool,
+    def _verdict(self, source: str, score: float, kind: str, warming: bool,
                  fields: dict[str, str] | None) -> Verdict:
         episode = self._episode(source, score if fields is not None else None)
         if score < 0:

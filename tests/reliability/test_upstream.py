@@ -1,6 +1,7 @@
 """The upstream link under WAN faults: the central broker frozen (SIGSTOP: a cut link, as the gateway sees it),
-stopped and started again, and a node of a 3-node nats-server cluster killed (SIGKILL) and restarted while the
-gateway forwards to it.
+stopped and started again, a node of a 3-node nats-server cluster killed (SIGKILL) and restarted while the
+gateway forwards to it, the gateway itself killed (SIGKILL) in the middle of forwarding, and an outage longer than
+the log's disk budget lasts.
 
 Each run publishes a known set of readings to the site's broker at a steady rate (every one acknowledged, so every
 one is in the gateway's log), injects its faults while the link forwards, and then asks from the far side: did every
@@ -137,7 +138,8 @@ def account(far: FarSide, load: Load, gw: GatewayProcess, name: str, fault_ended
     assert load.error is None and load.acknowledged == load.n, (load.error, load.acknowledged)
     expected = {load.key(k) for k in range(load.n)}
     wait_until(lambda: expected <= far.keys(), 60, f"{name}: every reading at the far side")
-    status = gw.wait_status(lambda s: s["metrics"]["appended"] >= load.n and s["upstream"]["lag"] == 0
+    # The log's offset, not the `appended` metric: it survives a restart of the gateway (metrics start at 0).
+    status = gw.wait_status(lambda s: s["log_offset"] >= load.n and s["upstream"]["lag"] == 0
                             and s["upstream"]["lag_seconds"] == 0, 60)
     caught_up = time.monotonic() - fault_ended
     with far._lock:
@@ -193,6 +195,78 @@ def test_a_frozen_and_a_restarted_central_mosquitto_lose_nothing(durable_mosquit
         figures = account(far, load, gw, "mosquitto: SIGSTOP/SIGCONT, then a restart", restarted)
         print(json.dumps({"lag_while_paused": paused_lag}))
         assert figures["link_connects"] >= 3
+        far.close()
+    finally:
+        central.kill()
+
+
+def test_a_gateway_killed_while_forwarding_resumes_from_its_committed_offset(durable_mosquitto, make_gateway,
+                                                                           tmp_path: Path):
+    """kill -9 while the link has publishes in flight: the restarted gateway forwards from the link's committed
+    offset. What the dead process had forwarded but not yet committed is sent again under the same event ids: at
+    most its window in flight plus what was finished since the last progress commit (consumers' progress rides
+    along with the log's commits once a second). A restart from the start of the log would send at least every
+    reading forwarded before the kill again, which is more than that."""
+    window, rate = 50, 300
+    may_repeat = window + 2 * rate  # the window and two progress intervals
+    site = durable_mosquitto
+    central = servers.mosquitto(tmp_path / "central")
+    central.start()
+    try:
+        gw = make_gateway(site.address, config={
+            "mqtt": {"reconnect_max": 1.0},
+            "upstream": {"enabled": True, "brokers": [central.address], "keepalive": KEEPALIVE,
+                         "max_inflight": window}})
+        gw.start()
+        far = FarSide(central.address, f"sites/{gw.client_id}/#")
+        gw.wait_status(lambda s: s["upstream"]["connected"])
+        load = Load(site.address, uid("kl") + "-", n=3000, rate=rate)
+        load.start()
+        gw.wait_status(lambda s: s["metrics"]["upstream_forwarded"] >= 1500)
+
+        gw.kill()  # SIGKILL: no progress committed on the way out, publishes in flight to the central broker
+        forwarded_before = len(far.keys())
+        assert may_repeat < forwarded_before < load.n, forwarded_before
+        gw.start()  # the site broker kept what arrived meanwhile in the gateway's session
+        restarted = time.monotonic()
+        # The restarted process counts only its own resends; what it forwards again after the kill is the part of
+        # the dead one's work it never committed.
+        figures = account(far, load, gw, "gateway SIGKILL while forwarding", restarted,
+                          unflagged_redeliveries=may_repeat)
+        assert figures["distinct"] == load.n
+        far.close()
+    finally:
+        central.kill()
+
+
+def test_an_outage_longer_than_the_disk_budget_holds_devices_back_and_loses_nothing(durable_mosquitto, make_gateway,
+                                                                                    tmp_path: Path):
+    """The central broker is unreachable until the log reaches `storage.max_log_bytes`, every reading in it still
+    owed to the link: the gateway stops acknowledging (the site broker keeps the rest in the gateway's session) and
+    says so; once the WAN is back the link drains the log, the log is trimmed behind it, and every reading arrives."""
+    site = durable_mosquitto
+    central = servers.mosquitto(tmp_path / "central")
+    central.start()
+    far = FarSide(central.address, "sites/#")  # a persistent session, so it is owed what arrives while it is away
+    central.stop()  # SIGTERM: the far side's session is saved; the WAN is down before the gateway starts
+    try:
+        gw = make_gateway(site.address, config={
+            "mqtt": {"reconnect_max": 1.0}, "storage": {"max_log_bytes": 1_500_000},
+            "upstream": {"enabled": True, "brokers": [central.address], "keepalive": KEEPALIVE}})
+        gw.start()
+        load = Load(site.address, uid("bg") + "-", n=8000, rate=800)
+        load.start()
+        gw.wait_status(lambda s: s["metrics"]["backpressure_waits"] >= 1, 40)
+        held = gw.metric("appended")
+        time.sleep(2.5)  # two rewrites of the status file
+        assert gw.metric("appended") == held, "nothing may be logged (nor acknowledged) over the disk budget"
+        assert held < load.n
+        assert "disk budget reached" in gw.output()
+        assert upstream(gw)["lag"] >= held  # every reading in the log is still owed to the link
+
+        central.start()
+        figures = account(far, load, gw, "WAN outage past the disk budget", time.monotonic())
+        assert figures["distinct"] == load.n
         far.close()
     finally:
         central.kill()

@@ -45,7 +45,8 @@ ACCOUNTS = {
     "alice": "user", "bob": "user", "carol": "user", "dave": "user", "fan": "user", "mallory": "user",
     "sim0001": "device", "sim0002": "device", "simfan": "user",
     "chk-0001": "device", "chk-0002": "device", "chk-0003": "device", "chk-fan": "user", "chk-slow": "user",
-    "chk-bad": "device", "chk-troll": "user",
+    "chk-bad": "device", "chk-troll": "user", "plug1": "device", "plug2": "device", "hall": "device",
+    "zigbee2mqtt": "service",
 }
 
 
@@ -63,8 +64,14 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Product
 def gateway(broker: servers.ProductionBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """The gateway over TLS (CA from make-certs, host name checked) with the service account, rate limits on."""
     base = tmp_path_factory.mktemp("isolation-gw")
+    profiles = base / "profiles"  # the shipped profile and the three dialects, as a user enables them
+    profiles.mkdir()
+    for profile in [*(servers.REPO / "devices" / "profiles").glob("*.toml"),
+                    *(servers.REPO / "devices" / "dialects").glob("*.toml")]:
+        shutil.copy(profile, profiles)
     config = base / "gateway.toml"
-    config.write_text(f'[mqtt]\nusername = "gateway"\npassword = "{broker.passwords["gateway"]}"\n'
+    config.write_text(f'profiles_dir = "{profiles}"\n'
+                      f'[mqtt]\nusername = "gateway"\npassword = "{broker.passwords["gateway"]}"\n'
                       f'tls = true\nca_file = "{broker.ca_file}"\npublish_connections = 1\n'
                       f"[limits]\nper_source_rate = {RATE}\nper_source_burst = {BURST}\n"
                       "[social]\nstats_interval_ms = 50\n[homeassistant]\nenabled = true\n")
@@ -265,6 +272,26 @@ def test_a_device_cannot_publish_as_another_device(broker, gateway, peers):
     assert fan.wait_for(lambda m: has(lambda p: "own" in p)(m) and has(lambda p: "genuine" in p)(m))
     assert not has(lambda p: "forged" in p)(fan.messages)
     assert fan.topics() <= {"feeds/fan/devices/dev-a/telemetry", "feeds/fan/devices/dev-b/telemetry"}
+
+
+def test_dialect_devices_speak_only_for_themselves_and_reach_the_gateway(broker, gateway, peers):
+    """deploy/mosquitto.acl's dialect lines: a Tasmota device and an ESPHome node publish under their own account's
+    name only, the zigbee2mqtt bridge's account for its devices, and the gateway reads all three."""
+    fan = peers("fan", "feeds/fan/#")
+    follow(gateway, fan, "devices/tasmota-plug1", "devices/tasmota-plug2", "devices/esphome-hall",
+           "devices/z2m-kitchen")
+    plug1, hall, bridge = peers("plug1"), peers("hall"), peers("zigbee2mqtt")
+    assert plug1.publish("tele/plug2/SENSOR", {"BME280": {"Temperature": 66.6}, "TempUnit": "C"}) == NOT_AUTHORIZED
+    assert plug1.publish("tele/plug1/SENSOR", {"BME280": {"Temperature": 21.5}, "TempUnit": "C"}) == 0
+    assert hall.publish("plug1/sensor/temperature/state", b"66.6") == NOT_AUTHORIZED
+    assert hall.publish("hall/sensor/temperature/state", b"19.25") == 0
+    assert plug1.publish("zigbee2mqtt/kitchen", {"temperature": 66.6}) == NOT_AUTHORIZED
+    assert bridge.publish("zigbee2mqtt/kitchen", {"temperature": 22.75}) == 0
+    assert fan.wait_for(lambda m: {t for t, _ in m} >= {"feeds/fan/devices/tasmota-plug1/telemetry",
+                                                         "feeds/fan/devices/esphome-hall/telemetry",
+                                                         "feeds/fan/devices/z2m-kitchen/telemetry"})
+    assert not any(66.6 in p.values() for p in fan.payloads())
+    assert "feeds/fan/devices/tasmota-plug2/telemetry" not in fan.topics()
 
 
 def test_no_one_can_forge_what_only_the_gateway_writes(broker, gateway, peers):

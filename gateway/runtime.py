@@ -149,8 +149,12 @@ def mqtt_settings(cfg: Config, dialect_topics: Sequence[str] = ()) -> Settings:
                     password=m.password, keepalive=m.keepalive, session_expiry=m.session_expiry,
                     receive_maximum=m.max_inflight, tls=tls_context(m), reconnect_min=m.reconnect_min,
                     reconnect_max=m.reconnect_max, status_topic=STATUS_TOPIC,
-                    subscriptions=(m.telemetry_topic, m.follows_topic, "users/+/posts", "users/+/interactions",
-                                   *dialect_topics))
+                    subscriptions=subscriptions(cfg, dialect_topics))
+
+
+def subscriptions(cfg: Config, dialect_topics: Sequence[str] = ()) -> tuple[str, ...]:
+    m = cfg.mqtt
+    return (m.telemetry_topic, m.follows_topic, "users/+/posts", "users/+/interactions", *dialect_topics)
 
 
 class Gateway:
@@ -186,6 +190,7 @@ class Gateway:
         self.consumers: list[Consumer] = []
         self.influx: InfluxSink | None = None
         self.homeassistant: HomeAssistantSink | None = None
+        self._resubscribing: asyncio.Future[None] | None = None
         self.serial: SerialSources | None = None
         self.upstream_client: MqttClient | None = None
         self.upstream: list[Consumer] = []  # the upstream link's consumers (events; stats)
@@ -412,10 +417,15 @@ class Gateway:
         if new.limits.deadletter_per_second != self.cfg.limits.deadletter_per_second:
             self._deadletter_bucket = TokenBucket(new.limits.deadletter_per_second)
         restart = sorted(changed - live - {"profiles_dir"})
-        # A new dialect's mapping applies at once, but the connection subscribes to topics when it connects.
-        new_topics = set(self.profiles.router.subscriptions) - set(self.client.settings.subscriptions)
-        if new_topics:
-            restart.append(f"device profile topics ({', '.join(sorted(new_topics))})")
+        # A dialect's profile added or removed: its topics are subscribed to (or dropped) on the live connection.
+        wanted = subscriptions(self.cfg, self.profiles.router.subscriptions)
+        held = self.client.settings.subscriptions
+        if wanted != held:
+            added = [t for t in wanted if t not in held]
+            dropped = [t for t in held if t not in wanted]
+            applied.append("subscriptions (" + ", ".join([*(f"+{t}" for t in added), *(f"-{t}" for t in dropped)])
+                           + ")")
+            self._resubscribing = asyncio.ensure_future(self._resubscribe(wanted, self._resubscribing))
         # The live settings take the new values; the others keep what this process runs with.
         a = new.anomaly
         self.cfg = dataclasses.replace(self.cfg, log=new.log, limits=new.limits, anomaly=dataclasses.replace(
@@ -424,6 +434,13 @@ class Gateway:
             content=dataclasses.replace(self.cfg.content, mark_threshold=new.content.mark_threshold,
                                         block_threshold=new.content.block_threshold), profiles_dir=new.profiles_dir)
         return applied, restart
+
+    async def _resubscribe(self, wanted: tuple[str, ...], previous: asyncio.Future[None] | None) -> None:
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])  # one change after the other, in the order of the SIGHUPs
+        refused = await self.client.resubscribe(wanted)
+        if refused:
+            log.error("SIGHUP: the broker refused the subscriptions %s (its ACL?)", ", ".join(refused))
 
     def _thresholds(self, cfg: Config) -> list[tuple[Any, dict[str, float | int]]]:
         """Each loaded model's thresholds under `cfg`: 0 in the config means the model's own value, as its

@@ -40,8 +40,8 @@ import socket
 import ssl
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Callable, Protocol, Sequence
 
 from gateway.backoff import Backoff
 from gateway.mqtt import packets as pk
@@ -136,6 +136,7 @@ class MqttClient:
         self._paused = False
         self._last_sent = self._last_received = time.monotonic()
         self._subscribed: asyncio.Future[pk.SubAck] | None = None
+        self._unsubscribed: asyncio.Future[pk.UnsubAck] | None = None
         self._connack: asyncio.Future[pk.ConnAck] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -352,6 +353,36 @@ class MqttClient:
         if self._on_connected is not None:
             self._on_connected(connack.session_present)
 
+    async def resubscribe(self, filters: Sequence[str]) -> list[str]:
+        """Subscribe to `filters` from now on instead of what the settings named: the new ones are subscribed to and
+        the dropped ones unsubscribed from on the live connection, and every later connect subscribes to the new
+        list. Returns the new filters the broker refused. Disconnected, or disconnected meanwhile: the next connect
+        subscribes to the new list, nothing else to do. One call at a time."""
+        old = self.settings.subscriptions
+        self.settings = replace(self.settings, subscriptions=tuple(filters))
+        added = [f for f in filters if f not in old]
+        dropped = [f for f in old if f not in filters]
+        if not self.connected.is_set():
+            return []
+        loop = asyncio.get_running_loop()
+        timeout = self.settings.connect_timeout
+        refused: list[str] = []
+        try:
+            if added:
+                self._subscribed = loop.create_future()
+                self._write(pk.subscribe(self._allocate_transient(), added, 1, self.version))
+                suback = await asyncio.wait_for(asyncio.shield(self._subscribed), timeout)
+                refused = [f for f, r in zip(added, suback.reasons) if r >= 0x80]
+                if refused:
+                    self.stats.refused_subscriptions = refused
+            if dropped:
+                self._unsubscribed = loop.create_future()
+                self._write(pk.unsubscribe(self._allocate_transient(), dropped, self.version))
+                await asyncio.wait_for(asyncio.shield(self._unsubscribed), timeout)
+        except ConnectError:
+            pass  # the reconnect subscribes to the new list
+        return refused
+
     def _publish_later(self, topic: bytes, payload: bytes) -> bool:
         async def later() -> None:
             await self.room()
@@ -458,6 +489,9 @@ class MqttClient:
         elif isinstance(packet, pk.SubAck):
             if self._subscribed is not None and not self._subscribed.done():
                 self._subscribed.set_result(packet)
+        elif isinstance(packet, pk.UnsubAck):
+            if self._unsubscribed is not None and not self._unsubscribed.done():
+                self._unsubscribed.set_result(packet)
         elif isinstance(packet, pk.PubAck):
             self.stats.refused += 1
             log.warning("broker refused publish %d: %s", packet.packet_id,
@@ -495,6 +529,8 @@ class MqttClient:
                 f"connection closed before CONNACK{f' ({exc})' if exc else ''}"))
         if self._subscribed is not None and not self._subscribed.done():
             self._subscribed.set_exception(ConnectError("connection closed before SUBACK"))
+        if self._unsubscribed is not None and not self._unsubscribed.done():
+            self._unsubscribed.set_exception(ConnectError("connection closed before UNSUBACK"))
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
         self.connected.clear()

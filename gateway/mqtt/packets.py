@@ -2,8 +2,8 @@
 
 Only the client side of the protocol, and only what a gateway that subscribes and publishes at QoS 0 and 1 needs:
 
-    sends     CONNECT, SUBSCRIBE, PUBLISH (QoS 0/1), PUBACK, PINGREQ, DISCONNECT
-    receives  CONNACK, SUBACK, PUBLISH (QoS 0/1), PUBACK, PINGRESP, DISCONNECT (5.0)
+    sends     CONNECT, SUBSCRIBE, UNSUBSCRIBE, PUBLISH (QoS 0/1), PUBACK, PINGREQ, DISCONNECT
+    receives  CONNACK, SUBACK, UNSUBACK, PUBLISH (QoS 0/1), PUBACK, PINGRESP, DISCONNECT (5.0)
 
 `Decoder.feed` takes the bytes of one socket read and returns every complete packet in them, so a read that carries
 a hundred PUBLISH packets is parsed in one call and handed on as one batch. PUBLISH packets come out as
@@ -192,6 +192,15 @@ def subscribe(packet_id: int, filters: list[str], qos: int = 1, version: int = V
     return _packet((SUBSCRIBE << 4) | 0x02, bytes(body))
 
 
+def unsubscribe(packet_id: int, filters: list[str], version: int = V5) -> bytes:
+    body = bytearray(struct.pack("!H", packet_id))
+    if version == V5:
+        body += b"\x00"
+    for topic_filter in filters:
+        body += _string(topic_filter)
+    return _packet((UNSUBSCRIBE << 4) | 0x02, bytes(body))
+
+
 def publish(topic: bytes, payload: bytes, packet_id: int, *, qos: int = 1, retain: bool = False,
             dup: bool = False, version: int = V5, properties: bytes = b"") -> bytes:
     """A PUBLISH packet. `topic` is the UTF-8 topic name, already encoded: the hot path encodes a follower's topic
@@ -253,6 +262,12 @@ class SubAck:
 
 
 @dataclass(frozen=True)
+class UnsubAck:
+    packet_id: int
+    reasons: tuple[int, ...]  # 5.0: per filter, 0 or 0x11 (no subscription existed) or a failure; 3.1.1: none
+
+
+@dataclass(frozen=True)
 class PubAck:
     packet_id: int
     reason: int = 0  # 0x10 "no matching subscribers" is a success too
@@ -269,7 +284,7 @@ class Disconnect:
     reason_string: str | None = None
 
 
-Control = Union[ConnAck, SubAck, PubAck, PingResp, Disconnect]
+Control = Union[ConnAck, SubAck, UnsubAck, PubAck, PingResp, Disconnect]
 Inbound = tuple[str, bytes, int]  # a PUBLISH: topic, payload, packet id (0 at QoS 0)
 
 
@@ -415,6 +430,14 @@ class Decoder:
                 props_len, i = _varint_at(body, 2)
                 i += props_len
             return SubAck(packet_id, tuple(body[i:]))
+        if kind == UNSUBACK:
+            if len(body) < 2:
+                raise ProtocolError("UNSUBACK shorter than 2 bytes")
+            i = 2
+            if v5 and len(body) > 2:
+                props_len, i = _varint_at(body, 2)
+                i += props_len
+            return UnsubAck((body[0] << 8) | body[1], tuple(body[i:]))
         if kind == PINGRESP:
             return PingResp()
         if kind == DISCONNECT and v5:

@@ -112,6 +112,15 @@ def test_a_3_1_1_stream_has_no_properties_to_skip():
     assert got.publishes == [("a/b", b"xyz", 3)]
 
 
+def test_unsubscribe_names_the_filters_and_the_unsuback_comes_back_with_its_reasons():
+    assert pk.unsubscribe(7, ["tele/+/SENSOR", "zigbee2mqtt/#"]) == (
+        b"\xa2\x21\x00\x07\x00" + b"\x00\x0dtele/+/SENSOR" + b"\x00\x0dzigbee2mqtt/#")
+    assert pk.unsubscribe(7, ["a/b"], version=pk.V311) == b"\xa2\x07\x00\x07\x00\x03a/b"
+    # 5.0: packet id, no properties, "success" and "no subscription existed"; 3.1.1: the packet id alone.
+    assert pk.Decoder().feed(b"\xb0\x05\x00\x07\x00\x00\x11").control == [pk.UnsubAck(7, (0x00, 0x11))]
+    assert pk.Decoder(pk.V311).feed(b"\xb0\x02\x00\x07").control == [pk.UnsubAck(7, ())]
+
+
 def test_a_disconnect_from_the_broker_says_why():
     reason_string = b"\x1f\x00\x05quota"
     got = pk.Decoder().feed(b"\xe0" + bytes([2 + len(reason_string)]) + b"\x97" + bytes([len(reason_string)])

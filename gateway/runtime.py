@@ -438,9 +438,7 @@ class Gateway:
     async def _resubscribe(self, wanted: tuple[str, ...], previous: asyncio.Future[None] | None) -> None:
         if previous is not None and not previous.done():
             await asyncio.wait([previous])  # one change after the other, in the order of the SIGHUPs
-        refused = await self.client.resubscribe(wanted)
-        if refused:
-            log.error("SIGHUP: the broker refused the subscriptions %s (its ACL?)", ", ".join(refused))
+        await self.client.resubscribe(wanted)  # a refusal (the broker's ACL) is logged by the client
 
     def _thresholds(self, cfg: Config) -> list[tuple[Any, dict[str, float | int]]]:
         """Each loaded model's thresholds under `cfg`: 0 in the config means the model's own value, as its

@@ -336,14 +336,7 @@ class MqttClient:
         self.stats.last_error = None  # a later loss must not show the reason of an earlier failure
         self._backoff.reset()
         if s.subscriptions:
-            self._subscribed = loop.create_future()
-            self._write(pk.subscribe(self._allocate_transient(), list(s.subscriptions), 1, self.version))
-            suback = await asyncio.wait_for(asyncio.shield(self._subscribed), timeout)
-            refused = [f for f, r in zip(s.subscriptions, suback.reasons) if r >= 0x80]
-            if refused:
-                self.stats.refused_subscriptions = refused
-                log.error("broker refused the subscriptions %s (%s)", refused,
-                          ", ".join(pk.reason_text(r, self.version) for r in suback.reasons if r >= 0x80))
+            await self._subscribe(s.subscriptions, timeout)
         if s.status_topic:
             self.publish(s.status_topic.encode(), b"online", qos=1, retain=True) or self._publish_later(
                 s.status_topic.encode(), b"online")
@@ -364,23 +357,29 @@ class MqttClient:
         dropped = [f for f in old if f not in filters]
         if not self.connected.is_set():
             return []
-        loop = asyncio.get_running_loop()
         timeout = self.settings.connect_timeout
         refused: list[str] = []
         try:
             if added:
-                self._subscribed = loop.create_future()
-                self._write(pk.subscribe(self._allocate_transient(), added, 1, self.version))
-                suback = await asyncio.wait_for(asyncio.shield(self._subscribed), timeout)
-                refused = [f for f, r in zip(added, suback.reasons) if r >= 0x80]
-                if refused:
-                    self.stats.refused_subscriptions = refused
+                refused = await self._subscribe(added, timeout)
             if dropped:
-                self._unsubscribed = loop.create_future()
+                self._unsubscribed = asyncio.get_running_loop().create_future()
                 self._write(pk.unsubscribe(self._allocate_transient(), dropped, self.version))
                 await asyncio.wait_for(asyncio.shield(self._unsubscribed), timeout)
         except ConnectError:
             pass  # the reconnect subscribes to the new list
+        return refused
+
+    async def _subscribe(self, filters: Sequence[str], timeout: float) -> list[str]:
+        """SUBSCRIBE at QoS 1 and wait for the SUBACK; returns the filters the broker refused (and logs them)."""
+        self._subscribed = asyncio.get_running_loop().create_future()
+        self._write(pk.subscribe(self._allocate_transient(), list(filters), 1, self.version))
+        suback = await asyncio.wait_for(asyncio.shield(self._subscribed), timeout)
+        refused = [f for f, r in zip(filters, suback.reasons) if r >= 0x80]
+        if refused:
+            self.stats.refused_subscriptions = refused
+            log.error("broker refused the subscriptions %s (%s)", refused,
+                      ", ".join(pk.reason_text(r, self.version) for r in suback.reasons if r >= 0x80))
         return refused
 
     def _publish_later(self, topic: bytes, payload: bytes) -> bool:

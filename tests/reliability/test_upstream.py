@@ -18,7 +18,7 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -167,41 +167,50 @@ def account(far: FarSide, load: Load, gw: GatewayProcess, name: str, fault_ended
     return figures
 
 
-def test_a_frozen_and_a_restarted_central_mosquitto_lose_nothing(durable_mosquitto, make_gateway, tmp_path: Path):
+@pytest.fixture
+def central(tmp_path: Path) -> Iterator[servers.Server]:
+    """The central broker at the far end of the WAN: a mosquitto of its own, killed (by its PID) at the end."""
+    server = servers.mosquitto(tmp_path / "central")
+    server.start()
+    yield server
+    server.kill()
+
+
+def linked(make_gateway: Any, site: servers.Server, central: servers.Server, storage: dict[str, Any] | None = None,
+           **upstream: Any) -> GatewayProcess:
+    """A gateway on the site's broker whose upstream link goes to `central`; not started."""
+    return make_gateway(site.address, config={
+        "mqtt": {"reconnect_max": 1.0}, "storage": storage or {},
+        "upstream": {"enabled": True, "brokers": [central.address], "keepalive": KEEPALIVE, **upstream}})
+
+
+def test_a_frozen_and_a_restarted_central_mosquitto_lose_nothing(durable_mosquitto, central, make_gateway):
     site = durable_mosquitto
-    central = servers.mosquitto(tmp_path / "central")
+    gw = linked(make_gateway, site, central).start()
+    far = FarSide(central.address, f"sites/{gw.client_id}/#")
+    gw.wait_status(lambda s: s["upstream"]["connected"])
+    load = Load(site.address, uid("up") + "-", n=4000, rate=400)
+    load.start()
+    gw.wait_status(lambda s: s["metrics"]["upstream_forwarded"] >= 300)
+
+    central.pause()  # SIGSTOP: the WAN is cut, as far as the gateway can tell
+    gw.wait_status(lambda s: not s["upstream"]["connected"] and s["upstream"]["lag"] >= 400, 20)
+    paused_lag = upstream(gw)
+    central.resume()
+    gw.wait_status(lambda s: s["upstream"]["connected"] and s["upstream"]["lag"] < 200, 60)
+
+    central.stop()  # SIGTERM: mosquitto saves the far side's session and queue, and comes back with them
+    gw.wait_status(lambda s: not s["upstream"]["connected"], 20)
     central.start()
-    try:
-        gw = make_gateway(site.address, config={
-            "mqtt": {"reconnect_max": 1.0},
-            "upstream": {"enabled": True, "brokers": [central.address], "keepalive": KEEPALIVE}})
-        gw.start()
-        far = FarSide(central.address, f"sites/{gw.client_id}/#")
-        gw.wait_status(lambda s: s["upstream"]["connected"])
-        load = Load(site.address, uid("up") + "-", n=4000, rate=400)
-        load.start()
-        gw.wait_status(lambda s: s["metrics"]["upstream_forwarded"] >= 300)
-
-        central.pause()  # SIGSTOP: the WAN is cut, as far as the gateway can tell
-        gw.wait_status(lambda s: not s["upstream"]["connected"] and s["upstream"]["lag"] >= 400, 20)
-        paused_lag = upstream(gw)
-        central.resume()
-        gw.wait_status(lambda s: s["upstream"]["connected"] and s["upstream"]["lag"] < 200, 60)
-
-        central.stop()  # SIGTERM: mosquitto saves the far side's session and queue, and comes back with them
-        gw.wait_status(lambda s: not s["upstream"]["connected"], 20)
-        central.start()
-        restarted = time.monotonic()
-        figures = account(far, load, gw, "mosquitto: SIGSTOP/SIGCONT, then a restart", restarted)
-        print(json.dumps({"lag_while_paused": paused_lag}))
-        assert figures["link_connects"] >= 3
-        far.close()
-    finally:
-        central.kill()
+    restarted = time.monotonic()
+    figures = account(far, load, gw, "mosquitto: SIGSTOP/SIGCONT, then a restart", restarted)
+    print(json.dumps({"lag_while_paused": paused_lag}))
+    assert figures["link_connects"] >= 3
+    far.close()
 
 
-def test_a_gateway_killed_while_forwarding_resumes_from_its_committed_offset(durable_mosquitto, make_gateway,
-                                                                           tmp_path: Path):
+def test_a_gateway_killed_while_forwarding_resumes_from_its_committed_offset(durable_mosquitto, central,
+                                                                           make_gateway):
     """kill -9 while the link has publishes in flight: the restarted gateway forwards from the link's committed
     offset. What the dead process had forwarded but not yet committed is sent again under the same event ids: at
     most its window in flight plus what was finished since the last progress commit (consumers' progress rides
@@ -210,66 +219,48 @@ def test_a_gateway_killed_while_forwarding_resumes_from_its_committed_offset(dur
     window, rate = 50, 300
     may_repeat = window + 2 * rate  # the window and two progress intervals
     site = durable_mosquitto
-    central = servers.mosquitto(tmp_path / "central")
-    central.start()
-    try:
-        gw = make_gateway(site.address, config={
-            "mqtt": {"reconnect_max": 1.0},
-            "upstream": {"enabled": True, "brokers": [central.address], "keepalive": KEEPALIVE,
-                         "max_inflight": window}})
-        gw.start()
-        far = FarSide(central.address, f"sites/{gw.client_id}/#")
-        gw.wait_status(lambda s: s["upstream"]["connected"])
-        load = Load(site.address, uid("kl") + "-", n=3000, rate=rate)
-        load.start()
-        gw.wait_status(lambda s: s["metrics"]["upstream_forwarded"] >= 1500)
+    gw = linked(make_gateway, site, central, max_inflight=window).start()
+    far = FarSide(central.address, f"sites/{gw.client_id}/#")
+    gw.wait_status(lambda s: s["upstream"]["connected"])
+    load = Load(site.address, uid("kl") + "-", n=3000, rate=rate)
+    load.start()
+    gw.wait_status(lambda s: s["metrics"]["upstream_forwarded"] >= 1500)
 
-        gw.kill()  # SIGKILL: no progress committed on the way out, publishes in flight to the central broker
-        forwarded_before = len(far.keys())
-        assert may_repeat < forwarded_before < load.n, forwarded_before
-        gw.start()  # the site broker kept what arrived meanwhile in the gateway's session
-        restarted = time.monotonic()
-        # The restarted process counts only its own resends; what it forwards again after the kill is the part of
-        # the dead one's work it never committed.
-        figures = account(far, load, gw, "gateway SIGKILL while forwarding", restarted,
-                          unflagged_redeliveries=may_repeat)
-        assert figures["distinct"] == load.n
-        far.close()
-    finally:
-        central.kill()
+    gw.kill()  # SIGKILL: no progress committed on the way out, publishes in flight to the central broker
+    forwarded_before = len(far.keys())
+    assert may_repeat < forwarded_before < load.n, forwarded_before
+    gw.start()  # the site broker kept what arrived meanwhile in the gateway's session
+    restarted = time.monotonic()
+    # The restarted process counts only its own resends; what it forwards again after the kill is the part of
+    # the dead one's work it never committed.
+    figures = account(far, load, gw, "gateway SIGKILL while forwarding", restarted, unflagged_redeliveries=may_repeat)
+    assert figures["distinct"] == load.n
+    far.close()
 
 
-def test_an_outage_longer_than_the_disk_budget_holds_devices_back_and_loses_nothing(durable_mosquitto, make_gateway,
-                                                                                    tmp_path: Path):
+def test_an_outage_longer_than_the_disk_budget_holds_devices_back_and_loses_nothing(durable_mosquitto, central,
+                                                                                    make_gateway):
     """The central broker is unreachable until the log reaches `storage.max_log_bytes`, every reading in it still
     owed to the link: the gateway stops acknowledging (the site broker keeps the rest in the gateway's session) and
     says so; once the WAN is back the link drains the log, the log is trimmed behind it, and every reading arrives."""
     site = durable_mosquitto
-    central = servers.mosquitto(tmp_path / "central")
-    central.start()
     far = FarSide(central.address, "sites/#")  # a persistent session, so it is owed what arrives while it is away
     central.stop()  # SIGTERM: the far side's session is saved; the WAN is down before the gateway starts
-    try:
-        gw = make_gateway(site.address, config={
-            "mqtt": {"reconnect_max": 1.0}, "storage": {"max_log_bytes": 1_500_000},
-            "upstream": {"enabled": True, "brokers": [central.address], "keepalive": KEEPALIVE}})
-        gw.start()
-        load = Load(site.address, uid("bg") + "-", n=8000, rate=800)
-        load.start()
-        gw.wait_status(lambda s: s["metrics"]["backpressure_waits"] >= 1, 40)
-        held = gw.metric("appended")
-        time.sleep(2.5)  # two rewrites of the status file
-        assert gw.metric("appended") == held, "nothing may be logged (nor acknowledged) over the disk budget"
-        assert held < load.n
-        assert "disk budget reached" in gw.output()
-        assert upstream(gw)["lag"] >= held  # every reading in the log is still owed to the link
+    gw = linked(make_gateway, site, central, storage={"max_log_bytes": 1_500_000}).start()
+    load = Load(site.address, uid("bg") + "-", n=8000, rate=800)
+    load.start()
+    gw.wait_status(lambda s: s["metrics"]["backpressure_waits"] >= 1, 40)
+    held = gw.metric("appended")
+    time.sleep(2.5)  # two rewrites of the status file
+    assert gw.metric("appended") == held, "nothing may be logged (nor acknowledged) over the disk budget"
+    assert held < load.n
+    assert "disk budget reached" in gw.output()
+    assert upstream(gw)["lag"] >= held  # every reading in the log is still owed to the link
 
-        central.start()
-        figures = account(far, load, gw, "WAN outage past the disk budget", time.monotonic())
-        assert figures["distinct"] == load.n
-        far.close()
-    finally:
-        central.kill()
+    central.start()
+    figures = account(far, load, gw, "WAN outage past the disk budget", time.monotonic())
+    assert figures["distinct"] == load.n
+    far.close()
 
 
 def test_a_killed_nats_node_loses_nothing_the_link_forwarded(make_gateway, durable_mosquitto, tmp_path: Path):

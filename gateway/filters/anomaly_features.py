@@ -9,7 +9,10 @@ Each series (a field of a device) keeps a few running statistics, updated in O(1
     level, spread       exponentially weighted mean and variance of the value (a memory of about SLOW values)
     fast mean           the same with a memory of about FAST values: a drift walks it away from the level
     noise               exponentially weighted |step| between consecutive values, slow and fast
-    repeats, zeros      how often the series repeats its last value, or reads exactly 0.0, when normal
+    repeats, zeros      how often the series repeats its last value, or reads exactly 0.0, over all its values:
+                        a counter that idles at 0.0 between bursts or a reading quantised to a few levels repeats
+                        and reads 0.0 as a matter of routine, and must learn so, while a stuck sensor or a dropout
+                        still stands out by the length of its run
     tails               its own 99th percentile of |deviation| and of |step|: real series are heavy-tailed, and a
                         deviation that is routine for one is an alarm for another
     daily profile       the mean and spread per hour of the day, once the series' timestamps span two days (load,
@@ -18,11 +21,11 @@ Each series (a field of a device) keeps a few running statistics, updated in O(1
 
 A value is scored against the statistics as they were before it arrived; then it updates them. A value that looks
 anomalous by itself (far off the level, a 0.0 where zeros are rare, a run of repeats where repeats are rare) does not
-teach them, so an anomaly cannot make itself normal and its aftermath is judged against the history before it; a
-value that keeps looking like that for HOLD values in a row is the new normal (a sensor moved, a set-point changed)
-and is learned from then on. Every feature is scale-free (deviations in the series' own spread or noise, rates
-against the series' own rates), which is what lets one model score fields it never saw. A series is "warming" (not
-scored) for its first WARMUP values.
+teach the level, spread, noise and fast mean (it still counts in the repeat and zero rates), so an anomaly cannot
+make itself normal and its aftermath is judged against the history before it; a value that keeps looking like that
+for HOLD values in a row is the new normal (a sensor moved, a set-point changed) and is learned from then on. Every
+feature is scale-free (deviations in the series' own spread or noise, rates against the series' own rates), which is
+what lets one model score fields it never saw. A series is "warming" (not scored) for its first WARMUP values.
 
 About 3 us of Python per value; the state is a few floats per series, plus 72 once a daily profile starts.
 """
@@ -39,9 +42,9 @@ FEATURE_NAMES: tuple[str, ...] = (
     "noise_ratio",  # log(fast noise / slow noise): a burst of extra noise
     "roughness",  # log(spread / noise): how much the series moves slowly besides its sample noise
     "repeat_run",  # log(1 + how many times in a row the value repeated exactly)
-    "repeat_rarity",  # repeats in a row x how rarely this series repeats a value when normal
+    "repeat_rarity",  # repeats in a row x how rarely this series repeats a value
     "is_zero",  # the value is exactly 0.0
-    "zero_rarity",  # is_zero x how rarely this series reads 0.0 when normal
+    "zero_rarity",  # is_zero x how rarely this series reads 0.0
     "zero_distance",  # |level| / spread: how far normal is from 0 (a 0.0 far from it is a dropout)
     "z_daily",  # (value - this hour's mean) / this hour's spread; 0 until the daily profile is learned
     "daily_known",  # 1 once the hour of this value has a learned profile
@@ -195,8 +198,12 @@ def observe(s: Series, x: float, ts_ms: int) -> tuple[float, ...] | None:
         du = abs(u - last)
         s.noise += _A_SLOW * (du - s.noise)
         s.noise_fast += _A_FAST * (du - s.noise_fast)
-        s.repeat_rate += _A_SLOW * ((1.0 if repeat else 0.0) - s.repeat_rate)
-        s.zero_rate += _A_SLOW * (zero - s.zero_rate)
+    # Every value teaches the rates of repeats and zeros: learned only from values deemed normal, a series whose
+    # zeros or repeats are frequent but scattered never learned that they are routine for it (each one looked
+    # suspect), and flagged every one of them. A long run still stands out: repeat_run grows with it (repeat_rarity
+    # peaks about SLOW / 2 values in, as the run itself teaches the rate).
+    s.repeat_rate += _A_SLOW * ((1.0 if repeat else 0.0) - s.repeat_rate)
+    s.zero_rate += _A_SLOW * (zero - s.zero_rate)
     if n >= WARMUP // 2:
         s.tail_level += _TAIL_STEP * ((1.0 if az > tail_level else 0.0) - TAIL_P)
         s.tail_step += _TAIL_STEP * ((1.0 if az_step > tail_step else 0.0) - TAIL_P)

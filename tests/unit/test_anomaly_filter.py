@@ -54,7 +54,7 @@ def episodes(verdicts: list[Verdict]) -> list[str]:
 def test_the_verdict_names_the_model_and_version_from_the_model_metadata(detector):
     verdicts = stream(detector, DeviceSignal("pump-0001", 1, "water"), 40)
     assert {(v.model, v.version) for v in verdicts} == {(META["name"], META["version"])}
-    assert (META["name"], META["version"]) == ("sensor-anomaly", "2.2.0")
+    assert (META["name"], META["version"]) == ("sensor-anomaly", "2.3.0")
     assert detector.threshold == float(META["threshold"])
     assert detector.start == float(META["episode_start"])
     assert detector.persist == int(META["episode_persist"])
@@ -107,6 +107,18 @@ def test_a_reading_far_off_its_series_normal_is_flagged_as_a_spike(spread, sprea
     verdicts = detector.score([("devices/x", {"temperature": v, "humidity": 40.0 + rng.gauss(0, 1)}, 60_000 * i)
                                for i, v in enumerate(values)])
     assert verdicts[-1].flagged and verdicts[-1].detail["fields"] == {"temperature": "spike"}
+
+
+@pytest.mark.xfail(strict=True, reason="2.3.0 misses a huge spike while the spread is still inflated by a first "
+                   "value far off the series' normal (MODEL_CARD.md, Known limits); 2.2.0 flagged it")
+def test_a_huge_spike_in_a_young_series_that_started_far_off_is_flagged():
+    """A first reading 30 spreads off what follows, then a calm series, then a reading 1000 spreads off, 36 values
+    after warm-up: the running spread is still inflated by the start. A spike of 100 spreads is flagged there."""
+    detector = AnomalyDetector(MODEL)
+    rng = random.Random(0)
+    values = [23.0] + [round(20.0 + rng.gauss(0, 0.1), 2) for _ in range(60)] + [120.0]
+    verdicts = detector.score([("devices/x", {"temperature": v}, 1_000 * i) for i, v in enumerate(values)])
+    assert verdicts[-1].flagged
 
 
 def test_a_flagged_verdict_lists_only_the_flagged_fields(detector):

@@ -7,8 +7,11 @@
                                                                                               + episodes per device
 
 A reading's score is the highest anomaly probability among its fields; it is flagged at the threshold, labelled
-with the most likely anomaly type of that field, and `detail.fields` names every flagged field with its type. A
-series is scored from its WARMUP-th value on; a reading none of whose fields is scored yet is labelled "warming".
+with the most likely anomaly type of that field, and `detail.fields` names every flagged field with its type. A value
+far off its series both in spreads and against the series' own 99th percentile of deviation (the spike guard,
+anomaly_features.is_wild) is a `spike` with P(anomaly) 1.0 whatever the network says: the network is not monotone
+in the size of a spike, and a reading a million spreads off must be flagged. A series is scored from its WARMUP-th
+value on; a reading none of whose fields is scored yet is labelled "warming".
 
 Alerts are episodes, not readings: per device, after a quiet spell, a flagged reading scoring at least `start`
 starts an episode at once (`detail.episode = "start"`); one scoring less starts it only as the `persist`-th flagged
@@ -33,10 +36,11 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from gateway.event import Verdict
-from gateway.filters.anomaly_features import FEATURE_NAMES, WARMUP, Series, observe
+from gateway.filters.anomaly_features import FEATURE_NAMES, WARMUP, Series, is_wild, observe
 from gateway.filters.onnx_session import open_session
 
 NORMAL = "normal"
+SPIKE = "spike"  # the label of a value the spike guard flags (anomaly_features.is_wild)
 WARMING = "warming"
 START, END = "start", "end"
 
@@ -79,6 +83,9 @@ class AnomalyDetector:
             raise ModelMetadataError(f"{model_path}: no 'probabilities' output (export with zipmap disabled)")
         self._normal = self.classes.index(NORMAL)
         self._anomaly_cols = np.array([i for i, c in enumerate(self.classes) if c != NORMAL])
+        if SPIKE not in self.classes:
+            raise ModelMetadataError(f"{model_path}: classes {self.classes} lack {SPIKE!r} (the spike guard's label)")
+        self._spike = self.classes.index(SPIKE)
         self.max_series = max_series
         self._series: OrderedDict[tuple[str, str], Series] = OrderedDict()
         # source -> [readings so far, open]: open, the unflagged readings in a row since the last flagged one;
@@ -121,6 +128,10 @@ class AnomalyDetector:
             proba = np.asarray(self.session.run(["probabilities"], {self._input: np.array(rows, dtype=np.float32)})[0])
             p_anomaly = (1.0 - proba[:, self._normal]).tolist()
             kinds = self._anomaly_cols[np.argmax(proba[:, self._anomaly_cols], axis=1)].tolist()
+            spike = self._spike
+            for r, f in enumerate(rows):  # the spike guard, as in training: far beyond anything the series has shown
+                if is_wild(f):
+                    p_anomaly[r], kinds[r] = 1.0, spike
             threshold, classes = self.threshold, self.classes
             for r, (i, p) in enumerate(zip(row_item, p_anomaly)):
                 b = best.get(i)

@@ -365,7 +365,8 @@ def anomaly_series(peer: Peer, name: str) -> None:
     """A calm series with one reading far outside it: the anomaly model starts an episode there (as in
     test_gateway_pipeline's alert test). Calm around 21.5, the reading dev-w1 sent in an earlier test of this module:
     a series whose first value is far off what follows has an inflated spread for a while after warm-up, and the
-    model can miss even a huge spike then (MODEL_CARD.md, Known limits), which is not what this test is about."""
+    model can miss a spike then that its spike guard does not reach (MODEL_CARD.md, Known limits), which is not what
+    this test is about."""
     rng = random.Random(0)
     values = [round(21.5 + rng.gauss(0, 0.1), 2) for _ in range(70)]
     values[60] = 95.0

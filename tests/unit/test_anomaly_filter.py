@@ -21,7 +21,16 @@ import pytest
 from firmware_sim.signals import ANOMALY_TYPES, DeviceSignal
 from gateway.event import Verdict
 from gateway.filters.anomaly import AnomalyDetector, ModelMetadataError
-from gateway.filters.anomaly_features import DAY_MS, FEATURE_NAMES, HOLD, WARMUP, Series, observe, series_features
+from gateway.filters.anomaly_features import (
+    DAY_MS,
+    FEATURE_NAMES,
+    HOLD,
+    WARMUP,
+    Series,
+    is_wild,
+    observe,
+    series_features,
+)
 from tests.recording_session import RecordingSession
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "anomaly" / "anomaly.onnx"
@@ -109,16 +118,58 @@ def test_a_reading_far_off_its_series_normal_is_flagged_as_a_spike(spread, sprea
     assert verdicts[-1].flagged and verdicts[-1].detail["fields"] == {"temperature": "spike"}
 
 
-@pytest.mark.xfail(strict=True, reason="2.3.0 misses a huge spike while the spread is still inflated by a first "
-                   "value far off the series' normal (MODEL_CARD.md, Known limits); 2.2.0 flagged it")
-def test_a_huge_spike_in_a_young_series_that_started_far_off_is_flagged():
-    """A first reading 30 spreads off what follows, then a calm series, then a reading 1000 spreads off, 36 values
-    after warm-up: the running spread is still inflated by the start. A spike of 100 spreads is flagged there."""
+def _spiked(spike: float, first: float | None) -> Verdict:
+    """61 values of 20.0 +- 0.1 (the first of them `first` instead, if given), 1 s apart, then `spike`."""
     detector = AnomalyDetector(MODEL)
     rng = random.Random(0)
-    values = [23.0] + [round(20.0 + rng.gauss(0, 0.1), 2) for _ in range(60)] + [120.0]
-    verdicts = detector.score([("devices/x", {"temperature": v}, 1_000 * i) for i, v in enumerate(values)])
-    assert verdicts[-1].flagged
+    values = [round(20.0 + rng.gauss(0, 0.1), 2) for _ in range(61)]
+    if first is not None:
+        values = [first] + values[:60]
+    values.append(spike)
+    return detector.score([("devices/x", {"temperature": v}, 1_000 * i) for i, v in enumerate(values)])[-1]
+
+
+def test_a_huge_spike_in_a_young_series_that_started_far_off_is_flagged():
+    """A first reading 30 spreads off what follows, then a calm series, then a reading 1000 spreads off, 36 values
+    after warm-up: the running spread is still inflated by the start, and the network alone scores it under the
+    threshold (it is not monotone in the size of a spike); the spike guard flags it."""
+    verdict = _spiked(120.0, first=23.0)
+    assert verdict.flagged and verdict.label == "spike" and verdict.score == 1.0
+
+
+def test_a_reading_a_million_degrees_off_a_calm_series_is_flagged():
+    verdict = _spiked(1e6, first=None)
+    assert verdict.flagged and verdict.detail["fields"] == {"temperature": "spike"}
+
+
+@pytest.mark.parametrize("first", [None, 23.0])
+def test_every_spike_from_40_on_is_flagged_however_large(first):
+    """Monotone in the size of a spike: once one is flagged, a larger one is too."""
+    verdicts = {spike: _spiked(spike, first) for spike in (40.0, 60.0, 120.0, 1000.0, 1e6)}
+    assert all(v.flagged and v.label == "spike" for v in verdicts.values()), {k: v.score for k, v in verdicts.items()}
+
+
+def test_the_spike_guard_leaves_a_routine_burst_of_a_bursty_series_to_the_network():
+    """A counter idle at 0.0 with log-normal bursts: a burst the size of its own bursts is not the guard's, a value
+    far beyond anything it has shown is (and now and then a burst of its heavy tail)."""
+    rng = random.Random(3)
+    values, left = [], 0
+    for _ in range(2000):
+        if left == 0 and rng.random() < 0.1:
+            left = rng.randint(1, 6)
+        if left:
+            left -= 1
+            values.append(round(math.exp(rng.gauss(math.log(500.0), 1.0)), 3))
+        else:
+            values.append(0.0)
+    ts = [60_000 * i for i in range(len(values) + 1)]
+    rows, at = series_features(values, ts[:-1])
+    late = [r for r, i in zip(rows, at) if i >= 1000 and values[i] != 0.0]
+    assert sum(map(is_wild, late)) <= 0.01 * len(late)
+    bursts = sorted(v for v in values if v)
+    typical = bursts[len(bursts) * 9 // 10]
+    assert not is_wild(series_features(values + [typical], ts)[0][-1])
+    assert is_wild(series_features(values + [1e9], ts)[0][-1])
 
 
 def test_a_flagged_verdict_lists_only_the_flagged_fields(detector):

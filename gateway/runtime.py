@@ -420,7 +420,7 @@ class Gateway:
         # A dialect's profile added or removed: its topics are subscribed to (or dropped) on the live connection.
         wanted = subscriptions(self.cfg, self.profiles.router.subscriptions)
         held = self.client.settings.subscriptions
-        if wanted != held:
+        if set(wanted) != set(held):
             added = [t for t in wanted if t not in held]
             dropped = [t for t in held if t not in wanted]
             applied.append("subscriptions (" + ", ".join([*(f"+{t}" for t in added), *(f"-{t}" for t in dropped)])

@@ -368,6 +368,9 @@ class MqttClient:
                 await asyncio.wait_for(asyncio.shield(self._unsubscribed), timeout)
         except ConnectError:
             pass  # the reconnect subscribes to the new list
+        except asyncio.TimeoutError:
+            log.warning("no acknowledgement of the new subscriptions from %s; the next connect subscribes to them",
+                        self.address)
         return refused
 
     async def _subscribe(self, filters: Sequence[str], timeout: float) -> list[str]:

@@ -167,6 +167,44 @@ def test_a_silent_broker_is_noticed_by_the_keepalive_and_nothing_in_flight_is_lo
     feed.close()
 
 
+def test_new_subscriptions_take_effect_live_and_survive_a_broker_that_did_not_answer(private_mosquitto, caplog):
+    """resubscribe() on a live connection: a new filter is delivered at once, a dropped one no longer is. Against a
+    frozen broker it gives up after the connect timeout without raising, and the connection that replaces the
+    silent one subscribes to the new list."""
+    broker = private_mosquitto
+    s = settings(broker, uid("resub-gw-"), "resub/a/#", keepalive=1, reconnect_min=0.2, reconnect_max=0.5,
+                 connect_timeout=1)
+
+    async def run() -> Taken:
+        taken = Taken()
+        client, task = await connected(s, taken)
+        assert await client.resubscribe(["resub/a/#", "resub/b/#"]) == []
+        publish_all(broker.address, [("resub/b/1", b"b1")])
+        await until(lambda: (b"b1" in [p for _, p, _ in taken.messages]), what="the new filter's message")
+        assert await client.resubscribe(["resub/b/#"]) == []  # resub/a/# dropped
+        publish_all(broker.address, [("resub/a/1", b"a1"), ("resub/b/2", b"b2")])
+        await until(lambda: (b"b2" in [p for _, p, _ in taken.messages]), what="the kept filter's message")
+
+        broker.pause()  # the SUBSCRIBE is written and never answered
+        try:
+            assert await client.resubscribe(["resub/b/#", "resub/c/#"]) == []
+            assert client.settings.subscriptions == ("resub/b/#", "resub/c/#")
+            await until(lambda: not client.connected.is_set(), timeout=4, what="the keepalive noticing")
+        finally:
+            broker.resume()
+        await until(lambda: client.connected.is_set(), timeout=20, what="the reconnect")
+        publish_all(broker.address, [("resub/c/1", b"c1")])
+        await until(lambda: (b"c1" in [p for _, p, _ in taken.messages]), what="the message of the filter "
+                    "subscribed to on the new connection")
+        await closed(client, task)
+        return taken
+
+    with caplog.at_level("WARNING", logger="gateway.mqtt.client"):
+        taken = asyncio.run(run())
+    assert b"a1" not in [p for _, p, _ in taken.messages]  # published after its filter was dropped
+    assert "no acknowledgement of the new subscriptions" in caplog.text
+
+
 def test_the_status_is_online_while_connected_and_offline_after_close_or_a_crash(mosquitto):
     s = settings(mosquitto, uid("status-gw-"))
 

@@ -81,14 +81,12 @@ _LOG_CAP = math.log1p(_Z_CAP)
 
 # The spike guard (`is_wild`): a value at least GUARD_Z spreads off its series' level AND at least GUARD_TAIL times
 # the series' own 99th percentile of that deviation is a spike, whatever the network says. The network is not
-# monotone in the size of a deviation: it learned from bursty training series that huge values can be routine, and
-# it left a reading a million spreads off a calm series unflagged, and in a young series whose first value
-# inflated its spread scored every spike from 18 spreads up the lower the larger it was. Both conditions, because a
-# routine burst of a bursty series can be many spreads off but is within its own tail; a value far beyond anything
-# the series has shown is not. In a young series the tail is still near its start (3 spreads), so GUARD_TAIL 5 asks
-# for about 15 spreads there, as GUARD_Z does: the pair that catches that 18-spread spike. Of GUARD_Z 15, 20, 50 and
-# GUARD_TAIL 5, 10 this pair adds the most flagged values on NAB (642 of 2,487, against 331 for 50/10), but the
-# others miss that spike of 40 (50/x also one of 60); MODEL_CARD.md gives its cost.
+# monotone in the size of a deviation: it learned from bursty training series that huge values can be routine, so a
+# reading a million spreads off a calm series could score as normal. Both conditions, because a routine burst of a
+# bursty series can be many spreads off but is within its own tail; a value far beyond anything the series has
+# shown is not. In a young series the tail is still near its start (3 spreads), so GUARD_TAIL 5 asks for about 15
+# spreads there, as GUARD_Z does; larger constants flag fewer normal values and miss spikes of 18 to 40 spreads in
+# such a series (MODEL_CARD.md gives the guard's cost on NAB).
 GUARD_Z = 15.0
 GUARD_TAIL = 5.0
 _GUARD_Z_LOG = _log1p(GUARD_Z)  # the features are signed log1p: compare them with the constants on that scale

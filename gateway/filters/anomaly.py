@@ -103,26 +103,18 @@ class AnomalyDetector:
         rows: list[tuple[float, ...]] = []
         row_item: list[int] = []
         row_field: list[str] = []
-        warming: set[int] = set()
-        series, series_of = self._series, self._series_of
-        # The per-value loop is the filter's hot path (about 60 % of its time is observe): the series lookup of
-        # _series_of is inlined for the common case, a series already known.
+        warming = [False] * len(items)
         for i, (source, fields, ts_ms) in enumerate(items):
             for name, value in _values(fields):
-                key = (source, name)
-                s = series.get(key)
-                if s is None:
-                    s = series_of(source, name)
-                else:
-                    series.move_to_end(key)
-                f = observe(s, value, ts_ms)
+                f = observe(self._series_of(source, name), value, ts_ms)
                 if f is None:
-                    warming.add(i)
+                    warming[i] = True
                 else:
                     rows.append(f)
                     row_item.append(i)
                     row_field.append(name)
-        best: dict[int, tuple[float, int]] = {}  # item -> (highest P(anomaly), its row)
+        best = [-1.0] * len(items)
+        best_class = [""] * len(items)
         flagged_fields: dict[int, dict[str, str]] = {}
         if rows:
             proba = np.asarray(self.session.run(["probabilities"], {self._input: np.array(rows, dtype=np.float32)})[0])
@@ -133,26 +125,15 @@ class AnomalyDetector:
                 if is_wild(f):
                     p_anomaly[r], kinds[r] = 1.0, spike
             threshold, classes = self.threshold, self.classes
-            for r, (i, p) in enumerate(zip(row_item, p_anomaly)):
-                b = best.get(i)
-                if b is None or p > b[0]:
-                    best[i] = (p, r)
+            for r, p in enumerate(p_anomaly):
+                i = row_item[r]
+                if p > best[i]:
+                    best[i] = p
+                    best_class[i] = classes[kinds[r]]
                 if p >= threshold:
                     flagged_fields.setdefault(i, {})[row_field[r]] = classes[kinds[r]]
-        out: list[Verdict] = []
-        name, version, episodes = self.name, self.version, self._episodes
-        for i, item in enumerate(items):
-            b = best.get(i)
-            fields = flagged_fields.get(i)
-            source = item[0]
-            if b is not None and fields is None and source not in episodes:
-                # The common case: scored, nothing flagged, no episode open or pending for the device.
-                out.append(Verdict(name, version, round(b[0], 6), NORMAL, False, None))
-            elif b is None:
-                out.append(self._verdict(source, -1.0, "", i in warming, fields))
-            else:
-                out.append(self._verdict(source, b[0], self.classes[kinds[b[1]]], False, fields))
-        return out
+        return [self._verdict(items[i][0], best[i], best_class[i], warming[i], flagged_fields.get(i))
+                for i in range(len(items))]
 
     def warm(self, items: Sequence[tuple[str, Mapping[str, float], int, float | None]]) -> None:
         """Learn from readings scored before a restart, without scoring them again: every field's statistics and

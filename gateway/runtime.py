@@ -317,12 +317,9 @@ class Gateway:
             m.gauge("serial_connected", lambda: serial.connected())
 
         client, appender = self.client, self.appender
-        m.gauge("mqtt_connected", lambda: float(client.connected.is_set()))
-        m.gauge("mqtt_connects", lambda: client.stats.connects)
-        m.gauge("mqtt_disconnects", lambda: client.stats.disconnects)
+        _connection_gauges(m, "mqtt", client)
         m.gauge("mqtt_connect_failures", lambda: client.stats.connect_failures)
         m.gauge("mqtt_in_flight", lambda: self.pool.in_flight)
-        m.gauge("mqtt_resent", lambda: client.stats.resent)
         m.gauge("log_pending", lambda: appender.pending)
         m.gauge("log_pending_peak", lambda: appender.pending_peak)
         m.gauge("log_bytes", lambda: self._log_bytes)
@@ -366,10 +363,7 @@ class Gateway:
                              accept=engagement.is_social, gate=lambda: self.feeds.committed_offset)
             stats.on_gated = self.appender.request_progress
             self.upstream.append(stats)
-        m.gauge("upstream_connected", lambda: float(client.connected.is_set()))
-        m.gauge("upstream_connects", lambda: client.stats.connects)
-        m.gauge("upstream_disconnects", lambda: client.stats.disconnects)
-        m.gauge("upstream_resent", lambda: client.stats.resent)
+        _connection_gauges(m, "upstream", client)
         m.gauge("upstream_refused", lambda: client.stats.refused)
         m.gauge("upstream_in_flight", lambda: client.in_flight)
         m.gauge("upstream_paced_seconds", lambda: sink.paced_seconds)
@@ -700,6 +694,14 @@ class Gateway:
             points.append(Point("deadletters", tags, (("count", n),), now))
         self._last_metrics_ns = now
         self.influx.put_points(points)
+
+
+def _connection_gauges(m: Metrics, prefix: str, client: MqttClient) -> None:
+    """`{prefix}_connected`, `_connects`, `_disconnects` and `_resent` of one broker connection."""
+    m.gauge(f"{prefix}_connected", lambda: float(client.connected.is_set()))
+    m.gauge(f"{prefix}_connects", lambda: client.stats.connects)
+    m.gauge(f"{prefix}_disconnects", lambda: client.stats.disconnects)
+    m.gauge(f"{prefix}_resent", lambda: client.stats.resent)
 
 
 def _is_telemetry(event: Any) -> bool:

@@ -183,13 +183,19 @@ def test_a_device_is_announced_once_then_only_its_state_is_published_coalesced()
     asyncio.run(run())
 
 
+async def announced(broker: Broker) -> HomeAssistantSink:
+    """A sink that has seen env-1 once (temperature 20.0), with what that published taken off the broker."""
+    ha = sink(broker)
+    await ha.deliver([reading(1, "env-1", temperature=20.0)])
+    await asyncio.sleep(0.01)
+    broker.take()
+    return ha
+
+
 def test_a_field_not_in_the_profile_gets_its_config_when_it_first_appears():
     async def run() -> None:
         broker = Broker()
-        ha = sink(broker)
-        await ha.deliver([reading(1, "env-1", temperature=20.0)])
-        await asyncio.sleep(0.01)
-        broker.take()
+        ha = await announced(broker)
         await ha.deliver([reading(2, "env-1", temperature=20.0, co2=400.0)])
         await asyncio.sleep(0.1)
         assert [t for t, _ in broker.take()] == ["homeassistant/sensor/edge-gateway/env-1__co2/config",
@@ -201,10 +207,7 @@ def test_a_field_not_in_the_profile_gets_its_config_when_it_first_appears():
 def test_an_episode_that_starts_and_ends_within_one_interval_still_shows_on_then_off():
     async def run() -> None:
         broker = Broker()
-        ha = sink(broker)
-        await ha.deliver([reading(1, "env-1", temperature=20.0)])
-        await asyncio.sleep(0.01)
-        broker.take()
+        ha = await announced(broker)
         await ha.deliver([reading(2, "env-1", "start", temperature=95.0), reading(3, "env-1", temperature=20.0)])
         await ha.deliver([reading(4, "env-1", "end", temperature=20.0)])
         await asyncio.sleep(0.1)
@@ -240,10 +243,7 @@ def test_without_the_anomaly_model_there_is_no_anomaly_sensor():
 def test_other_profiles_announce_every_known_device_again():
     async def run() -> None:
         broker = Broker()
-        ha = sink(broker)
-        await ha.deliver([reading(1, "env-1", temperature=20.0)])
-        await asyncio.sleep(0.01)
-        broker.take()
+        ha = await announced(broker)
         fahrenheit = parse('name = "env-sensor"\nmatch = ["env-*"]\n[fields.temperature]\nunit = "degF"')
         ha.reprofile(ProfileIndex([fahrenheit]))
         await asyncio.sleep(0.1)

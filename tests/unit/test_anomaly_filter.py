@@ -63,7 +63,7 @@ def episodes(verdicts: list[Verdict]) -> list[str]:
 def test_the_verdict_names_the_model_and_version_from_the_model_metadata(detector):
     verdicts = stream(detector, DeviceSignal("pump-0001", 1, "water"), 40)
     assert {(v.model, v.version) for v in verdicts} == {(META["name"], META["version"])}
-    assert (META["name"], META["version"]) == ("sensor-anomaly", "2.3.0")
+    assert (META["name"], META["version"]) == ("sensor-anomaly", "2.3.1")
     assert detector.threshold == float(META["threshold"])
     assert detector.start == float(META["episode_start"])
     assert detector.persist == int(META["episode_persist"])

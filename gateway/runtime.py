@@ -40,7 +40,7 @@ from gateway.config import Config, InfluxConfig
 from gateway.event import KIND_TELEMETRY, DeadLetter, FollowRequest, Point, dead, event_ms
 from gateway.fanout import engagement
 from gateway.fanout.engagement import Engagement
-from gateway.fanout.envelope import DEADLETTER_TOPIC
+from gateway.envelope import DEADLETTER_TOPIC
 from gateway.fanout.feeds import FeedsSink
 from gateway.fanout.graph import Change, FollowerGraph, GraphWriter
 from gateway.fanout.ha_discovery import Discovery

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 from gateway.event import BLOCKED, KIND_INTERACTION, KIND_POST, Event, compact_json
-from gateway.fanout.envelope import envelope
+from gateway.envelope import envelope
 
 FollowersOf = Callable[[str], frozenset[str]]  # the graph's in-memory index: source -> followers
 

@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
 
 from gateway.event import KIND_POST, Event, InTransaction, Point, event_ms
 from gateway.fanout.engagement import Counts, stats_payload, touched
-from gateway.fanout.envelope import stats_topic
+from gateway.envelope import stats_topic
 from gateway.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)

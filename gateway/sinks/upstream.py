@@ -25,7 +25,7 @@ import asyncio
 from typing import Any, Protocol, Sequence
 
 from gateway.event import KIND_TELEMETRY, Event
-from gateway.fanout.envelope import envelope
+from gateway.envelope import envelope
 from gateway.mqtt import packets as pk
 from gateway.mqtt.acks import AckedBatch
 from gateway.ops.metrics import Metrics

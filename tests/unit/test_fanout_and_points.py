@@ -5,7 +5,7 @@ import json
 import pytest
 
 from gateway.event import Event, Verdict, compact_json
-from gateway.fanout.envelope import alert_topic, envelope, feed_topic
+from gateway.envelope import alert_topic, envelope, feed_topic
 from gateway.log.store import LogStore
 from gateway.sinks.influx import telemetry_lines
 

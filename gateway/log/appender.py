@@ -119,8 +119,10 @@ class Appender:
         self._pending = 0  # records waiting (not yet committed)
         self._pending_bytes = 0
         self.pending_peak = 0
-        self._wake = asyncio.Event()
-        self._full = asyncio.Event()  # the pending records fill a page: the window may close early
+        # What the flusher awaits between commits: settled by its timer, by news while it is idle, or by a full page
+        # (or closing) while it waits out the commit window. One future and one timer per wait: asyncio.wait_for
+        # around an Event costs a task, its cancellation and two more loop passes per commit.
+        self._waiter: asyncio.Future[None] | None = None
         self._room: asyncio.Future[None] | None = None
         self._stalled = False
         self._accepting = True
@@ -186,9 +188,7 @@ class Appender:
         self._groups.append(_Group(records, done, size))
         self._pending += len(records)
         self._pending_bytes += size
-        if self._pending_bytes >= self._page_bytes:
-            self._full.set()
-        self._wake.set()
+        self._signal(self._pending_bytes >= self._page_bytes)
 
     def hold_reads(self, resume: Callable[[], None]) -> bool:
         """For a source that has just handed in records: whether to stop reading until the next seal. True while
@@ -207,7 +207,7 @@ class Appender:
     def request_progress(self) -> None:
         """Commit consumers' progress soon (a stage waits to see it durable), not at the next interval."""
         self._progress_urgent = True
-        self._wake.set()
+        self._signal(False)
 
     # --- the flusher -----------------------------------------------------------------------------------------------
 
@@ -222,25 +222,18 @@ class Appender:
                     if sealed.progress:
                         await self._commit(loop, sealed)
                     continue
-                self._wake.clear()
                 timeout = None
                 if self._consumers:
                     timeout = max(0.0, self._progress_interval - (time.monotonic() - self._last_progress))
                     if self._progress_urgent:
                         timeout = min(timeout, 0.05)
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-                except (asyncio.TimeoutError, TimeoutError):
-                    pass
+                await self._sleep(timeout)
                 continue
             wait = self._window - (time.monotonic() - self._last_commit)
             if wait > 0 and self._pending_bytes < self._page_bytes and not self._closing:
-                self._full.clear()
                 self._holding = True
                 try:
-                    await asyncio.wait_for(self._full.wait(), wait)
-                except (asyncio.TimeoutError, TimeoutError):
-                    pass
+                    await self._sleep(wait)
                 finally:
                     self._holding = False
                     held = self._resume_held()
@@ -262,6 +255,25 @@ class Appender:
                 self.pending_peak = self._pending
             sealed = self._seal(groups)
             await self._commit(loop, sealed)
+
+    async def _sleep(self, seconds: float | None) -> None:
+        """Until `seconds` have passed (None: no limit) or `_signal` settles the wait."""
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = None if seconds is None else loop.call_later(seconds, _settle, waiter)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._waiter = None
+
+    def _signal(self, full: bool) -> None:
+        """Wake the flusher: on any news while it is idle; while it waits out the commit window, only when the
+        pending records fill a page (`full`) or the appender closes."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and (full or not self._holding):
+            waiter.set_result(None)
 
     def _resume_held(self) -> bool:
         resumes, self._held_reads = self._held_reads, []
@@ -456,8 +468,7 @@ class Appender:
         """Commit everything pending, then one last progress commit, then stop."""
         self._accepting = False
         self._closing = True
-        self._wake.set()
-        self._full.set()
+        self._signal(True)
         if self._task is not None:
             await self._task
 
@@ -467,3 +478,8 @@ class Appender:
         self._take_progress(sealed)
         if sealed.progress:
             await self._commit(asyncio.get_running_loop(), sealed)
+
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

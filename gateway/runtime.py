@@ -263,6 +263,8 @@ class Gateway:
         # The feeds also go over publish-only connections: one window per connection (gateway/mqtt/pool.py).
         self.publishers = [MqttClient(publisher_settings(cfg, i), lambda messages, connection_no: None)
                            for i in range(1, cfg.mqtt.publish_connections)]
+        for publisher in self.publishers:
+            publisher.hold_reads = self.appender.hold_reads
         self.pool = PublishPool([self.client, *self.publishers])
 
         committed = self.store.progress()

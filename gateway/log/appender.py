@@ -191,7 +191,8 @@ class Appender:
         self._signal(self._pending_bytes >= self._page_bytes)
 
     def hold_reads(self, resume: Callable[[], None]) -> bool:
-        """For a source that has just handed in records: whether to stop reading until the next seal. True while
+        """For a source that has just handed in records (or a publish-only connection that has just written the
+        feeds' publishes, whose PUBACKs can wait): whether to stop reading until the next seal. True while
         the appender waits out its commit window with a partial page; `resume()` then runs when the window closes,
         just before the seal, so what arrived meanwhile joins it. Records read earlier would only wait here, and
         one read per window instead of one per message is what makes a moderate rate cheap. False when the

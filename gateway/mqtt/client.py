@@ -139,6 +139,11 @@ class MqttClient:
         self._unsubscribed: asyncio.Future[pk.UnsubAck] | None = None
         self._connack: asyncio.Future[pk.ConnAck] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # A publish-only connection in step with the log's commits: asked after each write of publishes whether to
+        # leave their acknowledgements in the socket until the callback it is given runs (gateway/log/appender.py
+        # `hold_reads`), so they are read in the same wake-up as the next batch, not in one of their own.
+        self.hold_reads: Callable[[Callable[[], None]], bool] | None = None
+        self._held = False
 
     # --- what the rest of the gateway calls ------------------------------------------------------------------------
 
@@ -463,6 +468,14 @@ class MqttClient:
         if protocol is not None and not protocol.transport.is_closing():
             protocol.transport.write(data)
             self._last_sent = time.monotonic()
+            if (self.hold_reads is not None and not self._held and not self._queue
+                    and len(self._inflight) <= self.window // 2 and self.hold_reads(self._unhold)):
+                self._held = True
+                self.pause_reading()
+
+    def _unhold(self) -> None:
+        self._held = False
+        self.resume_reading()
 
     # --- from the protocol object ----------------------------------------------------------------------------------
 

@@ -272,3 +272,34 @@ def test_pausing_the_reads_holds_the_broker_back_and_resuming_delivers_the_rest(
 
     while_paused, total = asyncio.run(run())
     assert 1 <= while_paused < 100 and total == 500
+
+
+def test_a_publish_connection_in_step_with_the_log_reads_its_acknowledgements_when_told(mosquitto):
+    """With `hold_reads` set (the appender's, on the publish-only connections), a write of publishes leaves their
+    PUBACKs in the socket until the callback it hands over runs: they are read in the wake-up of the next batch,
+    not in one of their own. Not asked while publishes queue or the window is over half full: then the
+    acknowledgements are what makes room."""
+    topic = f"hold/{uid('out')}"
+    feed = Collector(mosquitto.address, topic)
+
+    async def run() -> None:
+        client, task = await connected(settings(mosquitto, uid("hold-gw-")), Taken())
+        await until(lambda: client.in_flight == 0, what="the PUBACK of the retained online status")
+        resumes: list[Callable[[], None]] = []
+        client.hold_reads = lambda resume: resumes.append(resume) or True
+        assert client.publish(topic.encode(), b"one", qos=1)
+        await until(lambda: len(resumes) == 1, what="the write of the publish")
+        await asyncio.sleep(0.5)  # the broker's PUBACK has long arrived: it waits in the socket
+        assert client.in_flight == 1
+        resumes.pop()()
+        await until(lambda: client.in_flight == 0, what="the held PUBACK, read once resumed")
+
+        for i in range(600):  # one write of 600 publishes into a window of 1000: more than half of it
+            assert client.publish(topic.encode(), b"%d" % i, qos=1)
+        await until(lambda: client.in_flight == 0, what="every PUBACK, read as it came")
+        assert resumes == [], "a window over half full is not held"
+        await closed(client, task)
+
+    asyncio.run(run())
+    assert feed.wait_count(601)
+    feed.close()

@@ -45,6 +45,7 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 import onnxruntime as ort
+from scipy.linalg import block_diag
 from sklearn.ensemble import VotingClassifier
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.neural_network import MLPClassifier
@@ -482,7 +483,7 @@ def export(model: Pipeline, rule: Rule) -> onnx.ModelProto:
         raise SystemExit("export() builds a soft vote of ReLU networks with softmax outputs, unweighted")
     layers = len(nets[0].coefs_)
     weights = [np.concatenate([n.coefs_[0] for n in nets], axis=1)]  # every network reads the same scaled features
-    weights += [block_diagonal([n.coefs_[i] for n in nets]) for i in range(1, layers)]
+    weights += [block_diag(*[n.coefs_[i] for n in nets]) for i in range(1, layers)]
     biases = [np.concatenate([n.intercepts_[i] for n in nets]) for i in range(layers)]
     f32 = np.float32
     inits = [onnx.numpy_helper.from_array(scaler.mean_.astype(f32), "mean"),
@@ -521,15 +522,6 @@ def export(model: Pipeline, rule: Rule) -> onnx.ModelProto:
     })
     onnx.checker.check_model(onnx_model)
     return onnx_model
-
-
-def block_diagonal(blocks: list[np.ndarray]) -> np.ndarray:
-    out = np.zeros((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)), dtype=blocks[0].dtype)
-    row = col = 0
-    for b in blocks:
-        out[row:row + b.shape[0], col:col + b.shape[1]] = b
-        row, col = row + b.shape[0], col + b.shape[1]
-    return out
 
 
 def probabilities(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:

@@ -37,10 +37,10 @@ from typing import Any, Sequence
 from devices.profiles import ProfileIndex, load_dir
 from gateway import config as config_mod
 from gateway.config import Config, InfluxConfig
+from gateway.envelope import DEADLETTER_TOPIC
 from gateway.event import KIND_TELEMETRY, DeadLetter, FollowRequest, Point, dead, event_ms
 from gateway.fanout import engagement
 from gateway.fanout.engagement import Engagement
-from gateway.envelope import DEADLETTER_TOPIC
 from gateway.fanout.feeds import FeedsSink
 from gateway.fanout.graph import Change, FollowerGraph, GraphWriter
 from gateway.fanout.ha_discovery import Discovery

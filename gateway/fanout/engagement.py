@@ -22,8 +22,8 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-from gateway.event import BLOCKED, KIND_INTERACTION, KIND_POST, Event, compact_json
 from gateway.envelope import envelope
+from gateway.event import BLOCKED, KIND_INTERACTION, KIND_POST, Event, compact_json
 
 FollowersOf = Callable[[str], frozenset[str]]  # the graph's in-memory index: source -> followers
 

@@ -22,10 +22,10 @@ import functools
 import time
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
+from gateway.envelope import alert_topic, envelope, notice, notice_topic, quarantine_topic
 from gateway.event import KIND_INTERACTION, KIND_POST, KIND_TELEMETRY, Event, InTransaction, event_ms
 from gateway.fanout import engagement
 from gateway.fanout.engagement import Plan
-from gateway.envelope import alert_topic, envelope, notice, notice_topic, quarantine_topic
 from gateway.mqtt.acks import AckedBatch
 from gateway.ops.metrics import Metrics
 

@@ -21,9 +21,9 @@ import logging
 import time
 from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
 
+from gateway.envelope import stats_topic
 from gateway.event import KIND_POST, Event, InTransaction, Point, event_ms
 from gateway.fanout.engagement import Counts, stats_payload, touched
-from gateway.envelope import stats_topic
 from gateway.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Protocol, Sequence
 
-from gateway.event import KIND_TELEMETRY, Event
 from gateway.envelope import envelope
+from gateway.event import KIND_TELEMETRY, Event
 from gateway.mqtt import packets as pk
 from gateway.mqtt.acks import AckedBatch
 from gateway.ops.metrics import Metrics

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from gateway.event import Event, Verdict, compact_json
 from gateway.envelope import alert_topic, envelope, feed_topic
+from gateway.event import Event, Verdict, compact_json
 from gateway.log.store import LogStore
 from gateway.sinks.influx import telemetry_lines
 

@@ -83,8 +83,9 @@ class MqttConfig:
                            "reading the socket until the log catches up (mosquitto overruns the receive maximum "
                            "while acknowledgements flow; docs/ARCHITECTURE.md).", _positive)
     publish_connections: int = _f(4, "Connections the feeds are published over, this one included: the broker "
-                                  "lets each have its window of unacknowledged publishes (mosquitto: 20), and a "
-                                  "topic always takes the same one, so each feed keeps its order. 1: this one only, "
+                                  "lets each have its window of unacknowledged publishes (mosquitto: 20); a feed "
+                                  "takes the first with its window open and keeps to it while it has publishes "
+                                  "unacknowledged there, so each feed keeps its order. 1: this one only, "
                                   "which a broker that makes the username the client id (use_username_as_clientid, "
                                   "as deploy/mosquitto-production.conf) requires: it allows one connection per "
                                   "account.",

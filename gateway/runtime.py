@@ -265,7 +265,7 @@ class Gateway:
                            for i in range(1, cfg.mqtt.publish_connections)]
         for publisher in self.publishers:
             publisher.hold_reads = self.appender.hold_reads
-        self.pool = PublishPool([self.client, *self.publishers])
+        self.pool = PublishPool([*self.publishers, self.client])
 
         committed = self.store.progress()
         log_end = lambda: self.appender.last_offset  # noqa: E731 - read on every catch-up check

@@ -160,6 +160,15 @@ class MqttClient:
         return len(self._queue)
 
     @property
+    def unacknowledged(self) -> int:
+        """QoS 1 publishes taken and not yet acknowledged by the broker: in its window or queued before it."""
+        return len(self._inflight) + len(self._queue)
+
+    def window_open(self) -> bool:
+        """Whether a QoS 1 publish now would be sent at once: connected, nothing queued, the window not full."""
+        return self._ready and not self._queue and len(self._inflight) < self.window
+
+    @property
     def address(self) -> str:
         """HOST:PORT of the broker connected to now (or tried next)."""
         host, port = self._addresses[self._address]

@@ -111,10 +111,11 @@ class StorageConfig:
     fsync: str = _f("full", "'full': fsync every commit of the log (survives power loss); 'normal': survives a crash "
                     "of the gateway but the last commits may be lost on power loss; 'off': tests only.",
                     _one_of("full", "normal", "off"))
-    commit_window_ms: float = _f(3.0, "Under load, a commit of the log waits up to this long after the previous "
+    commit_window_ms: float = _f(4.0, "Under load, a commit of the log waits up to this long after the previous "
                                  "one began, unless its events fill a page sooner: the trade-off between latency "
-                                 "and disk wear (each commit rewrites whole pages; an SD card wears by what is "
-                                 "written). An idle gateway commits a lone event at once. 0: commit as soon as the "
+                                 "on one side and disk wear and CPU on the other (each commit rewrites whole pages, "
+                                 "and an SD card wears by what is written; each is a round of thread hand-offs and "
+                                 "wake-ups). An idle gateway commits a lone event at once. 0: commit as soon as the "
                                  "disk allows (benchmarks/RESULTS.md has the measured trade-off).", _non_negative)
     batch_max: int = _f(256, "Most events in one commit. The models score a commit's events on the event loop, so "
                         "this also bounds how long one batch keeps the loop from everything else.", _positive)

@@ -13,8 +13,8 @@ When to commit. A commit rewrites whole pages, so a commit of one small event co
 several: under load, a commit waits until the pending records fill a page (`page_bytes`) or until
 `commit_window` seconds have passed since the previous commit began, whichever is first. An idle gateway commits a
 lone event at once (the previous commit is long past), and a flood commits as fast as the disk allows (a page fills
-while the previous commit runs). The window is the one setting of the trade-off between latency and disk wear
-(storage.commit_window_ms; measured in benchmarks/RESULTS.md).
+while the previous commit runs). The window is the one setting of the trade-off between latency on one side and
+disk wear and CPU per event on the other (storage.commit_window_ms; measured in benchmarks/RESULTS.md).
 
 Backpressure. Nothing is acknowledged before its commit, so a source holds at most its own window of records here;
 `has_room()` turns false at `max_pending` and the MQTT source then stops reading its socket. Over the disk budget
@@ -95,7 +95,7 @@ class _Sealed:
 
 class Appender:
     def __init__(self, store: LogStore, storage: Executor, metrics: Metrics, *, next_offset: int,
-                 keys: RecentKeys, commit_window: float = 0.003, page_bytes: int = 1024, batch_max: int = 256,
+                 keys: RecentKeys, commit_window: float = 0.004, page_bytes: int = 1024, batch_max: int = 256,
                  max_pending: int = 2000, progress_interval: float = 1.0, score: Scorer | None = None,
                  hook: Hook | None = None, over_budget: Callable[[], bool] | None = None,
                  on_deadletters: Callable[[list[DeadLetter]], None] | None = None) -> None:

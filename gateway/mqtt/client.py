@@ -478,7 +478,7 @@ class MqttClient:
             protocol.transport.write(data)
             self._last_sent = time.monotonic()
             if (self.hold_reads is not None and not self._held and not self._queue
-                    and len(self._inflight) <= self.window // 2 and self.hold_reads(self._unhold)):
+                    and len(self._inflight) < self.window and self.hold_reads(self._unhold)):
                 self._held = True
                 self.pause_reading()
 

@@ -277,8 +277,8 @@ def test_pausing_the_reads_holds_the_broker_back_and_resuming_delivers_the_rest(
 def test_a_publish_connection_in_step_with_the_log_reads_its_acknowledgements_when_told(mosquitto):
     """With `hold_reads` set (the appender's, on the publish-only connections), a write of publishes leaves their
     PUBACKs in the socket until the callback it hands over runs: they are read in the wake-up of the next batch,
-    not in one of their own. Not asked while publishes queue or the window is over half full: then the
-    acknowledgements are what makes room."""
+    not in one of their own. Not asked once the window is full (publishes queue): then the acknowledgements are
+    what makes room."""
     topic = f"hold/{uid('out')}"
     feed = Collector(mosquitto.address, topic)
 
@@ -294,12 +294,26 @@ def test_a_publish_connection_in_step_with_the_log_reads_its_acknowledgements_wh
         resumes.pop()()
         await until(lambda: client.in_flight == 0, what="the held PUBACK, read once resumed")
 
-        for i in range(600):  # one write of 600 publishes into a window of 1000: more than half of it
+        for i in range(900):  # one write of 900 publishes into a window of 1000: held, the window is open
             assert client.publish(topic.encode(), b"%d" % i, qos=1)
-        await until(lambda: client.in_flight == 0, what="every PUBACK, read as it came")
-        assert resumes == [], "a window over half full is not held"
+        await until(lambda: len(resumes) == 1, what="the write of the 900")
+        assert client.in_flight == 900
+        resumes.pop()()
+        await until(lambda: client.in_flight == 0, what="the 900 PUBACKs, read once resumed")
+
+        for i in range(1200):  # 1,000 fill the window and 200 queue
+            assert client.publish(topic.encode(), b"%d" % i, qos=1)
+        await asyncio.sleep(0)  # the write
+        assert client.queued == 200 and resumes == [], "a full window is not held: its PUBACKs make room"
+
+        def resumed_all() -> bool:  # the writes of the queued ones, as PUBACKs make room, may be held again
+            while resumes:
+                resumes.pop()()
+            return client.in_flight == 0 and client.queued == 0
+
+        await until(resumed_all, what="every PUBACK")
         await closed(client, task)
 
     asyncio.run(run())
-    assert feed.wait_count(601)
+    assert feed.wait_count(2101)
     feed.close()

@@ -21,6 +21,7 @@ always takes the connection its name hashes to.
 from __future__ import annotations
 
 import zlib
+from operator import attrgetter
 from typing import Sequence
 
 from gateway.mqtt.client import MqttClient, Tracker
@@ -51,7 +52,7 @@ class PublishPool:
             if client.window_open():
                 break
         else:
-            client = min(clients, key=_unacknowledged)
+            client = min(clients, key=attrgetter("unacknowledged"))
         if len(self._owner) >= self._prune_at:
             self._owner = {t: c for t, c in self._owner.items() if c.unacknowledged}
             self._prune_at = max(OWNERS_PRUNE_AT, 2 * len(self._owner))  # a burst of many topics: not every insert
@@ -75,7 +76,3 @@ class PublishPool:
     @property
     def queued(self) -> int:
         return sum(c.queued for c in self.clients)
-
-
-def _unacknowledged(client: MqttClient) -> int:
-    return client.unacknowledged

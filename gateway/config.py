@@ -247,6 +247,12 @@ class HomeAssistantConfig:
     discovery_prefix: str = _f("homeassistant", "Topic prefix of the discovery configs: Home Assistant's own "
                                "`discovery_prefix` (MQTT integration options); the broker's ACL must let the gateway "
                                "write under it.", _topic_prefix)
+    expire_after: int = _f(0, "Seconds without a new state after which Home Assistant shows a device's sensors as "
+                           "unavailable (`expire_after` in each sensor's config); set it above the devices' longest "
+                           "reporting interval. 0: a silent device's sensors keep their last value.", _non_negative)
+    remove_after: float = _f(0.0, "Seconds a device may stay silent, counted while the gateway runs, before it is "
+                             "removed from Home Assistant (its configs and states cleared; announced again if it "
+                             "sends again), e.g. 604800 for a week. 0: never.", _non_negative)
 
 
 def _paths(v: Any) -> str | None:

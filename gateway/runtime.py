@@ -296,10 +296,12 @@ class Gateway:
         self.stats.on_gated = self.appender.request_progress
         if cfg.homeassistant.enabled:
             detector = self.filters.detector
+            ha = cfg.homeassistant
             self.homeassistant = HomeAssistantSink(
-                self.client, Discovery(cfg.homeassistant.discovery_prefix, cfg.mqtt.client_id, STATUS_TOPIC,
-                                       _version()),
-                self.profiles, getattr(detector, "in_episode", None), m)
+                self.client, Discovery(ha.discovery_prefix, cfg.mqtt.client_id, STATUS_TOPIC, _version(),
+                                       ha.expire_after),
+                self.profiles, getattr(detector, "in_episode", None), m, remove_after=ha.remove_after,
+                known_file=cfg.data_dir() / "homeassistant.json")
             # Switched on for the first time: from the end of the log. Home Assistant wants the latest values, and
             # reading a day of history back on a Pi to get them would cost minutes of a core; each device appears
             # with its next reading.
@@ -484,6 +486,8 @@ class Gateway:
         self.appender.start()
         tasks.append(self.appender.task)
         tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        if self.homeassistant is not None and self.cfg.homeassistant.remove_after > 0:
+            tasks.append(asyncio.create_task(self.homeassistant.run_removal(), name="homeassistant removal"))
         for task in tasks:
             task.add_done_callback(functools.partial(self._supervise, stop))
         upgrade = asyncio.create_task(self._drain_legacy_outbox(), name="upgrade: old outbox")
@@ -536,6 +540,8 @@ class Gateway:
             await self.upstream_client.close(timeout=max(1.0, deadline * 0.1))
             upstream_link.cancel()
         self._write_status()  # the final word: what was appended and committed when we stopped
+        if self.homeassistant is not None:
+            self.homeassistant.save_now()
         if self.influx is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.influx.stop, 2.0)
         self.storage.submit(self.store.close).result()

@@ -113,6 +113,7 @@ class Discovery:
     client_id: str
     availability_topic: str
     origin_version: str = ""
+    expire_after: int = 0  # seconds without a state before Home Assistant shows a sensor unavailable; 0: never
 
     def state_topic(self, device: str) -> bytes:
         return f"{STATE_ROOT}/{device}/state".encode()
@@ -125,6 +126,12 @@ class Discovery:
 
     def anomaly_config_topic(self, device: str) -> bytes:
         return f"{self.prefix}/binary_sensor/{object_id(self.client_id)}/{object_id(device, 'anomaly')}/config".encode()
+
+    def retained_topics(self, device: str, fields: frozenset[str]) -> list[bytes]:
+        """Every retained topic the gateway may have published for the device, having announced these fields: what
+        an empty retained message on each removes from the broker and, for a config, from Home Assistant."""
+        return [*(self.sensor_topic(device, f) for f in sorted(fields)), self.anomaly_config_topic(device),
+                self.state_topic(device), self.anomaly_topic(device)]
 
     def _common(self, device: str, profile: DeviceProfile | None) -> dict[str, Any]:
         dev: dict[str, Any] = {"identifiers": [f"{self.client_id}/{device}"], "name": device}
@@ -155,6 +162,8 @@ class Discovery:
             "value_template": f"{{{{ value_json['{field}'] | default('') }}}}",
             "state_class": "measurement",
         }
+        if self.expire_after:
+            config["expire_after"] = self.expire_after
         if spec is not None and spec.unit:
             config["unit_of_measurement"] = ha_unit(spec.unit)
             klass = device_class(field, spec.unit)

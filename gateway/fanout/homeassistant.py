@@ -16,14 +16,25 @@ A device is announced once per run: its configs are retained, so Home Assistant 
 without the gateway. Announced again: after the gateway's restart (at the device's first reading), when the device
 sends a field it had not sent before, and when SIGHUP brings other profiles. The anomaly state published with the
 announcement is the detector's (`in_episode`), which the detector rebuilt from the log at start, so a device in the
-middle of an episode stays ON across a restart. Configs of devices or fields that went away are not removed.
+middle of an episode stays ON across a restart.
+
+A device that stays silent for `remove_after` seconds of the gateway's running time is removed: an empty retained
+message on each of its configs (Home Assistant deletes the entities) and on its state topics. Which devices were
+announced with which fields, and how long each has been silent, is kept in `homeassistant.json` in the data folder
+(replaced atomically when a device is announced or removed and, with removal on, every few minutes), so a device
+that goes away while the gateway is down is still removed after the start. The time the gateway was down does not
+count as silence: the gateway could not have heard the device then. A removed device that sends again is announced
+again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from devices.profiles import ProfileIndex
@@ -36,6 +47,7 @@ log = logging.getLogger(__name__)
 
 STATE_INTERVAL = 1.0  # seconds: at most one state message per device this often
 MAX_DEVICES = 100_000  # devices whose latest values are kept; beyond, the oldest is forgotten (and announced again)
+SAVE_EVERY = 300.0  # seconds: how often the known devices' silences are saved while removal is on
 
 
 class Publisher(Protocol):
@@ -52,7 +64,8 @@ class HomeAssistantSink:
 
     def __init__(self, publisher: Publisher, discovery: Discovery, profiles: ProfileIndex,
                  in_episode: Callable[[str], bool] | None, metrics: Metrics, *,
-                 interval: float = STATE_INTERVAL, max_devices: int = MAX_DEVICES) -> None:
+                 interval: float = STATE_INTERVAL, max_devices: int = MAX_DEVICES, remove_after: float = 0.0,
+                 known_file: Path | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self._publisher = publisher
         self._discovery = discovery
         self._profiles = profiles
@@ -65,6 +78,16 @@ class HomeAssistantSink:
         self._dirty: set[str] = set()
         self._next: AckedBatch | None = None  # the update that will carry what is dirty now
         self._last = 0.0
+        self._remove_after = remove_after
+        self._known_file = known_file
+        self._clock = clock
+        # Every device announced and not removed, this run or before: the fields whose configs it has, and when it
+        # was last heard (on `clock`; a device known from the file counts as heard its saved silence ago).
+        self._known: dict[str, frozenset[str]] = {}
+        self._heard: dict[str, float] = {}
+        self._saving = asyncio.Lock()  # one save at a time: they share the temporary file
+        if known_file is not None:
+            self._load(known_file)
 
     async def deliver(self, events: Sequence[Event]) -> asyncio.Future[Any]:
         # Every event joins the pending update before anything here waits: the update cannot be taken from under
@@ -126,6 +149,9 @@ class HomeAssistantSink:
             await asyncio.sleep(wait)  # whatever arrives meanwhile joins this update
         devices, self._dirty, self._next = self._dirty, set(), None
         self._last = time.monotonic()
+        heard = self._clock()
+        for device in devices:
+            self._heard[device] = heard
         try:
             configs = states = 0
             for device in sorted(devices):
@@ -137,6 +163,8 @@ class HomeAssistantSink:
                 states += 1
             self._metrics.inc("ha_configs_published", configs)
             self._metrics.inc("ha_states_published", states)
+            if configs:
+                await self._save()
         except Exception as exc:  # the consumer reads these events again from the log
             log.error("homeassistant: update failed: %r", exc)
             if not update.future.done():
@@ -165,4 +193,92 @@ class HomeAssistantSink:
             self._metrics.inc("ha_states_published")
             n += 1
         self._announced[device] = fields
+        self._known[device] = self._known.get(device, frozenset()) | fields
         return n
+
+    # --- removing the devices that went away -------------------------------------------------------------------------
+
+    async def remove_silent(self) -> list[str]:
+        """Remove every known device silent for `remove_after`: empty retained messages on its configs and states,
+        done once the broker acknowledged them. Returns the devices removed."""
+        if self._remove_after <= 0:
+            return []
+        now = self._clock()
+        silent = sorted(d for d, t in self._heard.items() if now - t >= self._remove_after and d not in self._dirty)
+        if not silent:
+            return []
+        batch = AckedBatch(asyncio.get_running_loop())
+        for device in silent:
+            # Forgotten before the first publish waits: a reading arriving meanwhile announces the device anew,
+            # and its configs follow the empty ones on the same connection.
+            fields = self._known.pop(device, frozenset())
+            del self._heard[device]
+            self._announced.pop(device, None)
+            self._latest.pop(device, None)
+            for topic in self._discovery.retained_topics(device, fields):
+                await self._publish(topic, b"", batch)
+        batch.seal()
+        await batch.future
+        self._metrics.inc("ha_devices_removed", len(silent))
+        log.info("homeassistant: removed %d device(s) silent for %.0f s or more: %s", len(silent),
+                 self._remove_after, ", ".join(silent[:10]) + (", ..." if len(silent) > 10 else ""))
+        await self._save()
+        return silent
+
+    async def run_removal(self) -> None:
+        """Check for silent devices every tenth of `remove_after` (at most every SAVE_EVERY), saving the silences
+        as it goes. Runs only when removal is on."""
+        period = min(self._remove_after / 10, SAVE_EVERY)
+        while True:
+            await asyncio.sleep(period)
+            if not await self.remove_silent():
+                await self._save()
+
+    def _load(self, path: Path) -> None:
+        try:
+            doc = json.loads(path.read_text())
+            devices = doc["devices"]
+            now = self._clock()
+            for device, entry in devices.items():
+                self._known[device] = frozenset(entry["fields"])
+                self._heard[device] = now - max(0.0, float(entry["silent"]))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            # Only removal depends on it: the devices it named are announced again when they send.
+            log.error("homeassistant: %s is unreadable (%r); devices announced before are not removed unless "
+                      "they send again", path, exc)
+            self._known.clear()
+            self._heard.clear()
+
+    def _document(self) -> bytes:
+        now = self._clock()
+        return json.dumps({"devices": {d: {"fields": sorted(f), "silent": round(now - self._heard.get(d, now), 1)}
+                                       for d, f in sorted(self._known.items())}}, indent=1).encode()
+
+    async def _save(self) -> None:
+        if self._known_file is None:
+            return
+        try:
+            async with self._saving:
+                await asyncio.to_thread(_replace, self._known_file, self._document())
+        except OSError as exc:  # a full disk: removal works on from memory, the file catches up at the next save
+            self._metrics.inc("storage_errors")
+            log.error("homeassistant: cannot save %s: %s", self._known_file, exc)
+
+    def save_now(self) -> None:
+        """At shutdown: the silences as they are now (blocking, a small file)."""
+        if self._known_file is not None:
+            try:
+                _replace(self._known_file, self._document())
+            except OSError as exc:
+                log.error("homeassistant: cannot save %s: %s", self._known_file, exc)
+
+
+def _replace(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

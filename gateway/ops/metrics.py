@@ -38,6 +38,7 @@ COUNTERS = (
     "stats_published",     # events/{id}/stats updates (coalesced)
     "ha_configs_published",  # Home Assistant discovery configs published (once per device and field per run)
     "ha_states_published",   # Home Assistant state messages: latest values (coalesced) and anomaly ON/OFF
+    "ha_devices_removed",    # devices removed from Home Assistant after homeassistant.remove_after of silence
     "follows",
     "unfollows",
     "storage_errors",

@@ -219,3 +219,43 @@ def test_sighup_with_other_profiles_announces_every_known_device_again(mosquitto
         configs.close()
     finally:
         gw.kill()
+
+
+def test_a_device_that_goes_silent_is_removed_from_home_assistant_and_announced_again_when_back(mosquitto, tmp_path):
+    config = tmp_path / "gateway.toml"
+    config.write_text("[homeassistant]\nenabled = true\nexpire_after = 600\nremove_after = 1.5\n")
+    gw = GatewayProcess(tmp_path / "gw", mosquitto.address, "--influx-api", "none", client_id=uid("gw-ha"),
+                        config=config)
+    device = uid("har")  # no profile: its sensors are the fields it sends
+    gw.start()
+    try:
+        node = gw.client_id
+        topics = [f"homeassistant/sensor/{node}/{device}__humidity/config",
+                  f"homeassistant/sensor/{node}/{device}__temperature/config",
+                  f"homeassistant/binary_sensor/{node}/{device}__anomaly/config",
+                  f"gateway/ha/{device}/state", f"gateway/ha/{device}/anomaly"]
+        watch = Collector(mosquitto.address, *topics)
+        publish_all(mosquitto.address, [(f"devices/{device}/telemetry", reading(s)) for s in range(3)])
+        assert watch.wait_for(lambda m: {t for t, p, _ in m if p} == set(topics))
+        config_doc = ha_schema.check_sensor(json.loads(last(watch.messages, topics[1]) or b"{}"))
+        assert config_doc["expire_after"] == 600
+
+        # Silent for 1.5 s: every config and state is cleared (an empty retained message each), once.
+        assert watch.wait_for(lambda m: all(last(m, t) == b"" for t in topics), timeout=20)
+        assert sum(p == b"" for _, p, _ in watch.messages) == len(topics)
+        status = gw.wait_status(lambda s: s["metrics"]["ha_devices_removed"] >= 1)
+        assert status["metrics"]["ha_devices_removed"] == 1
+        known = json.loads((tmp_path / "gw" / "homeassistant.json").read_text())
+        assert device not in known["devices"]
+        # Home Assistant, restarting now, would find nothing of the device: no retained message is left.
+        late = Collector(mosquitto.address, *topics, "gateway/status")
+        assert late.wait_for(lambda m: any(t == "gateway/status" for t, _, _ in m))
+        assert [t for t, _, _ in late.messages] == ["gateway/status"]
+        late.close()
+
+        # Back: announced again, as a new device would be.
+        publish_all(mosquitto.address, [(f"devices/{device}/telemetry", reading(10))])
+        assert watch.wait_for(lambda m: all(last(m, t) for t in topics))
+        watch.close()
+    finally:
+        gw.kill()

@@ -267,3 +267,175 @@ def test_devices_beyond_the_limit_are_forgotten_oldest_first_and_announced_again
         assert "homeassistant/sensor/edge-gateway/a__x/config" in dict(broker.take())
 
     asyncio.run(run())
+
+
+def test_sensors_expire_after_the_configured_silence_when_asked_to():
+    expiring = Discovery("homeassistant", "edge-gateway", "gateway/status", "0.1.0", expire_after=900)
+    config = check_sensor(json.loads(expiring.sensor_config("env-1", "temperature", ENV)))
+    assert config["expire_after"] == 900
+    assert "expire_after" not in json.loads(DISCOVERY.sensor_config("env-1", "temperature", ENV))
+    # The anomaly sensor is not a measurement: its state changes only at an episode's edges, so it never expires.
+    assert "expire_after" not in json.loads(expiring.anomaly_config("env-1", ENV))
+
+
+# --- removing devices that went away -----------------------------------------------------------------------------
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def removing(broker: Broker, clock: Clock, known_file: Any = None, metrics: Metrics | None = None,
+             remove_after: float = 100.0, interval: float = 0.01) -> HomeAssistantSink:
+    return HomeAssistantSink(broker, DISCOVERY, ProfileIndex([ENV]), lambda source: False, metrics or Metrics(),
+                             interval=interval, remove_after=remove_after, known_file=known_file, clock=clock)
+
+
+def env1_topics(*extra_fields: str) -> list[tuple[str, bytes]]:
+    fields = sorted({"battery", "humidity", "pressure", "temperature", *extra_fields})
+    return [*((f"homeassistant/sensor/edge-gateway/env-1__{f}/config", b"") for f in fields),
+            ("homeassistant/binary_sensor/edge-gateway/env-1__anomaly/config", b""),
+            ("gateway/ha/env-1/state", b""), ("gateway/ha/env-1/anomaly", b"")]
+
+
+def test_a_device_silent_for_remove_after_has_every_config_and_state_cleared_once_the_broker_acknowledges():
+    async def run() -> None:
+        broker, clock, metrics = Broker(), Clock(), Metrics()
+        ha = removing(broker, clock, metrics=metrics)
+        await ha.deliver([reading(1, "env-1", temperature=20.0, co2=400.0), reading(2, "env-2", temperature=20.0)])
+        await asyncio.sleep(0.05)
+        broker.take()
+        broker.ack_all()
+        clock.now += 60
+        await ha.deliver([reading(3, "env-2", temperature=21.0)])  # env-2 is heard again; env-1 stays silent
+        await asyncio.sleep(0.05)
+        broker.take()
+        broker.ack_all()
+        clock.now += 40
+        removal = asyncio.ensure_future(ha.remove_silent())
+        await asyncio.sleep(0.01)
+        published = broker.published[:]
+        assert [(t, p) for t, p, _ in published] == env1_topics("co2"), "the field it sent has a config too"
+        assert all(retained for _, _, retained in published)
+        assert not removal.done(), "removed only when the broker has the empty messages"
+        broker.ack_all()
+        assert await removal == ["env-1"]
+        assert metrics.get("ha_devices_removed") == 1
+        broker.take()
+        clock.now += 59
+        assert await ha.remove_silent() == [] and broker.take() == []
+        clock.now += 1
+        removed, _ = await asyncio.gather(ha.remove_silent(), _ack_soon(broker))
+        assert removed == ["env-2"], "silent since its last reading, not since the first"
+
+    asyncio.run(run())
+
+
+async def _ack_soon(broker: Broker) -> None:
+    await asyncio.sleep(0.01)
+    broker.ack_all()
+
+
+def test_a_removed_device_that_sends_again_is_announced_again():
+    async def run() -> None:
+        broker, clock = Broker(), Clock()
+        ha = removing(broker, clock)
+        await ha.deliver([reading(1, "env-1", temperature=20.0)])
+        await asyncio.sleep(0.05)
+        clock.now += 100
+        await asyncio.gather(ha.remove_silent(), _ack_soon(broker))
+        broker.take()
+        await ha.deliver([reading(2, "env-1", temperature=22.0)])
+        await asyncio.sleep(0.05)
+        published = dict(broker.take())
+        assert "homeassistant/sensor/edge-gateway/env-1__temperature/config" in published
+        assert json.loads(published["gateway/ha/env-1/state"]) == {"seq": 2, "temperature": 22.0}, \
+            "only what it sent since: the values from before the removal are gone with it"
+
+    asyncio.run(run())
+
+
+def test_a_device_with_a_reading_waiting_for_its_state_update_is_not_silent():
+    async def run() -> None:
+        broker, clock = Broker(), Clock()
+        ha = removing(broker, clock, interval=0.3)
+        await ha.deliver([reading(1, "env-1", temperature=20.0)])
+        await asyncio.sleep(0.05)  # announced at once (the first update), then heard at most every 0.3 s
+        clock.now += 500
+        await ha.deliver([reading(2, "env-1", temperature=20.0)])
+        assert await ha.remove_silent() == []
+
+    asyncio.run(run())
+
+
+def test_silence_is_kept_across_a_restart_but_the_time_the_gateway_was_down_does_not_count(tmp_path):
+    async def run() -> None:
+        known = tmp_path / "homeassistant.json"
+        broker, clock = Broker(), Clock()
+        ha = removing(broker, clock, known)
+        await ha.deliver([reading(1, "env-1", temperature=20.0, co2=400.0)])
+        await asyncio.sleep(0.05)
+        broker.ack_all()
+        clock.now += 70
+        ha.save_now()  # the gateway stops, 70 s after env-1 was last heard
+
+        restarted_clock = Clock()
+        restarted_clock.now = 5.0  # a monotonic clock of another boot: the downtime is not in it
+        again = removing(Broker(), restarted_clock, known)
+        restarted_clock.now += 29
+        assert await again.remove_silent() == []
+        restarted_clock.now += 1
+        broker = again._publisher
+        removed, _ = await asyncio.gather(again.remove_silent(), _ack_soon(broker))
+        assert removed == ["env-1"]
+        assert [(t, p) for t, p, _ in broker.published] == env1_topics("co2"), \
+            "the configs announced before the restart, the field it sent included"
+        assert json.loads(known.read_text()) == {"devices": {}}
+
+    asyncio.run(run())
+
+
+def test_an_unreadable_file_of_known_devices_is_reported_and_only_costs_their_removal(tmp_path, caplog):
+    async def run() -> None:
+        known = tmp_path / "homeassistant.json"
+        known.write_text('{"devices": {"env-1": {"fields": ["temperature"]}}}')  # no "silent"
+        broker, clock = Broker(), Clock()
+        ha = removing(broker, clock, known)
+        clock.now += 1000
+        assert await ha.remove_silent() == []
+        await ha.deliver([reading(1, "env-1", temperature=20.0)])
+        await asyncio.sleep(0.05)
+        assert "homeassistant/sensor/edge-gateway/env-1__temperature/config" in dict(broker.take())
+
+    asyncio.run(run())
+    assert "unreadable" in caplog.text
+
+
+def test_a_file_that_cannot_be_saved_is_counted_and_removal_goes_on_from_memory(tmp_path):
+    async def run() -> None:
+        broker, clock, metrics = Broker(), Clock(), Metrics()
+        ha = removing(broker, clock, tmp_path / "missing-folder" / "homeassistant.json", metrics)
+        await ha.deliver([reading(1, "env-1", temperature=20.0)])
+        await asyncio.sleep(0.05)
+        assert metrics.get("storage_errors") == 1
+        clock.now += 100
+        removed, _ = await asyncio.gather(ha.remove_silent(), _ack_soon(broker))
+        assert removed == ["env-1"]
+
+    asyncio.run(run())
+
+
+def test_without_remove_after_nothing_is_ever_removed():
+    async def run() -> None:
+        broker, clock = Broker(), Clock()
+        ha = removing(broker, clock, remove_after=0.0)
+        await ha.deliver([reading(1, "env-1", temperature=20.0)])
+        await asyncio.sleep(0.05)
+        broker.take()
+        clock.now += 10 ** 9
+        assert await ha.remove_silent() == [] and broker.take() == []
+
+    asyncio.run(run())

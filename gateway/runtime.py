@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -32,7 +31,7 @@ import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from devices.profiles import ProfileIndex, load_dir
 from gateway import config as config_mod
@@ -66,7 +65,9 @@ from gateway.sinks.influx import InfluxSink
 from gateway.sinks.influx_writers import InfluxV1Writer, InfluxV2Writer, Writer
 from gateway.sinks.upstream import Pacer, Topics, UpstreamSink
 from gateway.sources.mqtt import MqttSource
-from gateway.sources.serial import SerialSettings, SerialSources
+
+if TYPE_CHECKING:
+    from gateway.sources.serial import SerialSources
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +313,9 @@ class Gateway:
         self.feeds.on_committed = lambda _offset: [c.gate_moved() for c in behind_feeds]
 
         if cfg.serial.ports:
+            # Imported only here: pyserial and the frame codec are 0.7 MB of memory a gateway without ports skips.
+            from gateway.sources.serial import SerialSettings, SerialSources
+
             sc = cfg.serial
             self.serial = SerialSources(
                 sc.ports, self.appender, self._profile_list,
@@ -717,6 +721,8 @@ def _is_telemetry(event: Any) -> bool:
 
 
 def _version() -> str:
+    import importlib.metadata  # only with Home Assistant on: it brings zipfile, email and more, 0.8 MB
+
     try:
         return importlib.metadata.version("edge-gateway")
     except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed

@@ -11,28 +11,34 @@ InfluxDB `gateway` measurement has as fields:
     uptime                                           gauge    edge_gateway_uptime_seconds
 
 Counters start at zero with the process, as Prometheus expects (`rate()` handles the reset at a restart).
+
+prometheus_client is imported at the first scrape, not with the gateway: it costs 4.3 MB of resident memory, which
+a gateway nobody scrapes (most of them, on a Pi) should not pay (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
-from typing import Iterator
-
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
+from typing import TYPE_CHECKING, Any, Iterator
 
 from gateway.ops.metrics import COUNTERS, CUMULATIVE_GAUGES, GAUGES, LATENCY_BUCKETS_MS, Metrics
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 PREFIX = "edge_gateway_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the format generate_latest writes
 
 
-class GatewayCollector(Collector):
+class GatewayCollector:
+    """A collector as prometheus_client's registry takes one: anything with `collect()`."""
+
     def __init__(self, metrics: Metrics, gateway_id: str = "") -> None:
         self._metrics = metrics
         self._gateway_id = gateway_id
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
         m = self._metrics
         values = m.snapshot_counts()  # reads the gauges; leaves the latency window to the InfluxDB point
         for name in COUNTERS:
@@ -67,13 +73,18 @@ class GatewayCollector(Collector):
 class Exposition:
     """`render()` is the body of a scrape: one registry holding only the gateway's collector (no default process
     or platform collectors: CPU and memory are the gateway's own `cpu_seconds` and `rss_bytes`, the same numbers
-    InfluxDB gets)."""
+    InfluxDB gets), made at the first scrape."""
 
     content_type = CONTENT_TYPE
 
     def __init__(self, metrics: Metrics, gateway_id: str = "") -> None:
-        self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(GatewayCollector(metrics, gateway_id))
+        self._collector = GatewayCollector(metrics, gateway_id)
+        self._registry: Any = None
 
     def render(self) -> bytes:
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        if self._registry is None:
+            self._registry = CollectorRegistry(auto_describe=False)
+            self._registry.register(self._collector)
         return generate_latest(self._registry)

@@ -18,13 +18,13 @@ sends a field it had not sent before, and when SIGHUP brings other profiles. The
 announcement is the detector's (`in_episode`), which the detector rebuilt from the log at start, so a device in the
 middle of an episode stays ON across a restart.
 
-A device that stays silent for `remove_after` seconds of the gateway's running time is removed: an empty retained
-message on each of its configs (Home Assistant deletes the entities) and on its state topics. Which devices were
-announced with which fields, and how long each has been silent, is kept in `homeassistant.json` in the data folder
-(replaced atomically when a device is announced or removed and, with removal on, every few minutes), so a device
-that goes away while the gateway is down is still removed after the start. The time the gateway was down does not
-count as silence: the gateway could not have heard the device then. A removed device that sends again is announced
-again.
+With `remove_after`, a device that stays silent that many seconds of the gateway's running time is removed: an empty
+retained message on each of its configs (Home Assistant deletes the entities) and on its state topics. Which devices
+were announced with which fields, and how long each has been silent, is kept in `homeassistant.json` in the data
+folder (replaced atomically every tenth of `remove_after`, at most every SAVE_EVERY, after a removal and at a clean
+stop), so a device that goes away while the gateway is down is still removed after the start. The time the gateway
+was down does not count as silence: the gateway could not have heard the device then. A removed device that sends
+again is announced again. Without `remove_after` none of this is kept, in memory or on disk.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -81,12 +82,13 @@ class HomeAssistantSink:
         self._remove_after = remove_after
         self._known_file = known_file
         self._clock = clock
-        # Every device announced and not removed, this run or before: the fields whose configs it has, and when it
-        # was last heard (on `clock`; a device known from the file counts as heard its saved silence ago).
+        # With removal on: every device heard and not removed, this run or before, least recently heard first, with
+        # when (on `clock`; a device known from the file counts as heard its saved silence ago), at most max_devices;
+        # and the fields whose configs each was announced with.
+        self._heard: OrderedDict[str, float] = OrderedDict()
         self._known: dict[str, frozenset[str]] = {}
-        self._heard: dict[str, float] = {}
         self._saving = asyncio.Lock()  # one save at a time: they share the temporary file
-        if known_file is not None:
+        if remove_after > 0 and known_file is not None:
             self._load(known_file)
 
     async def deliver(self, events: Sequence[Event]) -> asyncio.Future[Any]:
@@ -149,9 +151,8 @@ class HomeAssistantSink:
             await asyncio.sleep(wait)  # whatever arrives meanwhile joins this update
         devices, self._dirty, self._next = self._dirty, set(), None
         self._last = time.monotonic()
-        heard = self._clock()
-        for device in devices:
-            self._heard[device] = heard
+        if self._remove_after > 0:
+            self._hear(devices)
         try:
             configs = states = 0
             for device in sorted(devices):
@@ -163,8 +164,6 @@ class HomeAssistantSink:
                 states += 1
             self._metrics.inc("ha_configs_published", configs)
             self._metrics.inc("ha_states_published", states)
-            if configs:
-                await self._save()
         except Exception as exc:  # the consumer reads these events again from the log
             log.error("homeassistant: update failed: %r", exc)
             if not update.future.done():
@@ -193,10 +192,20 @@ class HomeAssistantSink:
             self._metrics.inc("ha_states_published")
             n += 1
         self._announced[device] = fields
-        self._known[device] = self._known.get(device, frozenset()) | fields
+        if self._remove_after > 0:
+            self._known[device] = self._known.get(device, frozenset()) | fields
         return n
 
     # --- removing the devices that went away -------------------------------------------------------------------------
+
+    def _hear(self, devices: set[str]) -> None:
+        heard, now = self._heard, self._clock()
+        for device in devices:
+            heard[device] = now
+            heard.move_to_end(device)
+        while len(heard) > self._max_devices:  # the longest silent is no longer tracked (its configs stay)
+            device, _ = heard.popitem(last=False)
+            self._known.pop(device, None)
 
     async def remove_silent(self) -> list[str]:
         """Remove every known device silent for `remove_after`: empty retained messages on its configs and states,
@@ -237,11 +246,12 @@ class HomeAssistantSink:
     def _load(self, path: Path) -> None:
         try:
             doc = json.loads(path.read_text())
-            devices = doc["devices"]
             now = self._clock()
-            for device, entry in devices.items():
-                self._known[device] = frozenset(entry["fields"])
-                self._heard[device] = now - max(0.0, float(entry["silent"]))
+            heard = sorted((now - max(0.0, float(entry["silent"])), device, frozenset(entry["fields"]))
+                           for device, entry in doc["devices"].items())
+            for at, device, fields in heard[-self._max_devices:]:  # least recently heard first
+                self._heard[device] = at
+                self._known[device] = fields
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -268,7 +278,7 @@ class HomeAssistantSink:
 
     def save_now(self) -> None:
         """At shutdown: the silences as they are now (blocking, a small file)."""
-        if self._known_file is not None:
+        if self._remove_after > 0 and self._known_file is not None:
             try:
                 _replace(self._known_file, self._document())
             except OSError as exc:

@@ -418,24 +418,49 @@ def test_a_file_that_cannot_be_saved_is_counted_and_removal_goes_on_from_memory(
     async def run() -> None:
         broker, clock, metrics = Broker(), Clock(), Metrics()
         ha = removing(broker, clock, tmp_path / "missing-folder" / "homeassistant.json", metrics)
-        await ha.deliver([reading(1, "env-1", temperature=20.0)])
+        await ha.deliver([reading(1, "env-1", temperature=20.0), reading(2, "env-2", temperature=20.0)])
         await asyncio.sleep(0.05)
-        assert metrics.get("storage_errors") == 1
-        clock.now += 100
+        clock.now += 60
+        await ha.deliver([reading(3, "env-2", temperature=20.0)])
+        await asyncio.sleep(0.05)
+        clock.now += 40
         removed, _ = await asyncio.gather(ha.remove_silent(), _ack_soon(broker))
         assert removed == ["env-1"]
+        assert metrics.get("storage_errors") == 1, "the save after the removal failed, and said so"
+        clock.now += 60
+        removed, _ = await asyncio.gather(ha.remove_silent(), _ack_soon(broker))
+        assert removed == ["env-2"], "what is known in memory is still acted on"
 
     asyncio.run(run())
 
 
-def test_without_remove_after_nothing_is_ever_removed():
+def test_beyond_max_devices_the_longest_silent_is_no_longer_tracked_for_removal():
     async def run() -> None:
         broker, clock = Broker(), Clock()
-        ha = removing(broker, clock, remove_after=0.0)
+        ha = HomeAssistantSink(broker, DISCOVERY, ProfileIndex([]), None, Metrics(), interval=0.01, max_devices=2,
+                               remove_after=100.0, clock=clock)
+        for device in ("a", "b", "c"):
+            await ha.deliver([reading(1, device, x=1.0)])
+            await asyncio.sleep(0.03)
+            clock.now += 1
+        clock.now += 100
+        removed, _ = await asyncio.gather(ha.remove_silent(), _ack_soon(broker))
+        assert removed == ["b", "c"]
+
+    asyncio.run(run())
+
+
+def test_without_remove_after_nothing_is_ever_removed_and_nothing_is_kept_for_it(tmp_path):
+    async def run() -> None:
+        known = tmp_path / "homeassistant.json"
+        broker, clock = Broker(), Clock()
+        ha = removing(broker, clock, known, remove_after=0.0)
         await ha.deliver([reading(1, "env-1", temperature=20.0)])
         await asyncio.sleep(0.05)
         broker.take()
         clock.now += 10 ** 9
         assert await ha.remove_silent() == [] and broker.take() == []
+        ha.save_now()
+        assert not known.exists()
 
     asyncio.run(run())

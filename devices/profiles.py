@@ -56,6 +56,9 @@ class FieldSpec:
     values: Mapping[str, float] | None = None  # strings the device sends for numbers: { ON = 1, OFF = 0 }
     unit_path: tuple[str, ...] = ()  # where the message names its unit
     units: tuple[tuple[str, Conversion], ...] = ()  # each unit the device may use, converted to `unit`
+    # Scored by the anomaly model. A field sent as words (`values`: ON/OFF) is a state, not a measurement: a door
+    # contact holding its state for hours is not a stuck sensor, so such a field is not scored unless it says so.
+    anomaly: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +70,14 @@ class DeviceProfile:
     sources: tuple[Source, ...] = ()  # topics of devices that speak another dialect (devices/mapping.py)
     manufacturer: str = ""  # for Home Assistant's device registry (gateway/fanout/ha_discovery.py)
     model: str = ""
+    unscored: frozenset[str] = frozenset()  # the fields the anomaly model leaves alone (`anomaly = false`)
 
     def applies_to(self, device_id: str) -> bool:
-        return any(fnmatch.fnmatchcase(device_id, pattern) for pattern in self.match)
+        """Its `match` covers the id, or one of its dialect sources makes such ids (`id = "z2m-{id}"`: every id with
+        that prefix; a source whose ids are the bare names claims none this way)."""
+        return any(fnmatch.fnmatchcase(device_id, pattern) for pattern in self.match) or any(
+            (s.id_prefix or s.id_suffix) and len(device_id) > len(s.id_prefix) + len(s.id_suffix)
+            and device_id.startswith(s.id_prefix) and device_id.endswith(s.id_suffix) for s in self.sources)
 
     def field(self, name: str) -> FieldSpec | None:
         for spec in self.fields:
@@ -138,7 +146,8 @@ def parse(text: str, origin: str = "<profile>") -> DeviceProfile:
     unknown = set(doc) - {"name", "match", "strict", "fields", "source", "manufacturer", "model"}
     if unknown:
         raise ProfileError(f"{origin}: unknown setting {sorted(unknown)[0]!r}")
-    return DeviceProfile(name, tuple(match), fields, strict, sources, about["manufacturer"], about["model"])
+    return DeviceProfile(name, tuple(match), fields, strict, sources, about["manufacturer"], about["model"],
+                         frozenset(f.name for f in fields if not f.anomaly))
 
 
 def _field(origin: str, name: str, spec: Any) -> FieldSpec:
@@ -166,8 +175,11 @@ def _field(origin: str, name: str, spec: Any) -> FieldSpec:
     optional = spec.get("optional", False)
     if not isinstance(optional, bool):
         raise ProfileError(f"{origin}: fields.{name}.optional must be true or false, got {optional!r}")
+    anomaly = spec.get("anomaly", "values" not in spec)
+    if not isinstance(anomaly, bool):
+        raise ProfileError(f"{origin}: fields.{name}.anomaly must be true or false, got {anomaly!r}")
     unknown = set(spec) - {"type", "unit", "min", "max", "scale", "offset", "path", "optional", "values",
-                           "unit_path", "units"}
+                           "unit_path", "units", "anomaly"}
     if unknown:
         raise ProfileError(f"{origin}: fields.{name}: unknown setting {sorted(unknown)[0]!r}")
     try:
@@ -182,7 +194,7 @@ def _field(origin: str, name: str, spec: Any) -> FieldSpec:
     if units and (bounds["scale"] is not None or offset):
         raise ProfileError(f"{origin}: fields.{name}: with units, each unit has its own scale and offset")
     return FieldSpec(name, kind, unit, bounds["min"], bounds["max"], bounds["scale"] or 1.0, float(offset), path,
-                     optional, values, unit_path, units)
+                     optional, values, unit_path, units, anomaly)
 
 
 def load_dir(path: Path) -> list[DeviceProfile]:

@@ -237,7 +237,8 @@ def try_profile(profile: str, topic: str, payload: str, config_path: str | None)
     for name, value in t.fields.items():
         spec = found.field(name)
         unit = f" {spec.unit}" if spec is not None and spec.unit else ""
-        click.echo(f"  {name:<{width}}  {value!r}{unit}")
+        state = "  (a state: not scored by the anomaly model)" if name in found.unscored else ""
+        click.echo(f"  {name:<{width}}  {value!r}{unit}{state}")
 
 
 def _refuse(message: str) -> NoReturn:

@@ -179,7 +179,7 @@ class Gateway:
         if (cfg.anomaly.enabled or cfg.content.enabled) and not onnxruntime_installed():
             log.warning("onnxruntime is not installed (it has no wheel for this platform, %s): the anomaly and "
                         "content models are off; telemetry and posts pass unscored", platform.machine())
-        self.filters = Filters(load_detector(cfg), load_content_filter(cfg), self.metrics)
+        self.filters = Filters(load_detector(cfg), load_content_filter(cfg), self.metrics, self.profiles)
         self._warm_filters()
         self.failed = False
         self.health_address: str | None = None
@@ -412,6 +412,7 @@ class Gateway:
         self._profile_list = profiles
         self.profiles = ProfileIndex(profiles)
         self.source.reconfigure(self.profiles, new.limits)
+        self.filters.profiles = self.profiles
         if self.homeassistant is not None and profiles_changed:
             self.homeassistant.reprofile(self.profiles)
         if self.serial is not None:

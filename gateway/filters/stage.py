@@ -20,6 +20,8 @@ from gateway.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+DEVICE_PREFIX = "devices/"  # a reading's source is devices/{id}
+
 
 class Detector(Protocol):
     def score(self, items: Sequence[tuple[str, Mapping[str, float], int]]) -> list[Verdict]: ...
@@ -35,10 +37,33 @@ def measurements(payload: Mapping[str, Any]) -> dict[str, float]:
     return {k: v for k, v in payload.items() if k != "seq" and k != "ts"}
 
 
+def scored_measurements(profiles: Profiles | None, source: str, payload: Mapping[str, Any]) -> dict[str, float]:
+    """The fields of a reading the anomaly model scores: its measurements, less those its device's profile leaves
+    alone."""
+    fields = measurements(payload)
+    if profiles is not None:
+        profile = profiles.get(source[len(DEVICE_PREFIX):])
+        if profile is not None and profile.unscored:
+            for name in profile.unscored & fields.keys():
+                del fields[name]
+    return fields
+
+
+class Profiles(Protocol):
+    """What the filters need of the device profiles (devices.profiles.ProfileIndex): a device's, cached per device."""
+
+    def get(self, device_id: str) -> Any: ...
+
+
 class Filters:
-    def __init__(self, detector: Detector | None, content: TextScorer | None, metrics: Metrics) -> None:
+    """`profiles`, when given, names per device the fields the anomaly model leaves alone (a profile field's
+    `anomaly = false`, by default every field sent as words such as ON/OFF); replaced on SIGHUP."""
+
+    def __init__(self, detector: Detector | None, content: TextScorer | None, metrics: Metrics,
+                 profiles: Profiles | None = None) -> None:
         self.detector = detector
         self.content = content
+        self.profiles = profiles
         self._metrics = metrics
 
     def score(self, records: Sequence[Ingested]) -> list[Verdict | None]:
@@ -48,7 +73,8 @@ class Filters:
             at = [i for i, r in enumerate(records) if r.kind == KIND_TELEMETRY]
             if at:
                 verdicts = self._finite(self.detector.score(
-                    [(records[i].source, measurements(records[i].payload), records[i].ts_ms) for i in at]))
+                    [(records[i].source, self._scored(records[i].source, records[i].payload), records[i].ts_ms)
+                     for i in at]))
                 for i, v in zip(at, verdicts):
                     out[i] = v
                 flagged = sum(1 for v in verdicts if v is not None and v.flagged)
@@ -69,11 +95,14 @@ class Filters:
         AnomalyDetector.warm). Returns how many readings it learned from."""
         if self.detector is None:
             return 0
-        items = [(e.source, measurements(e.payload), e.ts_ms,
+        items = [(e.source, self._scored(e.source, e.payload), e.ts_ms,
                   e.verdict.score if e.verdict is not None and e.verdict.flagged else None)
                  for e in events if e.kind == KIND_TELEMETRY]
         self.detector.warm(items)
         return len(items)
+
+    def _scored(self, source: str, payload: Mapping[str, Any]) -> dict[str, float]:
+        return scored_measurements(self.profiles, source, payload)
 
     def _finite(self, verdicts: list[Verdict]) -> list[Verdict | None]:
         """A score that is not a number is a broken model, not a verdict: the event goes on without one."""

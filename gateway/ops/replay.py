@@ -103,16 +103,22 @@ def _origin(configured: float | int, field_name: str) -> str:
 
 
 def _anomaly_model(path: Path, cfg: Config) -> Model:
+    from devices.profiles import ProfileIndex, ProfileError, load_dir
     from gateway.filters.anomaly import AnomalyDetector
-    from gateway.filters.stage import measurements
+    from gateway.filters.stage import scored_measurements
 
+    try:  # the fields the daemon scores: its profiles leave some alone
+        profiles = ProfileIndex(load_dir(cfg.profiles_path()))
+    except (ProfileError, OSError) as exc:
+        raise ReplayError(f"device profiles: {exc}") from None
     a = cfg.anomaly
     detector = AnomalyDetector(path, threshold=a.threshold or None, start=a.episode_start or None,
                                persist=a.episode_persist or None, quiet=a.episode_quiet or None,
                                max_series=a.max_series)
 
     def score(rows: Sequence[Row]) -> list[Verdict]:
-        return detector.score([(source, measurements(orjson.loads(payload)), ts) for _, source, ts, payload, _ in rows])
+        return detector.score([(source, scored_measurements(profiles, source, orjson.loads(payload)), ts)
+                               for _, source, ts, payload, _ in rows])
 
     settings = {"threshold": detector.threshold, "threshold_from": _origin(a.threshold, "anomaly.threshold"),
                 "episode_start": detector.start, "episode_start_from": _origin(a.episode_start, "anomaly.episode_start"),

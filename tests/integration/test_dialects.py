@@ -101,3 +101,40 @@ def test_three_dialects_reach_a_follower_and_bad_messages_become_dead_letters(mo
     assert status["metrics"]["appended"] == len(good)
     feed.close()
     letters.close()
+
+
+def test_a_door_contact_is_never_judged_through_zigbee2mqtt_where_the_same_series_as_numbers_is(
+        mosquitto: Any, gateway: Any) -> None:
+    """The same readings twice: from a zigbee2mqtt door sensor, whose `contact` the dialect marks a state, and from a
+    device without a profile sending the contact as a number. A contact held for long stretches looks stuck to the
+    anomaly model; only the second device may be judged on it (the temperature is judged on both)."""
+    import random
+
+    tag = uuid.uuid4().hex[:6]
+    door, plain = f"0x00158d01{tag}", f"door-{tag}"
+    alerts = Collector(mosquitto.address, f"alerts/z2m-{door}", f"alerts/{plain}")
+    gateway.start()
+    rng = random.Random(4)
+    contact, messages = False, []
+    for i in range(800):
+        contact = (not contact) if rng.random() < 0.02 else contact
+        temperature = round(21.0 + rng.gauss(0, 0.1), 2)
+        messages.append((f"zigbee2mqtt/{door}", json.dumps({"temperature": temperature, "contact": contact}).encode()))
+        messages.append((f"devices/{plain}/telemetry",
+                         json.dumps({"seq": i, "temperature": temperature, "contact": float(contact)}).encode()))
+    publish_all(mosquitto.address, messages)
+    gateway.wait_status(lambda s: s["metrics"]["committed"] >= len(messages))
+
+    def judged(device: str) -> set[str]:
+        """The fields the alerts of `device` named (an episode's start names its flagged fields)."""
+        out: set[str] = set()
+        for topic, payload, _ in alerts.messages:
+            if topic == f"alerts/{device}":
+                detail = json.loads(payload)["verdicts"][0].get("detail") or {}
+                out |= set(detail.get("fields", {}))
+        return out
+
+    assert alerts.wait_for(lambda m: "contact" in judged(plain)), \
+        "the contact as a plain number is judged, and held for long it looks stuck"
+    assert "contact" not in judged(f"z2m-{door}")
+    alerts.close()

@@ -19,8 +19,11 @@ import onnxruntime as ort
 import pytest
 
 from firmware_sim.signals import ANOMALY_TYPES, DeviceSignal
-from gateway.event import Verdict
+from devices.profiles import ProfileIndex, parse
+from gateway.event import KIND_TELEMETRY, Ingested, Verdict
 from gateway.filters.anomaly import AnomalyDetector, ModelMetadataError
+from gateway.filters.stage import Filters
+from gateway.ops.metrics import Metrics
 from gateway.filters.anomaly_features import (
     DAY_MS,
     FEATURE_NAMES,
@@ -586,3 +589,36 @@ def write_golden() -> None:
 
 if __name__ == "__main__":
     write_golden()
+
+
+DOOR = parse('name = "door"\nmatch = ["door-*"]\n[fields.temperature]\n[fields.contact]\nvalues = { OPEN = 1, CLOSED = 0 }\n')
+
+
+def door_readings(n: int) -> list[Ingested]:
+    """A door sensor: a calm temperature, and a contact that holds its state for long stretches and flips now and
+    then, as a front door does."""
+    rng = random.Random(4)
+    contact, out = 0.0, []
+    for i in range(n):
+        if rng.random() < 0.02:
+            contact = 1.0 - contact
+        payload = {"temperature": 21.0 + rng.gauss(0, 0.1), "contact": contact}
+        out.append(Ingested("devices/door-1", KIND_TELEMETRY, 1_767_225_600_000 + i * 60_000, payload, b"{}"))
+    return out
+
+
+def test_a_state_the_profile_leaves_alone_is_never_judged_while_the_device_s_measurements_are():
+    readings = door_readings(1500)
+    with_profile = Filters(AnomalyDetector(MODEL), None, Metrics(), ProfileIndex([DOOR]))
+    without = Filters(AnomalyDetector(MODEL), None, Metrics())
+    kept = [v for i in range(0, len(readings), 10) for v in with_profile.score(readings[i:i + 10])]
+    judged = [v for i in range(0, len(readings), 10) for v in without.score(readings[i:i + 10])]
+    assert sum(v.flagged for v in judged) > 50, "a long-held state looks stuck to the model: the reason for the rule"
+    assert not any(v.flagged and "contact" in v.detail["fields"] for v in kept)
+    assert sum(v.flagged for v in kept) <= 3
+    assert with_profile.detector.tracked == 1, "only the temperature has a series"
+    # A spike of the measurement is still flagged.
+    spike = Ingested("devices/door-1", KIND_TELEMETRY, 1_767_225_600_000 + 1500 * 60_000,
+                     {"temperature": 80.0, "contact": 0.0}, b"{}")
+    verdict = with_profile.score([spike])[0]
+    assert verdict.flagged and verdict.detail["fields"] == {"temperature": "spike"}

@@ -207,3 +207,12 @@ def test_try_profile_reads_a_file_a_configured_folder_and_standard_input(tmp_pat
     assert broken.exit_code == 2 and "broken.toml" in broken.output
     plain = CliRunner().invoke(main, ["try-profile", "env-sensor", "--topic", "a", "--payload", ""])
     assert plain.exit_code == 2 and "has no [source]" in plain.output
+
+
+def test_try_profile_marks_the_states_the_anomaly_model_leaves_alone():
+    result = CliRunner().invoke(main, ["try-profile", "zigbee2mqtt", "--topic", "zigbee2mqtt/0x00158d0001a2b3c4",
+                                       "--payload", '{"temperature": 21.5, "contact": false}'])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines() if line.startswith("  ")}
+    assert lines["contact"].endswith("0.0  (a state: not scored by the anomaly model)")
+    assert "not scored" not in lines["temperature"]

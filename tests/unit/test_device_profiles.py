@@ -61,3 +61,35 @@ def test_the_index_finds_a_profile_by_device_id_pattern():
 
 def test_the_builtin_profiles_load():
     assert {p.name for p in load_dir(BUILTIN_DIR)} >= {"env-sensor"}
+
+
+def test_fields_sent_as_words_are_states_the_anomaly_model_leaves_alone_unless_a_field_says_otherwise():
+    p = parse('name = "door"\nmatch = ["door-*"]\n'
+              '[fields.temperature]\n'
+              '[fields.contact]\nvalues = { OPEN = 1, CLOSED = 0 }\n'
+              '[fields.mode]\nvalues = { ECO = 0, COMFORT = 1, BOOST = 2 }\nanomaly = true\n'
+              '[fields.energy_kwh]\nanomaly = false\n')
+    assert [(f.name, f.anomaly) for f in p.fields] == [("temperature", True), ("contact", False), ("mode", True),
+                                                      ("energy_kwh", False)]
+    assert p.unscored == frozenset({"contact", "energy_kwh"})
+    assert parse(PROFILE).unscored == frozenset()
+    with pytest.raises(ProfileError, match="fields.contact.anomaly must be true or false"):
+        parse('name = "door"\nmatch = ["door-*"]\n[fields.contact]\nanomaly = "no"\n', "door.toml")
+
+
+def test_the_zigbee2mqtt_dialect_leaves_its_binary_states_to_home_assistant_not_the_anomaly_model():
+    z2m = next(p for p in load_dir(BUILTIN_DIR.parent / "dialects") if p.name == "zigbee2mqtt")
+    assert {"state", "contact", "occupancy", "water_leak"} <= z2m.unscored
+    assert not {"temperature", "humidity", "battery", "linkquality"} & z2m.unscored
+
+
+def test_a_dialect_profile_is_the_profile_of_the_ids_its_sources_make():
+    dialects = load_dir(BUILTIN_DIR.parent / "dialects")
+    index = ProfileIndex(dialects)
+    assert index.get("z2m-0x00158d0001a2b3c4").name == "zigbee2mqtt"
+    assert index.get("esphome-hall").name == "esphome"
+    assert index.get("tasmota-plug").name == "tasmota"
+    assert index.get("z2m-") is None, "a prefix alone names no device"
+    assert index.get("dev-0001") is None
+    bare = parse('name = "bare"\n[source]\ntopic = "bare/{id}/state"\npayload = "json"\n')
+    assert not bare.applies_to("anything"), "ids that are the bare names would claim every device"

@@ -31,3 +31,18 @@ def test_a_mark_threshold_above_the_block_threshold_changes_nothing(tmp_path):
             gateway.reload(config.parse(base + '[content]\nmark_threshold = 0.9\nblock_threshold = 0.5\n'
                                                '[log]\nlevel = "debug"\n'))
         assert (content.mark_threshold, content.block_threshold, gateway.cfg.log.level) == before
+
+
+def test_profiles_loaded_on_reload_decide_which_fields_the_anomaly_model_scores(tmp_path):
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    base = (f'profiles_dir = "{profiles}"\n[storage]\ndata_dir = "{tmp_path}"\nfsync = "off"\n'
+            '[influx]\napi = "none"\n')
+    with built(tmp_path) as gateway:
+        gateway.reload(config.parse(base))
+        assert gateway.filters.profiles.get("door-1") is None
+        (profiles / "door.toml").write_text('name = "door"\nmatch = ["door-*"]\n[fields.contact]\n'
+                                            'values = { OPEN = 1, CLOSED = 0 }\n')
+        applied, _ = gateway.reload(config.parse(base))
+        assert "device profiles (door)" in applied
+        assert gateway.filters.profiles.get("door-1").unscored == frozenset({"contact"})

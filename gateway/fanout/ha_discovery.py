@@ -186,4 +186,6 @@ class Discovery:
 
 
 def fields_of(profile: DeviceProfile | None) -> frozenset[str]:
-    return frozenset(f.name for f in profile.fields) if profile is not None else frozenset()
+    """The fields every device of the profile has: its optional ones (a dialect lists every field a kind of device
+    may send, a door sensor sends few of them) get their sensor when the device first sends them."""
+    return frozenset(f.name for f in profile.fields if not f.optional) if profile is not None else frozenset()

@@ -172,7 +172,7 @@ class HomeAssistantSink:
         update.seal()
 
     async def _announce(self, device: str, values: dict[str, Any], update: AckedBatch) -> int:
-        """Publish the configs the device does not have yet: every field of its profile and every field it sent,
+        """Publish the configs the device does not have yet: every required field of its profile and every field it sent,
         and the first time, the anomaly binary sensor and its state. Returns how many configs were published."""
         announced = self._announced.get(device)
         sent = values.keys() - NOT_FIELDS

@@ -464,3 +464,21 @@ def test_without_remove_after_nothing_is_ever_removed_and_nothing_is_kept_for_it
         assert not known.exists()
 
     asyncio.run(run())
+
+
+def test_a_dialect_device_gets_sensors_for_what_it_sends_with_the_dialect_s_units():
+    """A dialect lists every field a kind of device may send, all optional: a zigbee2mqtt thermometer is announced
+    with its two fields, in Home Assistant's units, not with a sensor for every field of the dialect."""
+    async def run() -> None:
+        broker = Broker()
+        z2m = next(p for p in load_dir(BUILTIN_DIR.parent / "dialects") if p.name == "zigbee2mqtt")
+        ha = sink(broker, profiles=ProfileIndex([z2m]))
+        await ha.deliver([reading(1, "z2m-0x00158d0001a2b3c4", temperature=21.5, humidity=45.0)])
+        await asyncio.sleep(0.01)
+        configs = {t: json.loads(p) for t, p in broker.take() if t.startswith("homeassistant/sensor/")}
+        assert sorted(configs) == ["homeassistant/sensor/edge-gateway/z2m-0x00158d0001a2b3c4__humidity/config",
+                                   "homeassistant/sensor/edge-gateway/z2m-0x00158d0001a2b3c4__temperature/config"]
+        temperature = configs["homeassistant/sensor/edge-gateway/z2m-0x00158d0001a2b3c4__temperature/config"]
+        assert (temperature["unit_of_measurement"], temperature["device_class"]) == ("°C", "temperature")
+
+    asyncio.run(run())

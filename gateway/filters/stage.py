@@ -37,6 +37,12 @@ def measurements(payload: Mapping[str, Any]) -> dict[str, float]:
     return {k: v for k, v in payload.items() if k != "seq" and k != "ts"}
 
 
+class Profiles(Protocol):
+    """What the filters need of the device profiles (devices.profiles.ProfileIndex): a device's, cached per device."""
+
+    def get(self, device_id: str) -> Any: ...
+
+
 def scored_measurements(profiles: Profiles | None, source: str, payload: Mapping[str, Any]) -> dict[str, float]:
     """The fields of a reading the anomaly model scores: its measurements, less those its device's profile leaves
     alone."""
@@ -47,12 +53,6 @@ def scored_measurements(profiles: Profiles | None, source: str, payload: Mapping
             for name in profile.unscored & fields.keys():
                 del fields[name]
     return fields
-
-
-class Profiles(Protocol):
-    """What the filters need of the device profiles (devices.profiles.ProfileIndex): a device's, cached per device."""
-
-    def get(self, device_id: str) -> Any: ...
 
 
 class Filters:
@@ -72,9 +72,10 @@ class Filters:
         if self.detector is not None:
             at = [i for i, r in enumerate(records) if r.kind == KIND_TELEMETRY]
             if at:
+                profiles = self.profiles
+                readings = [records[i] for i in at]
                 verdicts = self._finite(self.detector.score(
-                    [(records[i].source, self._scored(records[i].source, records[i].payload), records[i].ts_ms)
-                     for i in at]))
+                    [(r.source, scored_measurements(profiles, r.source, r.payload), r.ts_ms) for r in readings]))
                 for i, v in zip(at, verdicts):
                     out[i] = v
                 flagged = sum(1 for v in verdicts if v is not None and v.flagged)
@@ -95,14 +96,11 @@ class Filters:
         AnomalyDetector.warm). Returns how many readings it learned from."""
         if self.detector is None:
             return 0
-        items = [(e.source, self._scored(e.source, e.payload), e.ts_ms,
+        items = [(e.source, scored_measurements(self.profiles, e.source, e.payload), e.ts_ms,
                   e.verdict.score if e.verdict is not None and e.verdict.flagged else None)
                  for e in events if e.kind == KIND_TELEMETRY]
         self.detector.warm(items)
         return len(items)
-
-    def _scored(self, source: str, payload: Mapping[str, Any]) -> dict[str, float]:
-        return scored_measurements(self.profiles, source, payload)
 
     def _finite(self, verdicts: list[Verdict]) -> list[Verdict | None]:
         """A score that is not a number is a broken model, not a verdict: the event goes on without one."""

@@ -489,3 +489,14 @@ def test_replay_leaves_alone_the_fields_the_profiles_leave_alone(tmp_path):
     assert same["only_now"] == 0 and same["only_then"] == 0
     blind = replay_json("--model", ANOMALY, "--data-dir", tmp_path)["totals"]  # the shipped profiles: no door
     assert blind["only_now"] > 50, "without the profile the held contact looks stuck: the test can tell"
+
+
+def test_a_profile_that_cannot_be_read_stops_an_anomaly_replay_with_the_reason(tmp_path, data_dir):
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "broken.toml").write_text('name = "broken"\nmatch = ["x-*"]\n[fields.a]\nanomaly = "no"\n')
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'profiles_dir = "{profiles}"\n')
+    code, out = replay("--model", ANOMALY, "--data-dir", data_dir, "--config", config)
+    assert code == 1
+    assert "device profiles:" in out and "fields.a.anomaly must be true or false" in out

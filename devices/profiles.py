@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import tomllib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -70,7 +71,11 @@ class DeviceProfile:
     sources: tuple[Source, ...] = ()  # topics of devices that speak another dialect (devices/mapping.py)
     manufacturer: str = ""  # for Home Assistant's device registry (gateway/fanout/ha_discovery.py)
     model: str = ""
-    unscored: frozenset[str] = frozenset()  # the fields the anomaly model leaves alone (`anomaly = false`)
+    # The fields the anomaly model leaves alone (`anomaly = false`): derived from `fields`, kept for the hot path.
+    unscored: frozenset[str] = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "unscored", frozenset(f.name for f in self.fields if not f.anomaly))
 
     def applies_to(self, device_id: str) -> bool:
         """Its `match` covers the id, or one of its dialect sources makes such ids (`id = "z2m-{id}"`: every id with
@@ -146,8 +151,7 @@ def parse(text: str, origin: str = "<profile>") -> DeviceProfile:
     unknown = set(doc) - {"name", "match", "strict", "fields", "source", "manufacturer", "model"}
     if unknown:
         raise ProfileError(f"{origin}: unknown setting {sorted(unknown)[0]!r}")
-    return DeviceProfile(name, tuple(match), fields, strict, sources, about["manufacturer"], about["model"],
-                         frozenset(f.name for f in fields if not f.anomaly))
+    return DeviceProfile(name, tuple(match), fields, strict, sources, about["manufacturer"], about["model"])
 
 
 def _field(origin: str, name: str, spec: Any) -> FieldSpec:

@@ -9,6 +9,10 @@
                                       done() of every group (PUBACKs, serial ACKs), then the new events to
                                       every live consumer, from memory
 
+At most `batch_max` records go into one commit: a larger read (a flood's socket read can hold thousands of
+messages) is committed in parts, and its done() runs after the last. The batch bounds how long the filters keep the
+loop and how much of a flood is in memory at once.
+
 When to commit. A commit rewrites whole pages, so a commit of one small event costs the disk as much as one of
 several: under load, a commit waits until the pending records fill a page (`page_bytes`) or until
 `commit_window` seconds have passed since the previous commit began, whichever is first. An idle gateway commits a
@@ -70,10 +74,26 @@ class ProgressSource(Protocol):
 class _Group:
     __slots__ = ("records", "done", "size")
 
-    def __init__(self, records: Sequence[Ingested | DeadLetter], done: Done | None, size: int) -> None:
+    def __init__(self, records: Sequence[Ingested | DeadLetter], done: Done | None) -> None:
         self.records = records
         self.done = done
-        self.size = size
+        self.size = _size(records)
+
+    def split(self, n: int) -> _Group:
+        """Take the first `n` records off as a group of their own. `done` stays with the rest: commits go in order,
+        so it runs once the last of the records is logged."""
+        head = _Group(self.records[:n], None)
+        self.records = self.records[n:]
+        self.size -= head.size
+        return head
+
+
+def _size(records: Sequence[Ingested | DeadLetter]) -> int:
+    """About what the records take in the log, to tell when they fill a page."""
+    size = 0
+    for r in records:
+        size += len(r.body) + 128 if type(r) is Ingested else 256  # type: ignore[union-attr]
+    return size
 
 
 class _Sealed:
@@ -182,12 +202,10 @@ class Appender:
         `done` never runs (so nothing is acknowledged that was not logged)."""
         if not self._accepting or not records:
             return
-        size = 0
-        for r in records:
-            size += len(r.body) + 128 if type(r) is Ingested else 256  # type: ignore[union-attr]
-        self._groups.append(_Group(records, done, size))
+        group = _Group(records, done)
+        self._groups.append(group)
         self._pending += len(records)
-        self._pending_bytes += size
+        self._pending_bytes += group.size
         self._signal(self._pending_bytes >= self._page_bytes)
 
     def hold_reads(self, resume: Callable[[], None]) -> bool:
@@ -248,7 +266,11 @@ class Appender:
                 continue
             groups = []
             count = 0
-            while self._groups and (not groups or count + len(self._groups[0].records) <= self._batch_max):
+            while self._groups and count < self._batch_max:
+                room = self._batch_max - count
+                if len(self._groups[0].records) > room:  # one socket read can hold a flood's thousands of messages
+                    groups.append(self._groups[0].split(room))
+                    break
                 group = self._groups.popleft()
                 groups.append(group)
                 count += len(group.records)

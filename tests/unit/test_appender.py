@@ -59,11 +59,11 @@ class Harness:
     def logged(self) -> list[Event]:
         return self.reader.read(0, 10_000)
 
-    async def submit(self, records: list[Any]) -> None:
-        """Hand in one group; return once it is committed (its done() ran)."""
-        done = asyncio.get_running_loop().create_future()
+    async def submit(self, records: list[Any]) -> list[Event]:
+        """Hand in one group; return once it is committed (its done() ran), with what the log held then."""
+        done: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
         self.appender.submit(records, lambda: done.set_result(self.logged()))
-        await asyncio.wait_for(done, 10)
+        return await asyncio.wait_for(done, 10)
 
 
 def run(tmp: Path, scenario: Callable[[Harness], Any], **options: Any) -> Harness:
@@ -105,6 +105,17 @@ def test_groups_handed_in_while_a_commit_runs_share_the_next_commit(tmp_path):
 
     h = run(tmp_path, scenario)
     assert [e.payload["seq"] for e in h.logged()] == list(range(51))
+
+
+def test_a_read_larger_than_a_batch_is_committed_in_parts_and_acknowledged_after_the_last(tmp_path):
+    async def scenario(h: Harness) -> None:
+        logged_when_acknowledged = await h.submit([reading(seq=i) for i in range(600)])
+        assert len(logged_when_acknowledged) == 600, "done() waits for the last part"
+
+    h = run(tmp_path, scenario, batch_max=256)
+    assert [len(batch) for batch in h.seen] == [256, 256, 88]
+    assert [e.payload["seq"] for e in h.logged()] == list(range(600))
+    assert h.store.commits == 3
 
 
 def test_under_load_a_commit_waits_for_the_window_unless_a_page_fills_and_an_idle_log_commits_at_once(tmp_path):

@@ -13,6 +13,12 @@ anomaly_features.is_wild) is a `spike` with P(anomaly) 1.0 whatever the network 
 in the size of a spike, and a reading a million spreads off must be flagged. A series is scored from its WARMUP-th
 value on; a reading none of whose fields is scored yet is labelled "warming".
 
+A field that has only ever read exactly 0 or 1 is a state (a door contact, a motion sensor, a relay, an ESPHome
+binary sensor's ON/OFF), whatever its name: it is not judged. Held for hours it would look stuck to the model, and a
+0 would look like a dropout; neither means anything for a state. It keeps its history, so a value other than 0 or 1
+makes it a measurement, judged from then on. (A profile can leave other fields alone: `anomaly = false`, applied
+before the detector, in gateway/filters/stage.py.)
+
 Alerts are episodes, not readings: per device, after a quiet spell, a flagged reading scoring at least `start`
 starts an episode at once (`detail.episode = "start"`); one scoring less starts it only as the `persist`-th flagged
 reading in a row, since real series are full of single moderately surprising values while a failing sensor keeps
@@ -106,7 +112,10 @@ class AnomalyDetector:
         warming = [False] * len(items)
         for i, (source, fields, ts_ms) in enumerate(items):
             for name, value in _values(fields):
-                f = observe(self._series_of(source, name), value, ts_ms)
+                s = self._series_of(source, name)
+                f = observe(s, value, ts_ms)
+                if s.binary:  # a state, not a measurement: see the module's docstring
+                    continue
                 if f is None:
                     warming[i] = True
                 else:

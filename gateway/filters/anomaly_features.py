@@ -18,6 +18,8 @@ Each series (a field of a device) keeps a few running statistics, updated in O(1
     daily profile       the mean and spread per hour of the day, once the series' timestamps span two days (load,
                         traffic and temperatures follow the clock)
     the last few values' deviations and steps
+    binary              whether every value so far was exactly 0 or 1: such a field is a state (a door contact, a
+                        motion sensor, a relay), which the detector does not judge; not a feature
 
 A value is scored against the statistics as they were before it arrived; then it updates them. A value that looks
 anomalous by itself (far off the level, a 0.0 where zeros are rare, a run of repeats where repeats are rare) does not
@@ -115,7 +117,7 @@ class Series:
     """The running statistics of one field of one device."""
 
     __slots__ = ("n", "level", "var", "fast", "noise", "noise_fast", "last", "run", "repeat_rate", "zero_rate",
-                 "tail_level", "tail_step", "z1", "z2", "steps", "signs", "held", "first_day", "daily")
+                 "tail_level", "tail_step", "z1", "z2", "steps", "signs", "held", "first_day", "daily", "binary")
 
     def __init__(self) -> None:
         self.n = 0
@@ -129,10 +131,13 @@ class Series:
         self.held = 0  # suspect values in a row (the first HOLD of them do not teach the statistics)
         self.first_day = -1
         self.daily: array | None = None  # per hour of the day: mean, mean square, count, once a second day is seen
+        self.binary = True  # every value so far was 0 or 1
 
 
 def observe(s: Series, x: float, ts_ms: int) -> tuple[float, ...] | None:
     """The features of value `x` at `ts_ms` against series `s`, then `s` updated with it. None while warming."""
+    if s.binary and x != 0.0 and x != 1.0:
+        s.binary = False
     n = s.n
     if n == 0:
         s.n = 1

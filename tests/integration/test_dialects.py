@@ -103,38 +103,45 @@ def test_three_dialects_reach_a_follower_and_bad_messages_become_dead_letters(mo
     letters.close()
 
 
-def test_a_door_contact_is_never_judged_through_zigbee2mqtt_where_the_same_series_as_numbers_is(
+def test_a_door_contact_is_never_judged_from_zigbee2mqtt_esphome_or_as_0_and_1_where_other_levels_are(
         mosquitto: Any, gateway: Any) -> None:
-    """The same readings twice: from a zigbee2mqtt door sensor, whose `contact` the dialect marks a state, and from a
-    device without a profile sending the contact as a number. A contact held for long stretches looks stuck to the
-    anomaly model; only the second device may be judged on it (the temperature is judged on both)."""
+    """The same door four times: a zigbee2mqtt sensor (whose `contact` the dialect marks a state), an ESPHome binary
+    sensor (ON/OFF), a plain device sending 0 and 1, and a plain device sending the same series as 2 and 3. A contact
+    held for long stretches looks stuck to the anomaly model; only the last is a measurement and judged on it. Every
+    temperature is judged. The verdicts are read from the log, where each was stored with its reading."""
     import random
 
     tag = uuid.uuid4().hex[:6]
-    door, plain = f"0x00158d01{tag}", f"door-{tag}"
-    alerts = Collector(mosquitto.address, f"alerts/z2m-{door}", f"alerts/{plain}")
+    door, node, plain, levels = f"0x00158d01{tag}", f"porch-{tag}", f"door-{tag}", f"levels-{tag}"
     gateway.start()
     rng = random.Random(4)
     contact, messages = False, []
     for i in range(800):
         contact = (not contact) if rng.random() < 0.02 else contact
         temperature = round(21.0 + rng.gauss(0, 0.1), 2)
-        messages.append((f"zigbee2mqtt/{door}", json.dumps({"temperature": temperature, "contact": contact}).encode()))
-        messages.append((f"devices/{plain}/telemetry",
-                         json.dumps({"seq": i, "temperature": temperature, "contact": float(contact)}).encode()))
+        messages += [
+            (f"zigbee2mqtt/{door}", json.dumps({"temperature": temperature, "contact": contact}).encode()),
+            (f"{node}/sensor/temperature/state", f"{temperature:.2f}".encode()),
+            (f"{node}/binary_sensor/contact/state", b"ON" if contact else b"OFF"),
+            (f"devices/{plain}/telemetry",
+             json.dumps({"seq": i, "temperature": temperature, "contact": int(contact)}).encode()),
+            (f"devices/{levels}/telemetry",
+             json.dumps({"seq": i, "temperature": temperature, "contact": 2 + int(contact)}).encode()),
+        ]
     publish_all(mosquitto.address, messages)
     gateway.wait_status(lambda s: s["metrics"]["committed"] >= len(messages))
+    gateway.terminate()
 
-    def judged(device: str) -> set[str]:
-        """The fields the alerts of `device` named (an episode's start names its flagged fields)."""
-        out: set[str] = set()
-        for topic, payload, _ in alerts.messages:
-            if topic == f"alerts/{device}":
-                detail = json.loads(payload)["verdicts"][0].get("detail") or {}
-                out |= set(detail.get("fields", {}))
-        return out
-
-    assert alerts.wait_for(lambda m: "contact" in judged(plain)), \
-        "the contact as a plain number is judged, and held for long it looks stuck"
-    assert "contact" not in judged(f"z2m-{door}")
-    alerts.close()
+    judged: dict[str, set[str]] = {}
+    readings: dict[str, int] = {}
+    with sqlite3.connect(gateway.data_dir / "log.db") as db:
+        for source, verdict in db.execute("SELECT source, verdict FROM events WHERE kind = 'telemetry'"):
+            device = source.removeprefix("devices/")
+            readings[device] = readings.get(device, 0) + 1
+            v = json.loads(verdict)
+            if v["flagged"]:
+                judged.setdefault(device, set()).update(v["detail"]["fields"])
+    assert readings == {f"z2m-{door}": 800, f"esphome-{node}": 1600, plain: 800, levels: 800}
+    assert "contact" in judged.get(levels, set()), "as 2 and 3 the held contact is a measurement, and looks stuck"
+    for device in (f"z2m-{door}", f"esphome-{node}", plain):
+        assert "contact" not in judged.get(device, set()), device

@@ -416,11 +416,11 @@ def test_the_detector_computes_the_features_the_training_script_computed(detecto
 def test_the_series_cap_evicts_the_least_recently_updated_series():
     detector = AnomalyDetector(MODEL, max_series=8)
     for i in range(5):
-        detector.score([(f"devices/d{i}", {"a": 1.0, "b": 2.0}, 0)])
+        detector.score([(f"devices/d{i}", {"a": 5.0, "b": 2.0}, 0)])
     assert detector.tracked == 8
     assert detector.evicted == 2  # d0's two fields went first
     # d0 is back with no history: warming again.
-    v = detector.score([("devices/d0", {"a": 1.0}, 1000)])[0]
+    v = detector.score([("devices/d0", {"a": 5.0}, 1000)])[0]
     assert v.label == "warming"
     assert detector.tracked == 8
 
@@ -591,34 +591,63 @@ if __name__ == "__main__":
     write_golden()
 
 
-DOOR = parse('name = "door"\nmatch = ["door-*"]\n[fields.temperature]\n[fields.contact]\nvalues = { OPEN = 1, CLOSED = 0 }\n')
+FAN = parse('name = "fan"\nmatch = ["fan-*"]\n[fields.temperature]\n[fields.speed]\n'
+            'values = { OFF = 0, LOW = 1, HIGH = 2 }\n')
 
 
-def door_readings(n: int) -> list[Ingested]:
-    """A door sensor: a calm temperature, and a contact that holds its state for long stretches and flips now and
-    then, as a front door does."""
+def held_state(device: str, field: str, levels: tuple[float, ...], n: int) -> list[Ingested]:
+    """A calm temperature, and a state that holds for long stretches and changes now and then, as a front door or a
+    fan's speed does."""
     rng = random.Random(4)
-    contact, out = 0.0, []
+    state, out = levels[0], []
     for i in range(n):
         if rng.random() < 0.02:
-            contact = 1.0 - contact
-        payload = {"temperature": 21.0 + rng.gauss(0, 0.1), "contact": contact}
-        out.append(Ingested("devices/door-1", KIND_TELEMETRY, 1_767_225_600_000 + i * 60_000, payload, b"{}"))
+            state = rng.choice([level for level in levels if level != state])
+        payload = {"temperature": 21.0 + rng.gauss(0, 0.1), field: state}
+        out.append(Ingested(f"devices/{device}", KIND_TELEMETRY, 1_767_225_600_000 + i * 60_000, payload, b"{}"))
     return out
 
 
+def scored_in_tens(filters: Filters, readings: list[Ingested]) -> list[Verdict]:
+    return [v for i in range(0, len(readings), 10) for v in filters.score(readings[i:i + 10])]  # type: ignore[misc]
+
+
 def test_a_state_the_profile_leaves_alone_is_never_judged_while_the_device_s_measurements_are():
-    readings = door_readings(1500)
-    with_profile = Filters(AnomalyDetector(MODEL), None, Metrics(), ProfileIndex([DOOR]))
+    readings = held_state("fan-1", "speed", (0.0, 1.0, 2.0), 1500)
+    with_profile = Filters(AnomalyDetector(MODEL), None, Metrics(), ProfileIndex([FAN]))
     without = Filters(AnomalyDetector(MODEL), None, Metrics())
-    kept = [v for i in range(0, len(readings), 10) for v in with_profile.score(readings[i:i + 10])]
-    judged = [v for i in range(0, len(readings), 10) for v in without.score(readings[i:i + 10])]
+    kept = scored_in_tens(with_profile, readings)
+    judged = scored_in_tens(without, readings)
     assert sum(v.flagged for v in judged) > 50, "a long-held state looks stuck to the model: the reason for the rule"
-    assert not any(v.flagged and "contact" in v.detail["fields"] for v in kept)
+    assert not any(v.flagged and "speed" in v.detail["fields"] for v in kept)
     assert sum(v.flagged for v in kept) <= 3
     assert with_profile.detector.tracked == 1, "only the temperature has a series"
     # A spike of the measurement is still flagged.
-    spike = Ingested("devices/door-1", KIND_TELEMETRY, 1_767_225_600_000 + 1500 * 60_000,
-                     {"temperature": 80.0, "contact": 0.0}, b"{}")
+    spike = Ingested("devices/fan-1", KIND_TELEMETRY, 1_767_225_600_000 + 1500 * 60_000,
+                     {"temperature": 80.0, "speed": 0.0}, b"{}")
     verdict = with_profile.score([spike])[0]
     assert verdict.flagged and verdict.detail["fields"] == {"temperature": "spike"}
+
+
+def test_a_field_that_only_ever_reads_0_or_1_is_a_state_never_judged_whatever_its_name():
+    """An ESPHome binary sensor or a plain device's door flag: no profile names it, its values say what it is."""
+    door = Filters(AnomalyDetector(MODEL), None, Metrics())
+    verdicts = scored_in_tens(door, held_state("door-1", "contact", (0.0, 1.0), 1500))
+    assert not any(v.flagged and "contact" in v.detail["fields"] for v in verdicts)
+    assert sum(v.flagged for v in verdicts) <= 3
+    # The same series on two other levels is a measurement, and held that long it looks stuck.
+    levels = Filters(AnomalyDetector(MODEL), None, Metrics())
+    verdicts = scored_in_tens(levels, held_state("door-2", "contact", (2.0, 3.0), 1500))
+    assert sum(1 for v in verdicts if v.flagged and "contact" in v.detail["fields"]) > 50
+    # A reading of the state alone is normal from the first one on (there is nothing to warm up).
+    fresh = AnomalyDetector(MODEL)
+    assert fresh.score([("devices/door-3", {"contact": 1.0}, 0)])[0].label == "normal"
+
+
+def test_a_0_or_1_field_that_reads_anything_else_is_judged_from_then_on():
+    detector = AnomalyDetector(MODEL)
+    history = held_state("door-1", "contact", (0.0, 1.0), 300)
+    detector.score([(r.source, r.payload, r.ts_ms) for r in history])
+    verdict = detector.score([("devices/door-1", {"temperature": 21.0, "contact": 80.0}, history[-1].ts_ms + 60_000)])[0]
+    assert verdict.flagged and verdict.detail["fields"] == {"contact": "spike"}
+    assert detector.tracked == 2, "the state kept its history all along"

@@ -457,7 +457,7 @@ def test_a_config_that_does_not_parse(tmp_path):
 
 def test_replay_leaves_alone_the_fields_the_profiles_leave_alone(tmp_path):
     """Rescoring must see a reading as the daemon did: a state its device's profile keeps from the anomaly model
-    (here a door contact, sent as words) is not scored now either."""
+    (here a fan's speed, sent as words) is not scored now either."""
     from devices.profiles import ProfileIndex, load_dir
     from gateway.event import KIND_TELEMETRY, Ingested
     from gateway.filters.stage import Filters
@@ -465,19 +465,19 @@ def test_replay_leaves_alone_the_fields_the_profiles_leave_alone(tmp_path):
 
     profiles = tmp_path / "profiles"
     profiles.mkdir()
-    (profiles / "door.toml").write_text('name = "door"\nmatch = ["door-*"]\n[fields.temperature]\n'
-                                        '[fields.contact]\nvalues = { OPEN = 1, CLOSED = 0 }\n')
+    (profiles / "fan.toml").write_text('name = "fan"\nmatch = ["fan-*"]\n[fields.temperature]\n'
+                                       '[fields.speed]\nvalues = { OFF = 0, LOW = 1, HIGH = 2 }\n')
     config = tmp_path / "gateway.toml"
     config.write_text(f'profiles_dir = "{profiles}"\n')
     filters = Filters(AnomalyDetector(ANOMALY), None, Metrics(), ProfileIndex(load_dir(profiles)))
     store = LogStore(tmp_path / "log.db", fsync="off")
-    contact, rng, offset = 0.0, __import__("random").Random(4), 0
+    speed, rng, offset = 0.0, __import__("random").Random(4), 0
     for step in range(0, 1200, 10):
         records = []
         for i in range(step, step + 10):
-            contact = 1.0 - contact if rng.random() < 0.02 else contact
-            records.append(Ingested("devices/door-1", KIND_TELEMETRY, START_MS + i * 60_000,
-                                    {"temperature": 21.0 + rng.gauss(0, 0.1), "contact": contact}, b""))
+            speed = rng.choice([s for s in (0.0, 1.0, 2.0) if s != speed]) if rng.random() < 0.02 else speed
+            records.append(Ingested("devices/fan-1", KIND_TELEMETRY, START_MS + i * 60_000,
+                                    {"temperature": 21.0 + rng.gauss(0, 0.1), "speed": speed}, b""))
         batch = []
         for r, v in zip(records, filters.score(records)):
             offset += 1
@@ -487,8 +487,8 @@ def test_replay_leaves_alone_the_fields_the_profiles_leave_alone(tmp_path):
 
     same = replay_json("--model", ANOMALY, "--data-dir", tmp_path, "--config", config)["totals"]
     assert same["only_now"] == 0 and same["only_then"] == 0
-    blind = replay_json("--model", ANOMALY, "--data-dir", tmp_path)["totals"]  # the shipped profiles: no door
-    assert blind["only_now"] > 50, "without the profile the held contact looks stuck: the test can tell"
+    blind = replay_json("--model", ANOMALY, "--data-dir", tmp_path)["totals"]  # the shipped profiles: no fan
+    assert blind["only_now"] > 50, "without the profile the held speed looks stuck: the test can tell"
 
 
 def test_a_profile_that_cannot_be_read_stops_an_anomaly_replay_with_the_reason(tmp_path, data_dir):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import importlib.util
 import json
 import logging
 import os
@@ -89,7 +88,9 @@ def make_writer(cfg: InfluxConfig) -> Writer:
 def onnxruntime_installed() -> bool:
     """onnxruntime publishes no wheel for 32-bit ARM (pyproject.toml leaves it out there): without it the gateway
     runs with its models off rather than not at all."""
-    return importlib.util.find_spec("onnxruntime") is not None
+    from gateway.filters.onnx_session import library_path
+
+    return library_path() is not None
 
 
 def load_detector(cfg: Config) -> Detector | None:

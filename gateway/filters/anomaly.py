@@ -35,15 +35,14 @@ Not thread-safe: one caller at a time (the gateway's filter stage owns one detec
 from __future__ import annotations
 
 import math
+from array import array
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
-import numpy as np
-
 from gateway.event import Verdict
 from gateway.filters.anomaly_features import FEATURE_NAMES, WARMUP, Series, is_wild, observe
-from gateway.filters.onnx_session import open_session
+from gateway.filters.onnx_session import Tensor, open_session
 
 NORMAL = "normal"
 SPIKE = "spike"  # the label of a value the spike guard flags (anomaly_features.is_wild)
@@ -84,11 +83,10 @@ class AnomalyDetector:
         self.quiet = defaults.quiet if quiet is None else int(quiet)
         if self.quiet < 1:
             raise ValueError(f"quiet must be at least 1, got {self.quiet}")
-        self._input = self.session.get_inputs()[0].name
-        if "probabilities" not in [o.name for o in self.session.get_outputs()]:
+        self._input = self.session.inputs[0]
+        if "probabilities" not in self.session.outputs:
             raise ModelMetadataError(f"{model_path}: no 'probabilities' output (export with zipmap disabled)")
         self._normal = self.classes.index(NORMAL)
-        self._anomaly_cols = np.array([i for i, c in enumerate(self.classes) if c != NORMAL])
         if SPIKE not in self.classes:
             raise ModelMetadataError(f"{model_path}: classes {self.classes} lack {SPIKE!r} (the spike guard's label)")
         self._spike = self.classes.index(SPIKE)
@@ -107,6 +105,7 @@ class AnomalyDetector:
     def score(self, items: Sequence[tuple[str, Mapping[str, float], int]]) -> list[Verdict]:
         """One verdict per (source, fields, ts_ms) item, in order; each field joins its series' history."""
         rows: list[tuple[float, ...]] = []
+        features = array("f")
         row_item: list[int] = []
         row_field: list[str] = []
         warming = [False] * len(items)
@@ -120,29 +119,44 @@ class AnomalyDetector:
                     warming[i] = True
                 else:
                     rows.append(f)
+                    features.extend(f)
                     row_item.append(i)
                     row_field.append(name)
         best = [-1.0] * len(items)
-        best_class = [""] * len(items)
+        best_row = [-1] * len(items)
         flagged_fields: dict[int, dict[str, str]] = {}
         if rows:
-            proba = np.asarray(self.session.run(["probabilities"], {self._input: np.array(rows, dtype=np.float32)})[0])
-            p_anomaly = (1.0 - proba[:, self._normal]).tolist()
-            kinds = self._anomaly_cols[np.argmax(proba[:, self._anomaly_cols], axis=1)].tolist()
-            spike = self._spike
+            proba = self.session.run(["probabilities"], {self._input: Tensor(features, (len(rows), len(rows[0])))})[0]
+            width = proba.shape[1]
+            # P(anomaly) = 1 - P(normal), in float32 as the training script computes it (numpy), so that a score on
+            # the threshold falls the same way.
+            p_anomaly = array("f", [1.0 - p for p in proba.data[self._normal::width]]).tolist()
+            wild = set()
             for r, f in enumerate(rows):  # the spike guard, as in training: far beyond anything the series has shown
                 if is_wild(f):
-                    p_anomaly[r], kinds[r] = 1.0, spike
+                    p_anomaly[r] = 1.0
+                    wild.add(r)
             threshold, classes = self.threshold, self.classes
             for r, p in enumerate(p_anomaly):
                 i = row_item[r]
                 if p > best[i]:
                     best[i] = p
-                    best_class[i] = classes[kinds[r]]
-                if p >= threshold:
-                    flagged_fields.setdefault(i, {})[row_field[r]] = classes[kinds[r]]
-        return [self._verdict(items[i][0], best[i], best_class[i], warming[i], flagged_fields.get(i))
-                for i in range(len(items))]
+                    best_row[i] = r
+                if p >= threshold:  # the kind only of what is flagged: a verdict under the threshold is "normal"
+                    kind = self._spike if r in wild else self._kind(proba.data, r, width)
+                    flagged_fields.setdefault(i, {})[row_field[r]] = classes[kind]
+        verdicts = []
+        for i in range(len(items)):
+            fields = flagged_fields.get(i)
+            kind = fields[row_field[best_row[i]]] if fields is not None else ""
+            verdicts.append(self._verdict(items[i][0], best[i], kind, warming[i], fields))
+        return verdicts
+
+    def _kind(self, proba: array, row: int, width: int) -> int:
+        """The most likely anomaly class of a row of the flat class probabilities."""
+        p = proba[row * width:(row + 1) * width].tolist()
+        p[self._normal] = -1.0
+        return p.index(max(p))
 
     def warm(self, items: Sequence[tuple[str, Mapping[str, float], int, float | None]]) -> None:
         """Learn from readings scored before a restart, without scoring them again: every field's statistics and

@@ -7,7 +7,7 @@
 
 The model (models/content/content.onnx, trained by models/content/train.py) is a static-embedding student of the
 all-MiniLM-L6-v2 sentence encoder: one vector per vocabulary entry, distilled from the teacher, with a linear head
-folded in, so that each entry keeps one score. It is a few hundred kB, needs onnxruntime and numpy only, and scores
+folded in, so that each entry keeps one score. It is a few hundred kB, needs onnxruntime only, and scores
 thousands of posts per second on one thread. The vocabulary travels in the model's metadata, so the .onnx file is the whole model and cannot be paired
 with the wrong vocabulary. Ids go in flat (one row number per id) rather than padded: a batch's cost and memory
 follow its tokens, not its longest post times its size.
@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import html
 import re
+from array import array
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-
 from gateway.event import BLOCKED, Verdict
-from gateway.filters.onnx_session import open_session
+from gateway.filters.onnx_session import Tensor, open_session
 from gateway.filters.wordpiece import WordPiece
 
 CLEAN = "clean"
@@ -121,8 +120,8 @@ class ContentClassifier:
                 raise ValueError(f"{field} must be within (0, 1], got {value}")
         if self.mark_threshold > self.block_threshold:
             raise ValueError(f"mark_threshold {self.mark_threshold} is above block_threshold {self.block_threshold}")
-        inputs = sorted(i.name for i in self.session.get_inputs())
-        if inputs != ["counts", "ids", "rows"] or "probabilities" not in [o.name for o in self.session.get_outputs()]:
+        inputs = sorted(self.session.inputs)
+        if inputs != ["counts", "ids", "rows"] or "probabilities" not in self.session.outputs:
             raise ModelMetadataError(f"{model_path}: expected inputs ids, rows, counts and output probabilities, "
                                      f"got inputs {inputs}")
         self.tokenizer = WordPiece(meta["vocab"].split("\n"))
@@ -135,9 +134,9 @@ class ContentClassifier:
             return SENSITIVE
         return CLEAN
 
-    def scores(self, texts: Sequence[Any]) -> np.ndarray:
+    def scores(self, texts: Sequence[Any]) -> list[float]:
         """P(unwanted) per text: one session run per micro-batch, or per TOKENS_PER_RUN ids if it has more."""
-        out = np.zeros(len(texts), dtype=np.float64)
+        out: list[float] = []
         encoded = [self.tokenizer.encode(normalise(t), self.max_tokens) for t in texts]
         start = 0
         while start < len(encoded):
@@ -145,24 +144,26 @@ class ContentClassifier:
             while end < len(encoded) and (end == start or n_ids + len(encoded[end]) <= TOKENS_PER_RUN):
                 n_ids += len(encoded[end])
                 end += 1
-            out[start:end] = self._run(encoded[start:end])
+            out += self._run(encoded[start:end])
             start = end
         return out
 
-    def _run(self, encoded: list[list[int]]) -> np.ndarray:
-        counts = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
-        feed = {
-            "ids": np.fromiter((i for e in encoded for i in e), dtype=np.int64, count=int(counts.sum())),
-            "rows": np.repeat(np.arange(len(encoded), dtype=np.int64), counts),
-            "counts": counts,
-        }
+    def _run(self, encoded: list[list[int]]) -> list[float]:
+        counts = array("q", [len(e) for e in encoded])
+        ids, rows = array("q"), array("q")
+        for row, e in enumerate(encoded):
+            ids.extend(e)
+            rows.extend([row] * len(e))
+        feed = {"ids": Tensor(ids, (len(ids),)), "rows": Tensor(rows, (len(rows),)),
+                "counts": Tensor(counts, (len(counts),))}
         proba = self.session.run(["probabilities"], feed)[0]
-        return np.asarray(proba, dtype=np.float64)[:, 1]
+        classes = proba.shape[1]
+        return proba.data[1::classes].tolist()
 
     def score(self, texts: Sequence[Any]) -> list[Verdict]:
         """One verdict per text, in order."""
         out: list[Verdict] = []
-        for s in self.scores(texts).tolist():
+        for s in self.scores(texts):
             label = self.label(s)
             out.append(Verdict(self.name, self.version, round(s, 6), label, label != CLEAN))
         return out

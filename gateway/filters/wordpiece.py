@@ -4,7 +4,7 @@
              else: accents stripped, every punctuation      in the vocabulary, "##" for a piece
              mark and CJK ideograph a word of its own       inside a word; no match -> [UNK]
 
-Written here rather than taken from the `tokenizers` package so that the gateway needs onnxruntime and numpy alone:
+Written here rather than taken from the `tokenizers` package so that the gateway needs onnxruntime alone:
 posts are short and repeat their words, so a per-word cache makes the Python path fast enough (the model card
 gives posts/s). It follows BERT's BasicTokenizer + WordpieceTokenizer closely enough that the static embeddings,
 distilled per vocabulary entry, mean what the teacher meant by them; the training script reports how often the

@@ -994,12 +994,12 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 (one linear run)
     for name in SETS:
         test = splits[name]["test"]
         s_numpy = student_scores(test.texts)
-        s_gateway = clf.scores([raw[name][0][i] for i in test.index])
+        s_gateway = np.asarray(clf.scores([raw[name][0][i] for i in test.index]))
         max_diff = max(max_diff, float(np.abs(s_gateway - s_numpy).max()))
         n_parity += len(test.texts)
         combined[name] = metrics(s_gateway, test.y, thresholds)
     odd = [normalise(t) for t in ODD_TEXTS]
-    max_diff = max(max_diff, float(np.abs(clf.scores(ODD_TEXTS) - student_scores(odd)).max()))
+    max_diff = max(max_diff, float(np.abs(np.asarray(clf.scores(ODD_TEXTS)) - student_scores(odd)).max()))
     if not max_diff <= PARITY_TOLERANCE:
         raise SystemExit(f"parity check failed: numpy and onnxruntime scores differ by up to {max_diff:.3g}")
     log(f"parity: max |numpy - onnxruntime| = {max_diff:.2g}; test ROC-AUC " + ", ".join(

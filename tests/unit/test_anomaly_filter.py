@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from firmware_sim.signals import ANOMALY_TYPES, DeviceSignal
 from devices.profiles import ProfileIndex, parse
 from gateway.event import KIND_TELEMETRY, Ingested, Verdict
 from gateway.filters.anomaly import AnomalyDetector, ModelMetadataError
+from gateway.filters.onnx_session import Tensor
 from gateway.filters.stage import Filters
 from gateway.ops.metrics import Metrics
 from gateway.filters.anomaly_features import (
@@ -281,13 +283,13 @@ class ScriptedSession:
         self.classes = classes
         self.script: list[float] = []
 
-    def run(self, output_names: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        rows = len(next(iter(feed.values())))
+    def run(self, output_names: Any, feed: dict[str, Tensor]) -> list[Tensor]:
+        rows = next(iter(feed.values())).shape[0]
         p = self.script.pop(0)
-        proba = np.zeros((rows, len(self.classes)), dtype=np.float32)
-        proba[:, self.classes.index("normal")] = 1.0 - p
-        proba[:, self.classes.index("spike")] = p
-        return [proba]
+        row = [0.0] * len(self.classes)
+        row[self.classes.index("normal")] = 1.0 - p
+        row[self.classes.index("spike")] = p
+        return [Tensor(array("f", row * rows), (rows, len(self.classes)))]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

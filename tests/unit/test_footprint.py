@@ -32,3 +32,17 @@ def test_the_metrics_endpoint_loads_prometheus_client_at_its_first_scrape():
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["False", "True", "True"]
+
+
+def test_both_models_run_without_numpy_or_onnxruntime_s_python_binding():
+    """The models run through onnxruntime's C library; the binding would bring numpy and a second copy of the
+    runtime, 16.7 MB resident (benchmarks/RESULTS.md)."""
+    probe = ("import json, sys; from gateway import config, runtime; cfg = config.parse(''); "
+             "d = runtime.load_detector(cfg); c = runtime.load_content_filter(cfg); "
+             "v = d.score([('devices/d', {'t': 21.5}, 0)] * 30)[-1]; p = c.score(['hello there'])[0]; "
+             "print(json.dumps([v.label, p.label, [m for m in ('numpy', 'onnxruntime') if m in sys.modules]]))")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    reading, post, loaded = json.loads(run.stdout)
+    assert reading != "warming" and post == "clean", "both models ran"
+    assert loaded == []

@@ -49,9 +49,7 @@ _GET_TENSOR_TYPE_AND_SHAPE = 65
 _CREATE_CPU_MEMORY_INFO = 69
 _ALLOCATOR_FREE = 76
 _GET_ALLOCATOR = 78
-_RELEASE_ENV = 92
 _RELEASE_STATUS = 93
-_RELEASE_MEMORY_INFO = 94
 _RELEASE_SESSION = 95
 _RELEASE_VALUE = 96
 _RELEASE_TENSOR_TYPE_AND_SHAPE = 99
@@ -88,8 +86,8 @@ class Tensor(NamedTuple):
 
 
 def library_path() -> str | None:
-    """The onnxruntime C library of the installed wheel, found without importing the package (which would import
-    numpy); None when onnxruntime is not installed."""
+    """The onnxruntime C library of the installed wheel (Linux: libonnxruntime.so.*), found without importing the
+    package (which would import numpy); None when onnxruntime is not installed."""
     spec = importlib.util.find_spec("onnxruntime")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -101,7 +99,8 @@ def library_path() -> str | None:
 
 
 class _Api:
-    """The function table and the process's one OrtEnv (onnxruntime wants one per process)."""
+    """The function table, and what lives as long as the process: its one OrtEnv (onnxruntime wants one per
+    process), the description of plain CPU memory, onnxruntime's default allocator."""
 
     def __init__(self, path: str) -> None:
         lib = ctypes.CDLL(path)
@@ -121,8 +120,8 @@ class _Api:
         self.error_message = ctypes.CFUNCTYPE(ctypes.c_char_p, _P)(self._table[_GET_ERROR_MESSAGE])
         self.release_status = ctypes.CFUNCTYPE(None, _P)(self._table[_RELEASE_STATUS])
         self.release = {i: ctypes.CFUNCTYPE(None, _P)(self._table[i])
-                        for i in (_RELEASE_ENV, _RELEASE_MEMORY_INFO, _RELEASE_SESSION, _RELEASE_VALUE,
-                                  _RELEASE_TENSOR_TYPE_AND_SHAPE, _RELEASE_SESSION_OPTIONS, _RELEASE_MODEL_METADATA)}
+                        for i in (_RELEASE_SESSION, _RELEASE_VALUE, _RELEASE_TENSOR_TYPE_AND_SHAPE,
+                                  _RELEASE_SESSION_OPTIONS, _RELEASE_MODEL_METADATA)}
         self._functions: dict[int, Any] = {}
         self.env = _P()
         self.call(_CREATE_ENV, (ctypes.c_int, ctypes.c_char_p, _PP), _LOGGING_ERROR, b"gateway", ctypes.byref(self.env))

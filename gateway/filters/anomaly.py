@@ -37,7 +37,9 @@ from __future__ import annotations
 import math
 from array import array
 from collections import OrderedDict
+from itertools import chain
 from pathlib import Path
+from struct import pack as _pack
 from typing import Any, Mapping, NamedTuple, Sequence
 
 from gateway.event import Verdict
@@ -105,13 +107,13 @@ class AnomalyDetector:
     def score(self, items: Sequence[tuple[str, Mapping[str, float], int]]) -> list[Verdict]:
         """One verdict per (source, fields, ts_ms) item, in order; each field joins its series' history."""
         rows: list[tuple[float, ...]] = []
-        features = array("f")
         row_item: list[int] = []
         row_field: list[str] = []
         warming = [False] * len(items)
+        series_of = self._series_of
         for i, (source, fields, ts_ms) in enumerate(items):
             for name, value in _values(fields):
-                s = self._series_of(source, name)
+                s = series_of(source, name)
                 f = observe(s, value, ts_ms)
                 if s.binary:  # a state, not a measurement: see the module's docstring
                     continue
@@ -119,13 +121,15 @@ class AnomalyDetector:
                     warming[i] = True
                 else:
                     rows.append(f)
-                    features.extend(f)
                     row_item.append(i)
                     row_field.append(name)
         best = [-1.0] * len(items)
         best_row = [-1] * len(items)
         flagged_fields: dict[int, dict[str, str]] = {}
         if rows:
+            # float32 as the model takes them, packed in one call (a third of what converting row by row costs)
+            features = array("f")
+            features.frombytes(_pack(f"{len(rows) * len(rows[0])}f", *chain.from_iterable(rows)))
             proba = self.session.run(["probabilities"], {self._input: Tensor(features, (len(rows), len(rows[0])))})[0]
             width = proba.shape[1]
             # P(anomaly) = 1 - P(normal), in float32 as the training script computes it (numpy), so that a score on

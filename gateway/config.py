@@ -114,9 +114,10 @@ class StorageConfig:
     commit_window_ms: float = _f(4.0, "Under load, a commit of the log waits up to this long after the previous "
                                  "one began, unless its events fill a page sooner: the trade-off between latency "
                                  "on one side and disk wear and CPU on the other (each commit rewrites whole pages, "
-                                 "and an SD card wears by what is written; each is a round of thread hand-offs and "
-                                 "wake-ups). An idle gateway commits a lone event at once. 0: commit as soon as the "
-                                 "disk allows (benchmarks/RESULTS.md has the measured trade-off).", _non_negative)
+                                 "and an SD card wears by what is written; each costs a transaction, a run of each "
+                                 "model and wake-ups). An idle gateway commits a lone event at once. 0: commit as "
+                                 "soon as the disk allows (benchmarks/RESULTS.md has the measured trade-off).",
+                                 _non_negative)
     batch_max: int = _f(256, "Most events in one commit. The models score a commit's events on the event loop, so "
                         "this also bounds how long one batch keeps the loop from everything else.", _positive)
     retention_hours: float = _f(24.0, "Events every consumer is done with are trimmed from the log after this long "

@@ -48,6 +48,7 @@ from gateway.filters.stage import Detector, Filters, TextScorer
 from gateway.log.appender import Appender
 from gateway.log.consumers import Consumer, Reader
 from gateway.log.dedup import RecentKeys
+from gateway.log.storage_thread import StorageThread
 from gateway.log.migrate import ENGAGEMENT_AFTER
 from gateway.log.store import LogStore
 from gateway.mqtt.client import MqttClient, Settings
@@ -165,9 +166,10 @@ class Gateway:
         self.metrics = Metrics()
         data = cfg.data_dir()
         data.mkdir(parents=True, exist_ok=True)
-        # One thread writes the log (appends, progress, trims, graph writes); one reads it back for consumers that
-        # are behind; InfluxDB has its writer thread. Nothing else blocks.
-        self.storage = ThreadPoolExecutor(1, thread_name_prefix="log-writer")
+        # The log's writer thread: trims, graph writes and a flood's appends (the loop appends itself at a moderate
+        # rate: gateway/log/appender.py); one thread reads the log back for consumers that are behind; InfluxDB has
+        # its writer thread.
+        self.storage = StorageThread()
         self.reading = ThreadPoolExecutor(1, thread_name_prefix="log-reader")
         self.store = LogStore(data / "log.db", cfg.storage.fsync)
         engagement.create(self.store.connection)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import sqlite3
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 from gateway.event import DeadLetter, Event, Ingested, Verdict, compact_json
 from gateway.log.appender import Appender
 from gateway.log.dedup import RecentKeys
+from gateway.log.storage_thread import StorageThread
 from gateway.log.store import LogStore
 from gateway.ops.metrics import Metrics
 
@@ -31,6 +32,7 @@ class CountingStore(LogStore):
     def __init__(self, path: Path) -> None:
         super().__init__(path, fsync="off")
         self.commits = 0
+        self.committed_on: list[threading.Thread] = []
         self.fail_next: list[BaseException] = []
         self.reject: Callable[[Event], bool] = lambda e: False
 
@@ -40,6 +42,7 @@ class CountingStore(LogStore):
         if any(self.reject(e) for e in events):
             raise ValueError("a value the log cannot store")
         self.commits += 1
+        self.committed_on.append(threading.current_thread())
         return super().append(events, *args, **kw)
 
 
@@ -47,7 +50,7 @@ class Harness:
     def __init__(self, tmp: Path, **options: Any) -> None:
         self.store = CountingStore(tmp / "log.db")
         self.reader = LogStore(tmp / "log.db", reader=True)
-        self.storage = ThreadPoolExecutor(1)
+        self.storage = StorageThread()
         self.metrics = Metrics()
         self.seen: list[list[Event]] = []
         self.dead: list[DeadLetter] = []
@@ -93,6 +96,40 @@ def test_done_runs_only_once_the_records_are_in_the_log(tmp_path):
     h = run(tmp_path, scenario)
     assert [[e.offset for e in batch] for batch in h.seen] == [[1, 2]]
     assert h.metrics.get("appended") == 2
+
+
+def test_the_loop_commits_itself_while_the_storage_thread_is_idle_and_otherwise_queues_behind_it(tmp_path):
+    """No thread hand-off per batch at a moderate rate: the event loop runs the transaction. While the storage
+    thread has a job (a trim, a follow written to the graph) the batch goes after it, there: the log's connection is
+    one thread's at a time, and what was handed in first is written first. Nothing is acknowledged before it is in."""
+    async def scenario(h: Harness) -> None:
+        loop = asyncio.get_running_loop()
+        await h.submit([reading(seq=1)])
+        assert h.store.committed_on == [threading.current_thread()]
+
+        inside, finish = threading.Event(), threading.Event()
+        order: list[str] = []
+
+        def earlier_job() -> None:
+            inside.set()
+            assert finish.wait(10)
+            order.append("earlier job")
+
+        busy = loop.run_in_executor(h.storage, earlier_job)
+        assert await loop.run_in_executor(None, inside.wait, 10)
+        acknowledged = asyncio.ensure_future(h.submit([reading(seq=2)]))
+        await asyncio.sleep(0.2)
+        assert not acknowledged.done(), "acknowledged before it was logged"
+        finish.set()
+        logged_when_acknowledged = await asyncio.wait_for(acknowledged, 10)
+        order.append("acknowledged")
+        await busy
+        assert order == ["earlier job", "acknowledged"]
+        assert [e.payload["seq"] for e in logged_when_acknowledged] == [1, 2]
+        assert h.store.committed_on[-1] is not threading.current_thread(), "it waited on the storage thread"
+        assert h.storage.idle
+
+    run(tmp_path, scenario)
 
 
 def test_groups_handed_in_while_a_commit_runs_share_the_next_commit(tmp_path):

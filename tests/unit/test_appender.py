@@ -132,10 +132,10 @@ def test_the_loop_commits_itself_while_the_storage_thread_is_idle_and_otherwise_
     run(tmp_path, scenario)
 
 
-def test_groups_handed_in_while_a_commit_runs_share_the_next_commit(tmp_path):
+def test_groups_handed_in_close_together_share_a_commit(tmp_path):
     async def scenario(h: Harness) -> None:
         first = asyncio.ensure_future(h.submit([reading(seq=0)]))
-        await asyncio.sleep(0)  # the first commit is on its way to the storage thread
+        await asyncio.sleep(0)  # the first group is in; the appender seals on a later pass of the loop
         rest = [asyncio.ensure_future(h.submit([reading(seq=i)])) for i in range(1, 51)]
         await asyncio.gather(first, *rest)
         assert h.store.commits <= 3, f"{h.store.commits} commits for 51 groups"

@@ -48,8 +48,8 @@ from gateway.filters.stage import Detector, Filters, TextScorer
 from gateway.log.appender import Appender
 from gateway.log.consumers import Consumer, Reader
 from gateway.log.dedup import RecentKeys
-from gateway.log.storage_thread import StorageThread
 from gateway.log.migrate import ENGAGEMENT_AFTER
+from gateway.log.storage_thread import StorageThread
 from gateway.log.store import LogStore
 from gateway.mqtt.client import MqttClient, Settings
 from gateway.mqtt.pool import PublishPool

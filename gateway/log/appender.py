@@ -384,20 +384,11 @@ class Appender:
 
     async def _commit(self, loop: asyncio.AbstractEventLoop, sealed: _Sealed, on_loop: bool = True) -> None:
         self._last_commit = time.monotonic()
-        while True:
-            try:
-                await self._write(loop, sealed, on_loop)
-                break
-            except STORAGE_ERRORS as exc:  # disk full, I/O error: keep the batch, acknowledge nothing, try again
-                self._stall(True)
-                self._metrics.inc("storage_errors")
-                delay = self._backoff.next_delay()
-                log.error("log append failed (%s); retrying in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
-            except Exception as exc:  # a record the log cannot store: find it, dead-letter it, keep the rest
-                log.error("the log refused a batch (%r); storing its records one by one", exc)
-                await self._store_one_by_one(loop, sealed)
-                break
+        try:
+            await self._write_until_stored(loop, sealed, on_loop)
+        except Exception as exc:  # a record the log cannot store: find it, dead-letter it, keep the rest
+            log.error("the log refused a batch (%r); storing its records one by one", exc)
+            await self._store_one_by_one(loop, sealed)
         self._backoff.reset()
         self._stall(False)
         self._metrics.inc("log_commits")
@@ -416,6 +407,20 @@ class Appender:
         else:
             await loop.run_in_executor(self._storage, lambda: self._store.append(*args))
 
+    async def _write_until_stored(self, loop: asyncio.AbstractEventLoop, sealed: _Sealed, on_loop: bool = True) -> None:
+        """`_write`, retried with backoff while the disk or the database fails (disk full, I/O error): the batch is
+        kept as it is and nothing is acknowledged meanwhile. Anything else the append raises is about the data."""
+        while True:
+            try:
+                await self._write(loop, sealed, on_loop)
+                return
+            except STORAGE_ERRORS as exc:
+                self._stall(True)
+                self._metrics.inc("storage_errors")
+                delay = self._backoff.next_delay()
+                log.error("log append failed (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+
     async def _store_one_by_one(self, loop: asyncio.AbstractEventLoop, sealed: _Sealed) -> None:
         kept: list[Event] = []
         kept_dedups: list[str | None] = []
@@ -423,34 +428,19 @@ class Appender:
             one = _Sealed()
             one.events, one.dedups = [event], [dedup]
             one.hooks = [h for h in [self._hook([event]) if self._hook is not None else None] if h is not None]
-            while True:
-                try:
-                    await self._write(loop, one)
-                    kept.append(event)
-                    kept_dedups.append(dedup)
-                    break
-                except STORAGE_ERRORS as exc:
-                    self._metrics.inc("storage_errors")
-                    delay = self._backoff.next_delay()
-                    log.error("log append failed (%s); retrying in %.2fs", exc, delay)
-                    await asyncio.sleep(delay)
-                except Exception as exc:
-                    sealed.dead.append(DeadLetter(event.source, "unstorable",
-                                                  f"the log cannot store this event: {exc}"[:300], event.body,
-                                                  event.ts_ms))
-                    break
+            try:
+                await self._write_until_stored(loop, one)
+            except Exception as exc:
+                sealed.dead.append(DeadLetter(event.source, "unstorable",
+                                              f"the log cannot store this event: {exc}"[:300], event.body,
+                                              event.ts_ms))
+                continue
+            kept.append(event)
+            kept_dedups.append(dedup)
         sealed.events, sealed.dedups, sealed.hooks = kept, kept_dedups, []
         rest = _Sealed()
         rest.dead, rest.progress, rest.state = sealed.dead, sealed.progress, sealed.state
-        while True:
-            try:
-                await self._write(loop, rest)
-                break
-            except STORAGE_ERRORS as exc:
-                self._metrics.inc("storage_errors")
-                delay = self._backoff.next_delay()
-                log.error("log append failed (%s); retrying in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
+        await self._write_until_stored(loop, rest)
 
     def _committed(self, sealed: _Sealed) -> None:
         """Back on the loop after the commit: acknowledge, remember the keys, hand the events on."""

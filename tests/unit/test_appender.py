@@ -268,6 +268,24 @@ def test_a_record_the_log_cannot_store_becomes_a_dead_letter_and_the_rest_are_st
     assert [d.reason for d in h.dead] == ["unstorable"]
 
 
+def test_a_failing_disk_while_records_are_stored_one_by_one_is_waited_out_not_taken_for_bad_data(tmp_path):
+    async def scenario(h: Harness) -> None:
+        def reject(e: Event) -> bool:
+            if e.payload.get("seq") != 2:
+                return False
+            if not h.metrics.get("storage_errors") and not h.store.fail_next:
+                h.store.fail_next = [OSError(28, "No space left on device")]  # the next append: seq 1 on its own
+            return True
+
+        h.store.reject = reject
+        await h.submit([reading(seq=1), reading(seq=2), reading(seq=3)])
+        assert h.metrics.get("storage_errors") == 1
+
+    h = run(tmp_path, scenario)
+    assert [e.payload["seq"] for e in h.logged()] == [1, 3]
+    assert [d.reason for d in h.dead] == ["unstorable"]
+
+
 def test_over_the_disk_budget_nothing_is_acknowledged_until_there_is_room(tmp_path):
     over = [True]
 

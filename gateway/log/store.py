@@ -72,6 +72,10 @@ SYNC_MODES = {"full": "FULL", "normal": "NORMAL", "off": "OFF"}
 # After a checkpoint SQLite reuses the WAL from its start but keeps the file's size; this caps what it keeps, so the
 # WAL (which the disk budget counts) does not stay at the largest it ever was.
 WAL_KEEP_BYTES = 1 << 20
+# SQLite's page cache, per connection (its default is 2,000 KiB). Appends touch the few pages at the end of the
+# table, and a consumer that has fallen behind reads each page once, from the OS's cache as fast as from this one;
+# a cache of the default size only fills with pages already written, in the gateway's peak memory.
+CACHE_KIB = 256
 DEADLETTER_KEEP = 10_000
 
 class SchemaError(Exception):
@@ -92,6 +96,7 @@ class LogStore:
             db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # only takes effect before the first table exists
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={SYNC_MODES[fsync]}")
+        db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         if reader:
             return
         db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.event import DeadLetter, Event, Verdict, compact_json
 from gateway.log.migrate import ENGAGEMENT_AFTER
-from gateway.log.store import DEADLETTER_KEEP, SCHEMA_VERSION, LogStore, SchemaError
+from gateway.log.store import CACHE_KIB, DEADLETTER_KEEP, SCHEMA_VERSION, LogStore, SchemaError
 
 NORMAL = Verdict("sensor-anomaly", "1.1.1", 0.01, "normal", False)
 
@@ -41,6 +41,17 @@ def test_a_new_log_has_small_pages_and_knows_its_schema(store):
     assert db.execute("PRAGMA page_size").fetchone()[0] == 1024
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_the_log_keeps_a_small_page_cache_on_every_connection(tmp_path: Path):
+    """SQLite's default cache (2,000 KiB) would only fill with pages already written (benchmarks/RESULTS.md)."""
+    writer = LogStore(tmp_path / "log.db")
+    reader = LogStore(tmp_path / "log.db", reader=True)
+    for db in (writer.connection, reader.connection):
+        assert db.execute("PRAGMA cache_size").fetchone()[0] == -CACHE_KIB
+    assert CACHE_KIB <= 256
+    writer.close()
+    reader.close()
 
 
 def test_a_log_from_a_newer_gateway_is_refused(tmp_path: Path):

@@ -11,14 +11,44 @@ A retransmission repeats its source's dedup key (a device's `seq@ts`, a post's n
 
 The log keeps no index for this: an index is one more page written per commit (gateway/log/store.py). Keys are kept
 as their hashes (64 bits: a false match among a few thousand keys has odds of about 1 in 10^12), per source in a
-compact ring, so a source costs about `per_source` * 8 bytes. At most `max_sources` sources are remembered; the
-least recently seen is forgotten first.
+compact ring of packed bytes, so a source costs about `per_source` * 8 bytes and a lookup is one search of those
+bytes in C. At most `max_sources` sources are remembered; the least recently seen is forgotten first.
 """
 
 from __future__ import annotations
 
-from array import array
+import struct
 from collections import OrderedDict, deque
+
+_HASH = struct.Struct("<q")
+_WIDTH = _HASH.size
+
+
+class HashRing:
+    """The last `size` key hashes of one source, packed end to end; the oldest is overwritten first."""
+
+    __slots__ = ("keys", "next", "size")
+
+    def __init__(self, size: int) -> None:
+        self.keys = bytearray()
+        self.next = 0  # the slot overwritten next, once the ring is full
+        self.size = size
+
+    def __contains__(self, h: int) -> bool:
+        packed, keys = _HASH.pack(h), self.keys
+        at = keys.find(packed)
+        while at % _WIDTH:  # bytes that straddle two hashes, not one of them (-1 % 8 is 7: checked below)
+            if at < 0:
+                return False
+            at = keys.find(packed, at + 1)
+        return True
+
+    def add(self, h: int) -> None:
+        if len(self.keys) < self.size * _WIDTH:
+            self.keys += _HASH.pack(h)
+        else:
+            _HASH.pack_into(self.keys, self.next * _WIDTH, h)
+            self.next = (self.next + 1) % self.size
 
 
 class RecentKeys:
@@ -28,7 +58,7 @@ class RecentKeys:
         self._recent_max = recent
         self._per_source = per_source
         self._max_sources = max_sources
-        self._rings: OrderedDict[str, list] = OrderedDict()  # source -> [array of hashes, next slot]
+        self._rings: OrderedDict[str, HashRing] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._order)
@@ -37,7 +67,7 @@ class RecentKeys:
         if hash((source, key)) in self._recent:
             return True
         ring = self._rings.get(source)
-        return ring is not None and hash(key) in ring[0]
+        return ring is not None and hash(key) in ring
 
     def add(self, source: str, key: str) -> None:
         h = hash((source, key))
@@ -50,12 +80,7 @@ class RecentKeys:
         if ring is None:
             if len(rings) >= self._max_sources:
                 rings.popitem(last=False)
-            ring = rings[source] = [array("q"), 0]
+            ring = rings[source] = HashRing(self._per_source)
         else:
             rings.move_to_end(source)
-        keys = ring[0]
-        if len(keys) < self._per_source:
-            keys.append(hash(key))
-        else:
-            keys[ring[1]] = hash(key)
-            ring[1] = (ring[1] + 1) % self._per_source
+        ring.add(hash(key))

@@ -1,6 +1,6 @@
 """Recognising retransmissions in memory: the newest keys of all sources, and the last few of each source."""
 
-from gateway.log.dedup import RecentKeys
+from gateway.log.dedup import RecentKeys, HashRing
 
 
 def test_a_key_among_the_newest_of_all_sources_is_seen_whichever_source_sent_it():
@@ -29,3 +29,25 @@ def test_memory_is_bounded_by_the_number_of_sources_least_recently_seen_forgotte
     assert keys.seen("a", "k1") and keys.seen("c", "k1") and keys.seen("d", "k1")
     assert not keys.seen("b", "k1")
     assert len(keys) == 1
+
+
+def test_a_hash_made_of_the_bytes_where_two_stored_hashes_meet_is_not_one_of_them():
+    ring = HashRing(4)
+    first, second = 0x1122334455667788, 0x0102030405060708
+    ring.add(first)
+    ring.add(second)
+    # Packed little-endian end to end, the 8 bytes at offset 4 are first's upper half, then second's lower half.
+    straddling = int.from_bytes(first.to_bytes(8, "little")[4:] + second.to_bytes(8, "little")[:4], "little")
+    assert first in ring and second in ring
+    assert straddling not in ring
+    ring.add(straddling)
+    assert straddling in ring, "once stored, it is found at its own place past the false one"
+
+
+def test_a_full_ring_forgets_its_oldest_hash_first():
+    ring = HashRing(3)
+    for h in (-1, 2, 3, 4):
+        ring.add(h)
+    assert -1 not in ring and all(h in ring for h in (2, 3, 4))
+    ring.add(5)
+    assert 2 not in ring and all(h in ring for h in (3, 4, 5))

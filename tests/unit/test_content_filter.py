@@ -229,6 +229,28 @@ def test_a_model_without_the_metadata_is_refused(tmp_path):
         ContentClassifier(path)
 
 
+def test_a_model_whose_vocabulary_lacks_the_unknown_token_is_refused_at_load(tmp_path):
+    import onnx
+
+    model = onnx.load(str(MODEL))
+    for prop in model.metadata_props:
+        if prop.key == "vocab":
+            prop.value = "\n".join(t for t in prop.value.split("\n") if t != "[UNK]")
+    path = tmp_path / "no-unk.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(ModelMetadataError, match="UNK"):
+        ContentClassifier(path)
+
+
+def test_the_vocabulary_is_built_on_the_first_post_not_at_load():
+    """A gateway that carries only telemetry never holds it (about 3.5 MB of Python objects)."""
+    classifier = ContentClassifier(MODEL)
+    assert classifier._tokenizer is None
+    first = classifier.score(["have a nice day"])
+    assert classifier._tokenizer is not None
+    assert classifier.score(["have a nice day"]) == first
+
+
 @pytest.mark.parametrize(("raw", "expected"), [
     ("Tom &amp; Jerry", "tom & jerry"),
     ("RT @some_one: LOOK http://t.co/abc www.example.org", "xxuser : look xxurl xxurl"),

@@ -98,6 +98,16 @@ def format_value(value: FieldValue) -> str | None:
     raise TypeError(f"unsupported field value type {type(value).__name__}: {value!r}")
 
 
+def field_key_is_plain(key: str) -> bool:
+    """Whether a field key is stored exactly as written (nothing in it to escape or replace)."""
+    return bool(key) and _key(key, "field") == key
+
+
+def series_head(measurement: str, tags: tuple[tuple[str, str], ...]) -> str:
+    """The `measurement,tag=value,...` part of a line (cached), for a caller that writes the rest itself."""
+    return _head(measurement, tags)
+
+
 @functools.lru_cache(maxsize=16_384)
 def _head(measurement: str, tags: tuple[tuple[str, str], ...]) -> str:
     """`measurement,tag=value,...` escaped and with tags sorted; "" when the measurement is not writable. Cached:

@@ -3,11 +3,14 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.envelope import alert_topic, envelope, feed_topic
 from gateway.event import Event, Verdict, compact_json
 from gateway.log.store import LogStore
 from gateway.sinks.influx import telemetry_lines
+from gateway.sinks.lineprotocol import encode_line
 
 PAYLOAD = {"seq": 17, "ts": 1_764_322_800_123, "temperature": 21.5}
 VERDICT = Verdict("sensor-anomaly", "1.0.0", 0.93, "spike", True, {"fields": {"temperature": "spike"}})
@@ -81,6 +84,53 @@ def test_an_alert_reading_names_its_episode_in_its_point():
     body, _ = telemetry_lines([event(verdict=start)])
     assert b'anomaly_score=0.97,anomaly_episode="start" ' in body
     assert b"anomaly_episode" not in telemetry_lines([event()])[0]  # flagged, but inside an episode
+
+
+def test_fields_the_fast_path_leaves_to_the_general_encoder_are_written_as_it_writes_them():
+    cases = [
+        ({"temp C": 21.5}, b"temp\\ C=21.5,anomaly_score=0.93"),  # escaped
+        ({"count": 3}, b"count=3i,anomaly_score=0.93"),  # an integer
+        ({"t": float("nan"), "h": 1.0}, b"h=1.0,anomaly_score=0.93"),  # not storable: left out
+        ({"anomaly_score": 5.0}, b"anomaly_score=0.93"),  # the gateway's own field wins
+    ]
+    for payload, fields in cases:
+        body, points = telemetry_lines([event(payload=payload)])
+        assert points == 1
+        assert body == b"telemetry,anomaly=true,device=dev-0001 " + fields + b" 1764322800123000042\n", payload
+
+
+_NAMES = st.sampled_from(["temp", "hum", "vib", "ts", "a b", "x,y", "anomaly_score", "anomaly_episode", "é"])
+_VALUES = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2**64, 2**64), st.text(max_size=5),
+                    st.booleans())
+_VERDICTS = st.one_of(st.none(), st.builds(
+    Verdict, st.just("sensor-anomaly"), st.just("2.3.1"), st.floats(allow_nan=True), st.sampled_from(["normal", "spike"]),
+    st.booleans(), st.one_of(st.none(), st.just({"episode": "start"}), st.just({"fields": {"temp": "spike"}}))))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.dictionaries(_NAMES, _VALUES, max_size=5), st.one_of(st.none(), st.integers(0, 2**63 - 1)),
+                          _VERDICTS), min_size=1, max_size=6))
+def test_every_reading_is_the_line_the_general_encoder_makes_of_it(readings):
+    """Readings are written on a fast path when plain; whatever they hold, the lines are the encoder's own."""
+    events = [Event(i, "0" * 28, "devices/dev-0001", "telemetry", 1_764_322_800_123,
+                    payload if seq is None else {"seq": seq, **payload}, b"{}", verdict)
+              for i, (payload, seq, verdict) in enumerate(readings, start=1)]
+    expected = []
+    for e in events:
+        fields = [(k, v) for k, v in e.payload.items() if k not in ("seq", "ts")]
+        if "seq" in e.payload:
+            fields.append(("seq", e.payload["seq"]))
+        tags = (("anomaly", "true" if e.verdict is not None and e.verdict.flagged else "false"), ("device", "dev-0001"))
+        if e.verdict is not None:
+            fields.append(("anomaly_score", e.verdict.score))
+            if e.verdict.detail is not None and "episode" in e.verdict.detail:
+                fields.append(("anomaly_episode", e.verdict.detail["episode"]))
+        line = encode_line("telemetry", tags, fields, e.ts_ms * 1_000_000 + e.offset % 1_000_000)
+        if line is not None:
+            expected.append(line)
+    body, points = telemetry_lines(events)
+    assert points == len(expected)
+    assert body == "".join(line + "\n" for line in expected).encode("utf-8", "replace")
 
 
 def test_a_new_post_gets_a_zero_snapshot_at_its_log_time_as_the_baseline_of_its_increases():

@@ -132,8 +132,8 @@ class ContentClassifier:
 
     @property
     def tokenizer(self) -> WordPiece:
-        """Built from the vocabulary on the first post: its 30,522 entries as Python objects take about 3.5 MB,
-        which a gateway that only carries telemetry never needs (benchmarks/RESULTS.md)."""
+        """Built from the vocabulary on the first post: its 30,522 entries become a dict of as many strings and
+        ints, which a gateway that only carries telemetry never needs (benchmarks/RESULTS.md)."""
         if self._tokenizer is None:
             self._tokenizer = WordPiece(self._vocab.split("\n"))
         return self._tokenizer

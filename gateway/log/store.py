@@ -73,8 +73,8 @@ SYNC_MODES = {"full": "FULL", "normal": "NORMAL", "off": "OFF"}
 # WAL (which the disk budget counts) does not stay at the largest it ever was.
 WAL_KEEP_BYTES = 1 << 20
 # SQLite's page cache, per connection (its default is 2,000 KiB). Appends touch the few pages at the end of the
-# table, and a consumer that has fallen behind reads each page once, from the OS's cache as fast as from this one;
-# a cache of the default size only fills with pages already written, in the gateway's peak memory.
+# table, and a consumer that has fallen behind reads each page once, from the OS's cache (no slower: see
+# benchmarks/RESULTS.md); a cache of the default size only fills with pages already written, in peak memory.
 CACHE_KIB = 256
 DEADLETTER_KEEP = 10_000
 

@@ -72,8 +72,9 @@ _PLAIN_KEYS: set[str] = set()
 
 def _plain_line(e: Event) -> str | None:
     """The line of a reading of plain field keys and finite float values with a finite score, written directly
-    (twice as fast as the general encoder); None for anything else, which `_line` writes. Both give the same line
-    for what both can write (tests/unit/test_fanout_and_points.py)."""
+    from the caches (what nearly every reading is, and the line encoding was a tenth of the event loop's time:
+    benchmarks/RESULTS.md); None for anything else, which `_line` writes. Both give the same line for what both
+    can write (tests/unit/test_fanout_and_points.py)."""
     verdict = e.verdict
     if verdict is not None and not (type(verdict.score) is float and _isfinite(verdict.score)):
         return None

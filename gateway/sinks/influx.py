@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 _isfinite = math.isfinite
 
 _RESERVED = ("seq", "ts")
-# Field keys a reading's own fields may not take in the fast path: the gateway adds these to every line itself.
-_ADDED = frozenset({"seq", "anomaly_score", "anomaly_episode"})
+# Field keys a reading's own fields may not take in the fast path: the gateway adds these to the line itself.
+_ADDED = frozenset({"anomaly_score", "anomaly_episode"})
 _INT64_MAX = 2**63 - 1
 _CACHE_MAX = 65_536
 
@@ -81,7 +81,7 @@ def _plain_line(e: Event) -> str | None:
     payload = e.payload
     parts: list[str] = []
     for k, v in payload.items():
-        if k == "seq" or k == "ts":
+        if k in _RESERVED:
             continue
         if type(v) is not float or not _isfinite(v) or (k not in _PLAIN_KEYS and not _learn_plain(k)):
             return None

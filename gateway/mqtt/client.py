@@ -322,6 +322,8 @@ class MqttClient:
             lambda: _Connection(self, self.version), host, port, ssl=s.tls,
             server_hostname=host if s.tls is not None else None), timeout)
         self._protocol = protocol
+        if self._closing:  # close() came while the TCP connection was being made: it had nothing to abort
+            raise ConnectError("closed while connecting")
         self.connection_no += 1  # before any PUBLISH of this connection can arrive
         sock = transport.get_extra_info("socket")
         if sock is not None:

@@ -27,7 +27,6 @@ Every method is blocking. One thread owns a `LogStore` (the writer); readers ope
 
 from __future__ import annotations
 
-import functools
 import os
 import sqlite3
 import time
@@ -65,12 +64,7 @@ CREATE TABLE IF NOT EXISTS deadletters (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
-# Events go in as multi-row INSERTs of up to ROWS_PER_INSERT rows, not one executemany row at a time: the sqlite3
-# module lets go of the GIL around every statement it steps and must win it back after each, which on a busy event
-# loop is a wait of up to the interpreter's switch interval per row (benchmarks/RESULTS.md). 100 rows of 9 values stay
-# under the 999 parameters an SQLite older than 3.32 allows in one statement.
-ROWS_PER_INSERT = 100
-_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT = "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _SET_PROGRESS = ("INSERT INTO progress (consumer, offset) VALUES (?, ?) ON CONFLICT (consumer)"
                  " DO UPDATE SET offset = excluded.offset WHERE excluded.offset > progress.offset")
 
@@ -143,11 +137,9 @@ class LogStore:
         now = int(time.time() * 1000)
         db.execute("BEGIN IMMEDIATE")
         try:
-            rows = list(zip(events, dedups))
-            for start in range(0, len(rows), ROWS_PER_INSERT):
-                chunk = rows[start:start + ROWS_PER_INSERT]
-                db.execute(_insert(len(chunk)), [v for e, d in chunk for v in (
-                    e.offset, e.id, e.source, e.kind, e.ts_ms, d, e.body, e.verdict_json or None, now)])
+            if events:
+                db.executemany(_INSERT, [(e.offset, e.id, e.source, e.kind, e.ts_ms, d, e.body,
+                                          e.verdict_json or None, now) for e, d in zip(events, dedups)])
             if deadletters:
                 self._store_deadletters(deadletters)
             results = [fn(db) for fn in in_transaction]
@@ -328,9 +320,3 @@ def scan(db: sqlite3.Connection, kind: str, after: int, upto: int,
         sql += " AND ts_ms >= ?"
         args.append(since_ms)
     return db.execute(sql + " ORDER BY offset", args).fetchall()
-
-
-@functools.lru_cache(maxsize=None)
-def _insert(rows: int) -> str:
-    """The INSERT of `rows` events (at most ROWS_PER_INSERT: the cache stays small)."""
-    return "INSERT INTO events VALUES " + ", ".join([_ROW] * rows)

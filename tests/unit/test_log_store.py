@@ -9,7 +9,7 @@ import pytest
 
 from gateway.event import DeadLetter, Event, Verdict, compact_json
 from gateway.log.migrate import ENGAGEMENT_AFTER
-from gateway.log.store import CACHE_KIB, DEADLETTER_KEEP, ROWS_PER_INSERT, SCHEMA_VERSION, LogStore, SchemaError
+from gateway.log.store import CACHE_KIB, DEADLETTER_KEEP, SCHEMA_VERSION, LogStore, SchemaError
 
 NORMAL = Verdict("sensor-anomaly", "1.1.1", 0.01, "normal", False)
 
@@ -34,23 +34,6 @@ def test_events_read_back_as_they_were_appended_verdicts_included(store):
     assert store.read(1, 1) == [events[1]]
     assert store.read(0, 10, upto=2) == events[:2]
     assert store.last_offset() == 3 and store.first_offset() == 1
-
-
-def test_a_batch_larger_than_one_insert_is_stored_whole_and_in_order(store):
-    """A batch goes in as INSERTs of ROWS_PER_INSERT rows: two full ones and a shorter last one here."""
-    events = [reading(i, verdict=NORMAL if i % 2 else None) for i in range(1, 2 * ROWS_PER_INSERT + 8)]
-    dedups = [f"{i}@{i}" if i % 3 else None for i in range(1, len(events) + 1)]
-    store.append(events, dedups)
-    assert store.read(0, 1000) == events
-    assert store.tail_keys(1000) == [("devices/d-1", d) for d in dedups if d is not None]
-
-
-def test_a_batch_that_cannot_be_stored_leaves_nothing_of_itself(store):
-    """The second of three INSERTs fails on a reused offset: the first one is rolled back with it."""
-    store.append([reading(150)], ["150@150"])
-    with pytest.raises(sqlite3.IntegrityError):
-        store.append([reading(i) for i in range(1, 2 * ROWS_PER_INSERT + 8)], [None] * (2 * ROWS_PER_INSERT + 7))
-    assert [e.offset for e in store.read(0, 1000)] == [150]
 
 
 def test_a_new_log_has_small_pages_and_knows_its_schema(store):

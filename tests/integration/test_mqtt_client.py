@@ -64,10 +64,15 @@ def test_a_backlog_arrives_in_order_and_only_what_was_acknowledged_is_not_sent_a
     client_id, topic = uid("batch-gw-"), f"batch/{uid('d')}/telemetry"
     s = settings(mosquitto, client_id, "batch/+/telemetry")
 
-    async def session(ack: bool) -> Taken:
+    async def session(ack: bool, expect: int = 0) -> Taken:
+        """Connects, takes what the broker holds for us (`expect` messages; none: what a second brings), and
+        acknowledges it or not."""
         taken = Taken()
         client, task = await connected(s, taken)
-        await asyncio.sleep(1.0)  # the broker sends what it holds for us
+        if expect:
+            await until(lambda: len(taken.messages) >= expect, what=f"{expect} messages")
+        else:
+            await asyncio.sleep(1.0)
         if ack:
             for batch, connection_no in taken.batches:
                 client.ack([pid for _, _, pid in batch], connection_no)
@@ -79,9 +84,9 @@ def test_a_backlog_arrives_in_order_and_only_what_was_acknowledged_is_not_sent_a
     sent = [b'{"n": %d}' % i for i in range(300)]
     sent[150] = b"x" * 300_000  # larger than a read: the client's buffer grows for it, then shrinks back
     publish_all(mosquitto.address, [(topic, p) for p in sent])
-    first = asyncio.run(session(ack=False))
+    first = asyncio.run(session(ack=False, expect=len(sent)))
     assert [p for _, p, _ in first.messages] == sent  # how reads make batches: tests/unit/test_mqtt_reads.py
-    again = asyncio.run(session(ack=True))  # nothing was acknowledged: the broker sends all of it again
+    again = asyncio.run(session(ack=True, expect=len(sent)))  # nothing was acknowledged: all of it again
     assert [p for _, p, _ in again.messages] == [p for _, p, _ in first.messages]
     assert asyncio.run(session(ack=False)).messages == []  # acknowledged: gone from the session
 

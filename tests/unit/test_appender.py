@@ -69,6 +69,14 @@ class Harness:
         return await asyncio.wait_for(done, 10)
 
 
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Polls `condition` until it holds; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
 def run(tmp: Path, scenario: Callable[[Harness], Any], **options: Any) -> Harness:
     async def main() -> None:
         h = Harness(tmp, **options)
@@ -291,8 +299,8 @@ def test_over_the_disk_budget_nothing_is_acknowledged_until_there_is_room(tmp_pa
 
     async def scenario(h: Harness) -> None:
         pending = asyncio.ensure_future(h.submit([reading(seq=1)]))
-        await asyncio.sleep(0.3)
-        assert not pending.done() and h.appender.stalled and h.appender.has_room()
+        await until(lambda: h.appender.stalled)
+        assert not pending.done() and h.appender.has_room()
         over[0] = False
         await asyncio.wait_for(pending, 5)
         assert not h.appender.stalled
@@ -339,7 +347,7 @@ def test_consumers_progress_rides_with_an_append_or_commits_alone_when_the_log_i
         h.appender.track(consumer)
         await h.submit([reading(seq=1)])
         consumer.done = 1
-        await asyncio.sleep(0.3)  # nothing appended: a commit of its own, after the interval
+        await until(lambda: consumer.committed_offsets != [])  # nothing appended: a commit of its own
         assert consumer.committed_offsets == [1]
         assert h.reader.progress() == {"feeds": 1}
         consumer.done = 1  # nothing new: nothing to commit

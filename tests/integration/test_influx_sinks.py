@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -29,6 +29,7 @@ from gateway.sinks.influx_writers import (
 )
 from gateway.sinks.lineprotocol import Point, encode, sanitize_name
 from tests import servers
+from tests.waiting import until
 
 pytestmark = pytest.mark.integration
 
@@ -38,20 +39,6 @@ NOW_NS = time.time_ns() // 1_000_000_000 * 1_000_000_000  # whole seconds, so ms
 
 def unique(prefix: str) -> str:
     return f"{prefix}_{time.monotonic_ns()}_{next(_ids)}"
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
-        time.sleep(0.02)
-
-
-async def until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
-        await asyncio.sleep(0.02)
 
 
 def sink_of(writer: object, **options: object) -> InfluxSink:

@@ -4,7 +4,6 @@ window, keepalive, reconnects that lose nothing, the status and its will."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from typing import Any, Callable
 
@@ -13,6 +12,7 @@ import pytest
 from gateway.mqtt.client import MqttClient, Settings
 from tests import servers
 from tests.mqtt_helpers import Collector, publish_all
+from tests.waiting import until
 
 pytestmark = pytest.mark.integration
 
@@ -39,13 +39,6 @@ def settings(broker: servers.Server, client_id: str, *topics: str, **kw: Any) ->
     host, _, port = broker.address.rpartition(":")
     return Settings(host=host, port=int(port), client_id=client_id, subscriptions=topics,
                     status_topic=f"status/{client_id}", **kw)
-
-
-async def until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
-        await asyncio.sleep(0.02)
 
 
 async def connected(s: Settings, taken: Taken, **kw: Any) -> tuple[MqttClient, asyncio.Task[None]]:

@@ -18,6 +18,7 @@ from gateway.log.dedup import RecentKeys
 from gateway.log.storage_thread import StorageThread
 from gateway.log.store import LogStore
 from gateway.ops.metrics import Metrics
+from tests.waiting import until
 
 
 def reading(device: str = "d-1", seq: int | None = 1, temperature: float = 20.0) -> Ingested:
@@ -67,14 +68,6 @@ class Harness:
         done: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
         self.appender.submit(records, lambda: done.set_result(self.logged()))
         return await asyncio.wait_for(done, 10)
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Polls `condition` until it holds; fails the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 def run(tmp: Path, scenario: Callable[[Harness], Any], **options: Any) -> Harness:

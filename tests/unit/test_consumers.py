@@ -12,6 +12,7 @@ from gateway.event import Event, compact_json
 from gateway.log.consumers import Consumer, Reader
 from gateway.log.store import LogStore
 from gateway.ops.metrics import Metrics
+from tests.waiting import until
 
 
 def reading(offset: int, kind: str = "telemetry") -> Event:
@@ -65,14 +66,6 @@ class Log:
 
     def consumer(self, out: Output, committed: int = 0, **kw: Any) -> Consumer:
         return Consumer(out, self.reader, lambda: self.end, committed, Metrics(), **kw)
-
-
-async def until(cond: Callable[[], bool], what: str = "condition", timeout: float = 10) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, f"{what} not met"
-        await asyncio.sleep(0.01)
 
 
 def scenario(tmp: Path, body: Callable[[Log], Any]) -> None:

@@ -1,6 +1,6 @@
 """Recognising retransmissions in memory: the newest keys of all sources, and the last few of each source."""
 
-from gateway.log.dedup import RecentKeys, HashRing
+from gateway.log.dedup import HashRing, RecentKeys
 
 
 def test_a_key_among_the_newest_of_all_sources_is_seen_whichever_source_sent_it():

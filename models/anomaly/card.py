@@ -182,6 +182,7 @@ def write_card(path: Path, results: dict, train: ModuleType) -> None:
     fleets = results["fleets"]
     nab = results["nab"]
     names = sorted(nab)
+    kern = train.OTHER_KERNELS  # the same run by other BLAS kernels: "How to retrain"
     real = [n for n in names if n.startswith("real")]
     model_all, zs_all = _totals(nab, "model", names), _totals(nab, "zscore", names)
     crossed_all = _totals(nab, "crossed", names)
@@ -387,11 +388,17 @@ def write_card(path: Path, results: dict, train: ModuleType) -> None:
         "Change the features in `gateway/filters/anomaly_features.py` or the signals in "
         "`firmware-sim/firmware_sim/signals.py`, rerun, and bump `MODEL_VERSION` in the script. The gateway "
         "refuses a model whose recorded features or warm-up differ from its own code. The script fits on one BLAS "
-        "thread (threadpoolctl's `threadpool_limits(1)` around the fit; the fitted networks change with the thread "
-        "count, and so do the windows they hit), so the run is deterministic for "
+        "thread (threadpoolctl's `threadpool_limits(1)` around the fit) with OpenBLAS's "
+        f"{train.BLAS_KERNELS} kernels whatever the CPU (`OPENBLAS_CORETYPE`, set before numpy loads): the fitted "
+        "networks change with the thread count and with the kernels, and so do the windows they hit. Run by the "
+        f"{kern['kernels']} (AVX-512) kernels OpenBLAS picks on a CPU that has them, the same script hits "
+        f"{kern['all']['hit']} of {kern['all']['windows']} windows crossed ({kern['real']['hit']} of "
+        f"{kern['real']['windows']} real) with {kern['all']['false_episodes']} false episodes and "
+        f"{kern['all']['false_values']:,} false values, and the simulator's test fleet gives precision "
+        f"{pct(kern['test']['precision'])}, recall {pct(kern['test']['recall'])}. So the run is deterministic for "
         f"fixed library versions; this card was produced with Python {platform.python_version()}, scikit-learn "
-        f"{sklearn.__version__}, onnx {onnx.__version__}, onnxruntime "
-        f"{ort.__version__}, numpy {np.__version__}.",
+        f"{sklearn.__version__}, onnx {onnx.__version__}, onnxruntime {ort.__version__}, numpy {np.__version__}, "
+        f"OpenBLAS kernels {', '.join(sorted(train.blas_kernels()))}.",
         "",
     ]
     path.write_text("\n".join(lines))

@@ -185,8 +185,7 @@ def _demo_section(train: ModuleType, results: dict) -> list[str]:
     names = sorted(nab)
     real = [n for n in names if n.startswith("real")]
     shipped_all, shipped_real = _totals(nab, "model", names), _totals(nab, "model", real)
-    strict_all = {k: sum(v[k] for v in results["demo"]["nab_strict"].values()) for k in ("hit", "false_episodes")}
-    strict_real = {k: sum(results["demo"]["nab_strict"][n][k] for n in real) for k in ("hit", "false_episodes")}
+    strict_all, strict_real = _totals(nab, "strict", names), _totals(nab, "strict", real)
 
     def alerts(d: dict) -> str:
         return (f"{d['true_alerts'] + d['false_alerts']} alerts, {d['false_alerts']} of them false "

@@ -780,12 +780,12 @@ def main(argv: list[str] | None = None) -> int:
             results["parity_rows"] = parity_check(model_path, UNSEEN, proba, fleets[name])
     strict = Rule(threshold, STRICT_START, STRICT_PERSIST, quiet)
     results["demo"] = {"shipped": demo_alerts(model_path),
-                       "strict": demo_alerts(model_path, STRICT_START, STRICT_PERSIST),
-                       "nab_strict": {s.name: model_score(s, nab_proba[s.name], strict) for s in nab}}
+                       "strict": demo_alerts(model_path, STRICT_START, STRICT_PERSIST)}
     log(f"demo: {results['demo']['shipped']}, with a start of {STRICT_START} or {STRICT_PERSIST} in a row: "
         f"{results['demo']['strict']}")
     results["nab"] = {s.name: {"model": model_score(s, nab_proba[s.name], rule),
                                "crossed": crossed[s.fold]["series"][s.name],
+                               "strict": model_score(s, nab_proba[s.name], strict),
                                "zscore": zscore_baseline(s, quiet=quiet), "values": len(s.values)}
                       for s in nab}
     results.update(threshold=threshold, quiet=quiet, rule=rule, crossed={k: v["rule"] for k, v in crossed.items()},
